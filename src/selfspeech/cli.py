@@ -1,0 +1,31 @@
+"""The ``selfspeech`` command line: one Typer app, one sub-command module each.
+
+Every command module lives in :mod:`selfspeech.commands` and only calls the
+library; nothing here computes.
+"""
+from __future__ import annotations
+
+import typer
+
+from selfspeech.commands import data as _data
+from selfspeech.commands import demo as _demo
+from selfspeech.commands import eval as _eval
+from selfspeech.commands import label as _label
+from selfspeech.commands import models as _models
+
+app = typer.Typer(
+    name="selfspeech",
+    help="Learn speech models from audio nobody has transcribed.\n\n"
+    "Start with `selfspeech demo` (self-contained) or `selfspeech data import-kaldi`.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(_data.app, name="data")
+app.add_typer(_models.app, name="models")
+app.command("label")(_label.label)
+app.command("eval")(_eval.evaluate)
+app.command("demo")(_demo.demo)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,9 @@
+"""Placeholder: filled in by its owner."""
+import typer
+
+app = typer.Typer(no_args_is_help=True)
+
+
+def label(): ...
+def evaluate(): ...
+def demo(): ...

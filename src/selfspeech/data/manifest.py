@@ -1,0 +1,85 @@
+"""JSONL manifests: one utterance a line, NeMo field names plus free metadata.
+
+A line looks like::
+
+    {"id": "000010011", "audio_filepath": "/abs/a.flac", "duration": 2.4,
+     "text": "WE CALL IT BEAR", "speaker": "0001", "age": 6, "group": "child"}
+
+``audio_filepath`` may be relative: it is then resolved against the manifest's
+own folder, so a corpus folder can be moved as a whole. Reading streams (a
+generator), so a manifest of any size never sits in memory with its audio.
+Writing is atomic (temp file + rename): a killed writer leaves the old file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+REQUIRED = ("id", "audio_filepath")
+
+
+class ManifestError(ValueError):
+    """A manifest line that cannot be used; the message names file and line."""
+
+
+def read_manifest(path: str | os.PathLike, resolve_paths: bool = True) -> Iterator[dict]:
+    """Yield one dict per non-empty line of a JSONL manifest.
+
+    Raises ManifestError naming ``path:line`` for a line that is not a JSON
+    object or lacks ``id``/``audio_filepath``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found (create one with `selfspeech data import-kaldi`)")
+    root = path.resolve().parent
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(item, dict):
+                raise ManifestError(f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}")
+            missing = [k for k in REQUIRED if k not in item]
+            if missing:
+                raise ManifestError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+            item["id"] = str(item["id"])
+            if resolve_paths and not os.path.isabs(item["audio_filepath"]):
+                item["audio_filepath"] = str(root / item["audio_filepath"])
+            yield item
+
+
+def write_manifest(path: str | os.PathLike, items: Iterable[dict]) -> int:
+    """Write ``items`` as JSONL atomically; returns the number of lines."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for item in items:
+                f.write(json.dumps(item, ensure_ascii=False) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return n
+
+
+def index_by_id(path: str | os.PathLike) -> dict[str, dict]:
+    """Map id -> item for a manifest (metadata only, no audio); duplicate ids are an error."""
+    out: dict[str, dict] = {}
+    for item in read_manifest(path):
+        if item["id"] in out:
+            raise ManifestError(f"{path}: duplicate id {item['id']!r}")
+        out[item["id"]] = item
+    return out
