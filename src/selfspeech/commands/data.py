@@ -1,9 +1,151 @@
-"""Placeholder: filled in by its owner."""
+"""``selfspeech data ...``: import, select, split, validate and summarise manifests."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
 
-app = typer.Typer(no_args_is_help=True)
+from selfspeech.data.kaldi import KaldiError, iter_kaldi_dir
+from selfspeech.data.manifest import ManifestError, read_manifest, write_manifest
+from selfspeech.data.select import parse_parts, select, split_by_speaker
+from selfspeech.data.validate import validate_manifest
+
+app = typer.Typer(no_args_is_help=True, help="Manifests: import a Kaldi directory, select, split by speaker, validate.")
+console = Console(stderr=True)
 
 
-def label(): ...
-def evaluate(): ...
-def demo(): ...
+def fail(msg: str, code: int = 2) -> None:
+    """Print a one-line error and exit (no traceback: the message says how to fix it)."""
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command("import-kaldi")
+def import_kaldi(
+    data_dir: Path = typer.Argument(..., help="Kaldi data directory (wav.scp; optional text, utt2spk, segments, spk2age, spk2gender)."),
+    out: Path = typer.Argument(..., help="Manifest to write (JSONL)."),
+) -> None:
+    """Import a Kaldi data directory into a JSONL manifest.
+
+    Each line gets id, audio_filepath (absolute), duration, text, speaker and,
+    when the directory has them, age, age_group (child <= 12, teen 13-17,
+    adult >= 18) and gender.
+
+    Example: selfspeech data import-kaldi ../shared/data/speechocean762-train data/so762.jsonl
+    """
+    try:
+        n = write_manifest(out, iter_kaldi_dir(data_dir))
+    except (KaldiError, OSError) as e:
+        fail(str(e))
+    console.print(f"wrote {n} utterances to {out}")
+
+
+@app.command("select")
+def select_cmd(
+    manifest: Path = typer.Argument(..., help="Input manifest (JSONL)."),
+    out: Path = typer.Argument(..., help="Output manifest with the selected utterances."),
+    where: str = typer.Option(..., "--where", "-w", help="Rule, e.g. 'age>=18' or 'age_group in child|teen, gender==f'."),
+) -> None:
+    """Keep the utterances whose metadata meets a rule.
+
+    Example: selfspeech data select so762.jsonl adults.jsonl --where 'age>=18'
+    """
+    try:
+        n = write_manifest(out, select(read_manifest(manifest), where))
+    except (ManifestError, ValueError) as e:
+        fail(str(e))
+    console.print(f"selected {n} utterances into {out}")
+
+
+@app.command("split")
+def split_cmd(
+    manifest: Path = typer.Argument(..., help="Input manifest (JSONL)."),
+    out_dir: Path = typer.Argument(..., help="Folder for one manifest per part (<part>.jsonl)."),
+    parts: str = typer.Option("train=0.8,dev=0.2", help="Parts as name=fraction of speakers, or name=count (last part takes the rest)."),
+    seed: int = typer.Option(0, help="Seed of the speaker shuffle: same seed, same split."),
+    speaker_field: str = typer.Option("speaker", help="Field that names the speaker."),
+) -> None:
+    """Split a manifest by speaker (never by utterance), seeded and reproducible.
+
+    Example: selfspeech data split children.jsonl splits/ --parts adapt=0.5,eval=0.5 --seed 0
+    """
+    try:
+        splits = split_by_speaker(read_manifest(manifest), parse_parts(parts), seed, speaker_field)
+    except (ManifestError, ValueError) as e:
+        fail(str(e))
+    for name, items in splits.items():
+        write_manifest(out_dir / f"{name}.jsonl", items)
+        n_spk = len({i[speaker_field] for i in items})
+        console.print(f"{name}: {len(items)} utterances, {n_spk} speakers -> {out_dir / (name + '.jsonl')}")
+
+
+@app.command("validate")
+def validate_cmd(
+    manifest: Path = typer.Argument(..., help="Manifest to check (JSONL)."),
+    sample_rate: int = typer.Option(16000, help="Expected sample rate."),
+    channels: int = typer.Option(1, help="Expected channel count."),
+    require_text: bool = typer.Option(True, help="Treat a missing/empty transcript as a problem (--no-require-text for unlabelled audio)."),
+    max_show: int = typer.Option(50, help="Print at most this many problems (all are counted)."),
+) -> None:
+    """Check every utterance: missing files, unreadable/corrupt, empty or NaN audio,
+    wrong rate or channels, empty or non-text transcripts, duplicate ids, malformed lines.
+
+    Prints each problem with utterance id and path; exits 1 when anything is wrong.
+
+    Example: selfspeech data validate so762.jsonl
+    """
+    from tqdm import tqdm
+
+    if not manifest.is_file():
+        fail(f"{manifest}: manifest not found")
+    counts: Counter[str] = Counter()
+    n_items = 0
+    with tqdm(desc="validate", unit="utt", disable=None) as bar:
+        for x in validate_manifest(manifest, sample_rate, channels, require_text):
+            if isinstance(x, dict):
+                n_items += 1
+                bar.update()
+                continue
+            counts[x.kind] += 1
+            if sum(counts.values()) <= max_show:
+                bar.write(str(x))
+    if not counts:
+        console.print(f"[green]ok[/]: {n_items} utterances, no problems")
+        return
+    t = Table(title=f"{manifest}: {sum(counts.values())} problems in {n_items} utterances")
+    t.add_column("problem")
+    t.add_column("count", justify="right")
+    for k, v in counts.most_common():
+        t.add_row(k, str(v))
+    console.print(t)
+    raise typer.Exit(1)
+
+
+@app.command("stats")
+def stats_cmd(
+    manifest: Path = typer.Argument(..., help="Manifest (JSONL)."),
+    by: str = typer.Option("age_group", help="Metadata field to group by."),
+) -> None:
+    """Utterances, speakers and hours per group.
+
+    Example: selfspeech data stats so762.jsonl --by age_group
+    """
+    groups: dict[str, list] = {}
+    try:
+        for it in read_manifest(manifest):
+            g = groups.setdefault(str(it.get(by, "-")), [0, set(), 0.0])
+            g[0] += 1
+            g[1].add(it.get("speaker"))
+            g[2] += float(it.get("duration") or 0)
+    except ManifestError as e:
+        fail(str(e))
+    t = Table(title=str(manifest))
+    for c in (by, "utterances", "speakers", "hours"):
+        t.add_column(c)
+    for k in sorted(groups):
+        n, spk, dur = groups[k]
+        t.add_row(k, str(n), str(len(spk)), f"{dur / 3600:.2f}")
+    Console().print(t)

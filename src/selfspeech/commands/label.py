@@ -1,9 +1,53 @@
-"""Placeholder: filled in by its owner."""
+"""``selfspeech label``: pseudo-label a manifest with a Whisper teacher."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
 import typer
 
-app = typer.Typer(no_args_is_help=True)
+from selfspeech.commands.data import console, fail
+from selfspeech.data.manifest import ManifestError
+from selfspeech.label.filters import FilterConfig
 
 
-def label(): ...
-def evaluate(): ...
-def demo(): ...
+def label(
+    teacher: str = typer.Option("whisper-base", help="Zoo name (whisper-base, whisper-tiny.en; see `selfspeech models list`) or a model directory."),
+    in_path: Path = typer.Option(..., "--in", help="Manifest of the audio to label (JSONL)."),
+    out_path: Path = typer.Option(..., "--out", help="Labels (JSONL, append-only; rerun to resume)."),
+    backend: str = typer.Option("faster-whisper", help="faster-whisper (CTranslate2, int8, batched) or transformers (any Whisper checkpoint)."),
+    batch_size: int = typer.Option(8, help="Utterances decoded together."),
+    compute_type: str = typer.Option("int8", help="CTranslate2 compute type (int8, int8_float32, float32)."),
+    beam_size: int = typer.Option(1, help="1 = greedy."),
+    language: str = typer.Option("en", help="Language of the audio (multilingual teachers)."),
+    max_compression_ratio: float = typer.Option(2.4, help="Flag labels above this gzip ratio (repetition loops)."),
+    min_avg_logprob: float = typer.Option(-1.0, help="Flag labels whose mean token log-prob is below this."),
+    max_no_speech_prob: float = typer.Option(0.6, help="Flag labels whose no-speech probability is above this."),
+    limit: int = typer.Option(None, help="Label only the first N utterances."),
+) -> None:
+    """Pseudo-label every utterance of a manifest with a teacher.
+
+    Each output line is the input item (audio path, speaker, metadata, never the
+    reference text) with text = the teacher's transcript, avg_logprob,
+    compression_ratio, no_speech_prob, decode_seconds, status (ok|failed, with
+    the reason) and flags (empty, repetition, low_logprob, no_speech,
+    truncated_30s). Flagged labels are kept so reports can count them.
+    A killed run resumes where it stopped: run the same command again.
+
+    Example: selfspeech label --teacher whisper-base --in children.jsonl --out children.labels.jsonl
+    """
+    from selfspeech.label.run import label_manifest
+    from selfspeech.label.teacher import DecodeOptions, load_teacher
+
+    if not in_path.is_file():
+        fail(f"{in_path}: manifest not found")
+    try:
+        t = load_teacher(teacher, backend, compute_type, DecodeOptions(language=language, beam_size=beam_size))
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    filters = FilterConfig(max_compression_ratio, min_avg_logprob, max_no_speech_prob)
+    try:
+        stats = label_manifest(in_path, out_path, t, teacher, batch_size, filters, limit)
+    except ManifestError as e:
+        fail(str(e))
+    console.print_json(json.dumps(stats.as_dict()))

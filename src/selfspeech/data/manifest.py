@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 REQUIRED = ("id", "audio_filepath")
 
@@ -25,33 +25,46 @@ class ManifestError(ValueError):
     """A manifest line that cannot be used; the message names file and line."""
 
 
-def read_manifest(path: str | os.PathLike, resolve_paths: bool = True) -> Iterator[dict]:
+def read_manifest(path: str | os.PathLike, resolve_paths: bool = True,
+                  on_bad_line: Callable[[ManifestError], None] | None = None) -> Iterator[dict]:
     """Yield one dict per non-empty line of a JSONL manifest.
 
     Raises ManifestError naming ``path:line`` for a line that is not a JSON
-    object or lacks ``id``/``audio_filepath``.
+    object or lacks ``id``/``audio_filepath``; with ``on_bad_line`` the error
+    is handed to it instead and reading goes on (``data validate`` does this).
     """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found (create one with `selfspeech data import-kaldi`)")
     root = path.resolve().parent
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # bad bytes reach validate as U+FFFD
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ManifestError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(item, dict):
-                raise ManifestError(f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}")
-            missing = [k for k in REQUIRED if k not in item]
-            if missing:
-                raise ManifestError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+                item = _parse_line(line, path, lineno)
+            except ManifestError as e:
+                if on_bad_line is None:
+                    raise
+                on_bad_line(e)
+                continue
             item["id"] = str(item["id"])
             if resolve_paths and not os.path.isabs(item["audio_filepath"]):
                 item["audio_filepath"] = str(root / item["audio_filepath"])
             yield item
+
+
+def _parse_line(line: str, path: Path, lineno: int) -> dict:
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+    if not isinstance(item, dict):
+        raise ManifestError(f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}")
+    missing = [k for k in REQUIRED if k not in item]
+    if missing:
+        raise ManifestError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+    return item
 
 
 def write_manifest(path: str | os.PathLike, items: Iterable[dict]) -> int:

@@ -1,0 +1,105 @@
+"""Check a manifest before anything long runs on it.
+
+Each problem is a :class:`Problem` naming the utterance, its path and what is
+wrong. Audio is decoded one utterance at a time (memory stays flat).
+"""
+from __future__ import annotations
+
+import os
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import soundfile as sf
+
+from selfspeech.audio.io import SAMPLE_RATE
+from selfspeech.data.manifest import ManifestError, read_manifest
+
+KINDS = ("missing_file", "unreadable_audio", "empty_audio", "nan_samples", "wrong_rate",
+         "wrong_channels", "empty_text", "non_text", "duplicate_id", "bad_line")
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str
+    utt_id: str
+    path: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: utterance {self.utt_id!r} ({self.path}): {self.detail}"
+
+
+def text_problem(text) -> tuple[str, str] | None:
+    """(kind, detail) if ``text`` is not a usable transcript, else None."""
+    if not isinstance(text, str):
+        return "non_text", f"transcript is {type(text).__name__}, not a string"
+    if not text.strip():
+        return "empty_text", "transcript is empty"
+    if "\ufffd" in text:
+        return "non_text", "transcript contains U+FFFD (bytes that were not valid UTF-8)"
+    if any(unicodedata.category(c) == "Cc" and c not in "\t\n" for c in text):
+        return "non_text", "transcript contains control characters"
+    if not any(c.isalnum() for c in text):
+        return "non_text", f"transcript has no letters or digits: {text[:40]!r}"
+    return None
+
+
+def check_item(item: dict, sample_rate: int = SAMPLE_RATE, channels: int = 1,
+               require_text: bool = True) -> list[Problem]:
+    """All problems of one manifest item (decodes its audio)."""
+    uid, path = item["id"], item["audio_filepath"]
+    out = []
+    if require_text or "text" in item:
+        tp = text_problem(item.get("text"))
+        if tp:
+            out.append(Problem(tp[0], uid, path, tp[1]))
+    if not os.path.exists(path):
+        return out + [Problem("missing_file", uid, path, "file not found")]
+    try:
+        with sf.SoundFile(path) as f:
+            sr, ch = f.samplerate, f.channels
+            start = int(round(float(item.get("offset", 0) or 0) * sr))
+            f.seek(start)
+            end = item.get("end")
+            wav = f.read(-1 if end is None else max(0, int(round(float(end) * sr)) - start), dtype="float32")
+    except Exception as e:
+        msg = str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__
+        return out + [Problem("unreadable_audio", uid, path, msg)]
+    if sr != sample_rate:
+        out.append(Problem("wrong_rate", uid, path, f"{sr} Hz, expected {sample_rate} Hz (resampled on load)"))
+    if ch != channels:
+        out.append(Problem("wrong_channels", uid, path, f"{ch} channels, expected {channels} (mixed down on load)"))
+    if wav.size == 0:
+        out.append(Problem("empty_audio", uid, path, "0 samples"))
+    elif not np.isfinite(wav).all():
+        out.append(Problem("nan_samples", uid, path, f"{int((~np.isfinite(wav)).sum())} NaN/inf samples"))
+    return out
+
+
+def validate_manifest(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, channels: int = 1,
+                      require_text: bool = True, items: Iterable[dict] | None = None) -> Iterator[Problem | dict]:
+    """Yield every item checked (as the dict) and every Problem found, streaming.
+
+    Malformed lines are reported as ``bad_line`` problems and checking goes on
+    with the following lines.
+    """
+    seen: Counter[str] = Counter()
+    bad: list[ManifestError] = []
+    it = items if items is not None else read_manifest(path, on_bad_line=bad.append)
+    for item in it:
+        yield from map(_bad_line, bad)
+        bad.clear()
+        seen[item["id"]] += 1
+        if seen[item["id"]] == 2:
+            yield Problem("duplicate_id", item["id"], item["audio_filepath"], "id appears more than once")
+        yield from check_item(item, sample_rate, channels, require_text)
+        yield item
+    yield from map(_bad_line, bad)
+
+
+def _bad_line(e: ManifestError) -> Problem:
+    where, _, what = str(e).partition(": ")  # "file:line: what"
+    return Problem("bad_line", where.rsplit(":", 1)[-1], where.rsplit(":", 1)[0], what[:160])
