@@ -1,9 +1,78 @@
-"""Placeholder: filled in by its owner."""
+"""``selfspeech eval``: WER/CER per group with speaker-bootstrap intervals, optionally A vs B."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
 import typer
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.markup import escape
 
-app = typer.Typer(no_args_is_help=True)
+from selfspeech.data.manifest import ManifestError
+from selfspeech.eval.report import build_results, read_jsonl, render_markdown, write_report
+from selfspeech.text.normalize import NORMALIZERS
 
 
-def label(): ...
-def evaluate(): ...
-def demo(): ...
+def _fail(console: Console, msg: str, code: int = 2) -> None:
+    """Print a one-line error and exit (no traceback: the message says how to fix it)."""
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def evaluate(
+    ref: Path = typer.Option(..., "--ref", help="Reference manifest (JSONL: id, text, speaker, any metadata)."),
+    hyp: Path = typer.Option(..., "--hyp", help="Hypotheses (JSONL: id, text; optional flags), e.g. `selfspeech label` output."),
+    by: str = typer.Option("", "--by", help="Comma list of reference fields to group by, each on its own, e.g. age_group,speaker."),
+    normalizer: str = typer.Option("whisper_english", "--normalizer", help=f"Text normaliser for both sides: {', '.join(NORMALIZERS)}."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json, eval.md and wer.png (default: print only)."),
+    compare: Optional[Path] = typer.Option(None, "--compare", help="Second hypothesis file B: paired bootstrap of --hyp (A) vs B."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Bootstrap resamples of speakers for 95% CIs (0: none)."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed: same seed, same intervals."),
+) -> None:
+    """Score hypotheses against a reference: corpus WER and CER with 95% CIs, per group.
+
+    WER is total errors / total reference words (not a mean of per-utterance
+    rates), after the same normaliser on both sides. Intervals resample
+    speakers (the `speaker` field) with replacement. A reference id without a
+    hypothesis counts as all deletions and is reported; hypothesis ids not in
+    the reference, and labeller flags, are counted in the report. A
+    half-written last hypothesis line (labelling in progress) is skipped with a
+    warning.
+
+    Example: selfspeech eval --ref eval.jsonl --hyp labels/whisper.jsonl --by age_group,speaker --out reports/whisper --compare labels/adapted.jsonl
+    """
+    err = Console(stderr=True)
+    if normalizer not in NORMALIZERS:
+        raise typer.BadParameter(f"{normalizer!r} is not one of {', '.join(NORMALIZERS)}", param_hint="--normalizer")
+    fields = [f.strip() for f in by.split(",") if f.strip()]
+    notes: list[str] = []
+
+    def warn(msg: str) -> None:
+        err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+        notes.append(msg)
+
+    try:
+        refs = read_jsonl(ref, required=("id", "text"))
+        hyps = read_jsonl(hyp, required=("id", "text"), allow_partial_last=True, warn=warn)
+        hyps_b = read_jsonl(compare, required=("id", "text"), allow_partial_last=True, warn=warn) if compare else None
+        if not refs:
+            _fail(err, f"{ref}: no reference lines")
+        names = (str(hyp), str(compare) if compare else "")
+        results = build_results(refs, hyps, by=fields, normalizer=normalizer, n_resamples=bootstrap, seed=seed,
+                                compare=hyps_b, names=names, ref_name=str(ref), notes=notes)
+    except (ManifestError, ValueError) as e:
+        _fail(err, str(e))
+
+    md = render_markdown(results)
+    Console().print(Markdown(md))
+    for label, s in (("", results["system"]), (" (B)", (results["compare"] or {}).get("system"))):
+        if s and s["missing"]["count"]:
+            err.print(f"[yellow]warning:[/] {s['missing']['count']} reference ids have no hypothesis{label}; "
+                      "scored as all deletions", highlight=False, soft_wrap=True)
+    if out is not None:
+        try:
+            paths = write_report(results, out)
+        except OSError as e:
+            _fail(err, f"{out}: cannot write the report ({e.strerror or e})")
+        err.print(escape(f"wrote {paths['json']}, {paths['md']}, {paths['png']}"), highlight=False, soft_wrap=True)
