@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import typer
 
+from selfspeech.commands import arith as _arith
 from selfspeech.commands import data as _data
 from selfspeech.commands import demo as _demo
 from selfspeech.commands import eval as _eval
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 app.add_typer(_data.app, name="data")
 app.add_typer(_models.app, name="models")
+app.add_typer(_arith.app, name="arith")
 app.command("label")(_label.label)
 app.command("eval")(_eval.evaluate)
 app.command("demo")(_demo.demo)
