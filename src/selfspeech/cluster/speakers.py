@@ -1,0 +1,115 @@
+"""Speaker clusters for Pseudo2Real-SC (Lin et al. 2025, sec. 3.3).
+
+Speakers of source and target are embedded, k-means groups them into ``k``
+clusters over both domains together, and each cluster gets its own correction
+vector tau_k built from its *source* utterances. This module does the
+embedding and the clustering; which tau a cluster uses is the pipeline's job.
+
+Extractors are small strategy classes with one method,
+``embed(wav) -> (D,) float32``. :class:`MelStatsExtractor` is the baseline
+(mean and standard deviation of an 80-bin log-mel, the "trivial extractor"
+measured at 16.2% EER on speechocean762 in ../shared/notes); the
+self-supervised ECAPA-TDNN of the speaker-verification issue plugs in the same
+way once it exists.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Protocol
+
+import numpy as np
+
+from selfspeech.audio.io import load_item
+
+
+class SpeakerEmbedder(Protocol):
+    name: str
+
+    def embed(self, wav: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class MelStatsExtractor:
+    """Per-utterance mean and std of an 80-bin log-mel (Whisper's front-end): (160,)."""
+
+    n_mels: int = 80
+    name: str = "melstats"
+
+    def embed(self, wav: np.ndarray) -> np.ndarray:
+        from selfspeech.audio.features import log_mel
+
+        m = log_mel(wav, self.n_mels)  # (n_mels, frames)
+        return np.concatenate([m.mean(1), m.std(1)]).astype(np.float32)
+
+
+def embed_manifest(items: Iterable[dict], extractor: SpeakerEmbedder, progress: bool = False) -> dict[str, np.ndarray]:
+    """utterance id -> embedding, one utterance in memory at a time."""
+    from tqdm import tqdm
+
+    return {it["id"]: extractor.embed(load_item(it)) for it in tqdm(list(items), desc="embed", disable=not progress)}
+
+
+def speaker_means(items: Iterable[dict], utt_emb: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """speaker -> mean of its L2-normalised utterance embeddings."""
+    acc: dict[str, list[np.ndarray]] = {}
+    for it in items:
+        e = utt_emb[it["id"]]
+        acc.setdefault(str(it["speaker"]), []).append(e / (np.linalg.norm(e) + 1e-8))
+    return {s: np.mean(v, 0) for s, v in acc.items()}
+
+
+@dataclass(frozen=True)
+class ClusterResult:
+    labels: dict[str, int]       # key (speaker or utterance id) -> cluster
+    centroids: np.ndarray        # (k, D) in the standardised space
+    sizes: dict[int, int]
+    merged: int                  # clusters dissolved for being below min_size
+
+
+def kmeans_clusters(emb: dict[str, np.ndarray], k: int, seed: int = 0, min_size: int = 1,
+                    must_cover: Iterable[set[str]] = ()) -> ClusterResult:
+    """k-means (scikit-learn, k-means++, 10 inits) over standardised embeddings.
+
+    Guard against tiny clusters: a cluster with fewer than ``min_size``
+    members, or lacking a member of any set in ``must_cover`` (e.g. the source
+    speakers, which tau_k needs), is dissolved and its members go to the
+    nearest surviving centroid; repeated until every cluster qualifies.
+    Raises ValueError when ``k`` exceeds the number of items.
+    """
+    from sklearn.cluster import KMeans
+
+    keys = sorted(emb)
+    if k < 1 or k > len(keys):
+        raise ValueError(f"k={k} clusters requested for {len(keys)} items; choose 1 <= k <= {len(keys)}")
+    x = np.stack([emb[key] for key in keys]).astype(np.float64)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-8)
+    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(x)
+    centroids, labels = km.cluster_centers_, km.labels_.copy()
+    cover = [set(c) for c in must_cover]
+    alive = np.ones(k, bool)
+    merged = 0
+    while True:
+        bad = [c for c in range(k) if alive[c] and (
+            (labels == c).sum() < min_size or any(not ({keys[i] for i in np.flatnonzero(labels == c)} & s) for s in cover))]
+        if not bad or alive.sum() <= 1:
+            break
+        c = min(bad, key=lambda c: (labels == c).sum())  # dissolve the smallest offender first
+        alive[c] = False
+        merged += 1
+        idx = np.flatnonzero(labels == c)
+        d = ((x[idx, None, :] - centroids[None, alive, :]) ** 2).sum(-1)
+        labels[idx] = np.flatnonzero(alive)[d.argmin(1)]
+    remap = {old: new for new, old in enumerate(np.flatnonzero(alive))}
+    labels = np.array([remap[c] for c in labels])
+    sizes = {c: int((labels == c).sum()) for c in range(len(remap))}
+    return ClusterResult({key: int(c) for key, c in zip(keys, labels)}, centroids[alive], sizes, merged)
+
+
+def random_clusters(keys: Iterable[str], sizes: dict[int, int], seed: int = 0) -> dict[str, int]:
+    """The control of Pseudo2Real-SC: same cluster sizes, members drawn at random."""
+    keys = sorted(keys)
+    labels = np.concatenate([np.full(n, c) for c, n in sorted(sizes.items())])
+    if len(labels) != len(keys):
+        raise ValueError(f"sizes sum to {len(labels)} but there are {len(keys)} items")
+    np.random.default_rng(seed).shuffle(labels)
+    return {key: int(c) for key, c in zip(keys, labels)}
