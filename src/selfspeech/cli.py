@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import typer
 
+from selfspeech.commands import adapt as _adapt
 from selfspeech.commands import arith as _arith
 from selfspeech.commands import data as _data
 from selfspeech.commands import demo as _demo
@@ -28,6 +29,8 @@ app.add_typer(_arith.app, name="arith")
 app.command("label")(_label.label)
 app.command("eval")(_eval.evaluate)
 app.command("demo")(_demo.demo)
+app.command("adapt")(_adapt.adapt)
+app.command("export")(_adapt.export)
 
 if __name__ == "__main__":
     app()

@@ -283,6 +283,10 @@ def ct2_to_hf(ct2_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         cfg.save_pretrained(tmp)
         gen.save_pretrained(tmp)
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        WhisperTokenizerFast(tokenizer_file=str(ct2_dir / "tokenizer.json")).save_pretrained(tmp)
+        # OpenAI's hub tokenizers pad with <|endoftext|>; without a pad token transformers'
+        # ASR pipeline refuses to batch.
+        WhisperTokenizerFast(tokenizer_file=str(ct2_dir / "tokenizer.json"), pad_token="<|endoftext|>",
+                             unk_token="<|endoftext|>", bos_token="<|endoftext|>",
+                             eos_token="<|endoftext|>").save_pretrained(tmp)
         WhisperFeatureExtractor(feature_size=dims.n_mels).save_pretrained(tmp)
     return out_dir

@@ -1,0 +1,1 @@
+"""Pipelines that combine the layers below (label, train, arith, cluster, eval)."""

@@ -1,0 +1,114 @@
+"""Data preparation of the Pseudo2Real pipeline: domains, speaker-disjoint parts, pseudo manifests.
+
+Parts (all split by speaker, seeded):
+
+- ``source_train`` / ``source_dev`` / ``source_sim``: source speakers (real labels usable);
+  train builds tau, dev early-stops the source fine-tunes, sim rehearses the
+  target situation to choose lambda without target labels;
+- ``target_adapt`` / ``target_eval``: target speakers; adapt is unlabelled audio
+  (its real transcripts are used only by the oracle, a measurement), eval is
+  only ever scored.
+
+``<part>_fit``/``<part>_stop`` split an adapt/sim part again by speaker, so a
+pseudo-label fine-tune can early-stop on held-out pseudo-labels.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from selfspeech.adapt.recipe import Recipe, RecipeError
+from selfspeech.data.kaldi import iter_kaldi_dir
+from selfspeech.data.manifest import read_manifest, write_manifest
+from selfspeech.data.select import select, split_by_speaker
+
+
+def load_items(recipe: Recipe) -> list[dict]:
+    d = recipe.data
+    if bool(d.kaldi_dir) == bool(d.manifest):
+        raise RecipeError("data: give exactly one of kaldi_dir or manifest")
+    if d.kaldi_dir:
+        p = recipe.path(d.kaldi_dir)
+        if not p.is_dir():
+            raise RecipeError(f"data.kaldi_dir: {p} not found")
+        return list(iter_kaldi_dir(p))
+    p = recipe.path(d.manifest)
+    if not p.is_file():
+        raise RecipeError(f"data.manifest: {p} not found")
+    return list(read_manifest(p))
+
+
+def _subsample(items: list[dict], per_speaker: int | None, seed: int) -> list[dict]:
+    if not per_speaker:
+        return items
+    by: dict[str, list[dict]] = {}
+    for it in items:
+        by.setdefault(str(it["speaker"]), []).append(it)
+    rng = random.Random(seed)
+    out = []
+    for s in sorted(by):
+        u = sorted(by[s], key=lambda x: x["id"])
+        out += sorted(rng.sample(u, min(per_speaker, len(u))), key=lambda x: x["id"])
+    return out
+
+
+def make_parts(recipe: Recipe, out: Path) -> dict[str, str]:
+    """Write every part's reference manifest into ``out``; returns name -> path."""
+    d = recipe.data
+    items = load_items(recipe)
+    source = _subsample(list(select(items, d.source_rule)), d.max_utts_per_speaker, d.seed)
+    target = _subsample(list(select(items, d.target_rule)), d.max_utts_per_speaker, d.seed)
+    if not source or not target:
+        raise RecipeError(f"data: source rule {d.source_rule!r} selects {len(source)} and target rule "
+                          f"{d.target_rule!r} selects {len(target)} utterances; both must be non-empty")
+    parts = {f"source_{k}": v for k, v in split_by_speaker(source, dict(d.source_parts), d.seed).items()}
+    parts.update({f"target_{k}": v for k, v in split_by_speaker(target, dict(d.target_parts), d.seed).items()})
+    for need in ("source_train", "source_dev", "source_sim", "target_adapt", "target_eval"):
+        if not parts.get(need):
+            raise RecipeError(f"data: part {need!r} is empty; check source_parts/target_parts")
+    for name in ("target_adapt", "source_sim"):
+        sub = split_by_speaker(parts[name], {"fit": 1 - d.dev_fraction, "stop": d.dev_fraction}, d.seed + 1)
+        if not sub["stop"] or not sub["fit"]:
+            raise RecipeError(f"data: {name} has too few speakers to hold out {d.dev_fraction:.0%} for early stopping")
+        parts[f"{name}_fit"], parts[f"{name}_stop"] = sub["fit"], sub["stop"]
+    paths = {}
+    for name, its in parts.items():
+        paths[name] = str(out / f"{name}.jsonl")
+        write_manifest(paths[name], its)
+    write_manifest(out / "all.jsonl", [it for n in ("source_train", "source_dev", "source_sim", "target_adapt",
+                                                    "target_eval") for it in parts[n]])
+    paths["all"] = str(out / "all.jsonl")
+    summary = {n: {"utterances": len(v), "speakers": len({i["speaker"] for i in v})} for n, v in parts.items()}
+    (out / "parts.json").write_text(json.dumps(summary, indent=2))
+    return paths
+
+
+def pseudo_manifest(ref_path: str, labels: dict[str, dict], out_path: Path, drop_flagged: bool) -> dict:
+    """Copy of the part with ``text`` replaced by the teacher's label; returns counts.
+
+    Failed labels are always dropped; flagged ones (empty, repetition,
+    low_logprob, no_speech) too when ``drop_flagged``. Counted, never silent.
+    """
+    kept, dropped = [], {"failed": 0, "flagged": 0}
+    for it in read_manifest(ref_path):
+        lab = labels.get(it["id"])
+        if lab is None or lab.get("status") != "ok":
+            dropped["failed"] += 1
+            continue
+        if drop_flagged and lab.get("flags"):
+            dropped["flagged"] += 1
+            continue
+        kept.append({**it, "text": lab["text"]})
+    write_manifest(out_path, kept)
+    return {"kept": len(kept), **dropped}
+
+
+def concat(paths: list[str], out_path: Path) -> str:
+    write_manifest(out_path, (it for p in paths for it in read_manifest(p)))
+    return str(out_path)
+
+
+def subset(path: str, keep_ids: set[str], out_path: Path) -> str:
+    write_manifest(out_path, (it for it in read_manifest(path) if it["id"] in keep_ids))
+    return str(out_path)

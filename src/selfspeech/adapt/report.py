@@ -1,0 +1,103 @@
+"""Score every system of a Pseudo2Real run on the target-eval speakers and write the report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from selfspeech.data.manifest import read_manifest
+from selfspeech.eval.report import build_results, plot_wer_bars, read_jsonl, write_json
+
+LABELS = {
+    "teacher": "teacher", "zero_shot": "student zero-shot", "pseudo_ft": "student FT on target pseudo (baseline)",
+    "p2r": "Pseudo2Real", "p2r_sc": "Pseudo2Real-SC", "p2r_sc_random": "Pseudo2Real-SC, random clusters",
+    "source_real_ft": "student FT on source real", "source_real_plus_target_pseudo": "source real + target pseudo",
+    "oracle": "oracle: FT on target real (measurement only)",
+}
+
+
+def score_systems(eval_manifest: str, hyps: dict[str, str], normalizer: str, seed: int = 0,
+                  n_resamples: int = 1000) -> dict:
+    """WER/CER with 95% CIs per system, and paired bootstraps of the corrections against their baselines."""
+    refs = list(read_manifest(eval_manifest))
+    hyp = {k: read_jsonl(v) for k, v in hyps.items()}
+    out: dict = {"systems": {}, "paired": {}}
+    for name, h in hyp.items():
+        r = build_results(refs, h, normalizer=normalizer, seed=seed, n_resamples=n_resamples)
+        g = r["system"]["groups"][0]
+        out["systems"][name] = {"wer": g["wer"], "wer_ci95": g["wer_ci"], "cer": g["cer"], "cer_ci95": g["cer_ci"],
+                                "utterances": g["utterances"], "speakers": g["speakers"],
+                                "missing": r["system"]["missing"]["count"]}
+    for a, b in (("pseudo_ft", "p2r"), ("pseudo_ft", "p2r_sc"), ("p2r", "p2r_sc"), ("p2r_sc_random", "p2r_sc"),
+                 ("teacher", "p2r"), ("source_real_ft", "p2r"), ("source_real_plus_target_pseudo", "p2r")):
+        if a in hyp and b in hyp:
+            r = build_results(refs, hyp[a], compare=hyp[b], normalizer=normalizer, seed=seed, n_resamples=n_resamples)
+            t = r["compare"]["paired"][0]
+            out["paired"][f"{b}_vs_{a}"] = {"rel_reduction": t["rel_reduction"], "rel_ci95": t["rel_ci"],
+                                            "diff": t["diff"], "diff_ci95": t["diff_ci"],
+                                            "p_not_better": t["p_not_better"]}
+    return out
+
+
+def plot_lambda(curves: dict[str, dict], chosen: float, path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    for name, c in curves.items():
+        xs = sorted(float(k) for k in c)
+        ax.plot(xs, [c[k] * 100 if k in c else c[str(k)] * 100 for k in xs], marker="o", label=name)
+    ax.axvline(chosen, color="grey", ls="--", lw=1, label=f"chosen lambda = {chosen:g}")
+    ax.set_xlabel("lambda")
+    ax.set_ylabel("WER (%)")
+    ax.set_title("WER of theta_pseudo + lambda * tau")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{x * 100:.1f}"
+
+
+def write_report(out: Path, result: dict, scores: dict, title: str) -> Path:
+    out = Path(out)
+    write_json(out / "scores.json", scores)
+    bars = {LABELS.get(k, k): {"target eval": (v["wer"], *v["wer_ci95"])} for k, v in scores["systems"].items()}
+    plot_wer_bars(bars, out / "wer_systems.png", title="WER on target-eval speakers (95% CI over speakers)")
+    lam = result["lambda"]
+    curves = {}
+    if "curve_source_sim" in lam:
+        curves["held-out source speakers (real labels): the rule"] = lam["curve_source_sim"]
+    if "curve_target_oracle" in lam:
+        curves["target eval (oracle, not used to choose)"] = lam["curve_target_oracle"]
+    if curves:
+        plot_lambda(curves, lam["lambda"], out / "wer_lambda.png")
+    s = scores["systems"]
+    lines = [f"# {title}", "",
+             f"lambda = {lam['lambda']:g}, chosen by rule `{lam['rule']}` (no target transcript used).", "",
+             "![WER per system](wer_systems.png)", "", "| system | WER % [95% CI] | CER % | utterances | speakers |",
+             "| --- | --- | --- | --- | --- |"]
+    for k, v in s.items():
+        lines.append(f"| {LABELS.get(k, k)} | {_pct(v['wer'])} [{_pct(v['wer_ci95'][0])}, {_pct(v['wer_ci95'][1])}] "
+                     f"| {_pct(v['cer'])} | {v['utterances']} | {v['speakers']} |")
+    lines += ["", "## Paired bootstrap over speakers", "", "| comparison | relative WER reduction [95% CI] | P(not better) |",
+              "| --- | --- | --- |"]
+    for k, v in scores["paired"].items():
+        lines.append(f"| {k} | {_pct(v['rel_reduction'])}% [{_pct(v['rel_ci95'][0])}, {_pct(v['rel_ci95'][1])}] "
+                     f"| {v['p_not_better']:.3f} |")
+    if curves:
+        lines += ["", "## WER against lambda", "", "![WER vs lambda](wer_lambda.png)", ""]
+        for name, c in curves.items():
+            lines.append(f"- {name}: " + ", ".join(f"{float(k):g}: {_pct(w)}%" for k, w in c.items()))
+    lines += ["", "## Data", "", "```", json.dumps(result["parts"], indent=1), "```", "",
+              f"Teacher labelling: {json.dumps(result['label_stats'])}", "",
+              f"Pseudo-labels kept for training: {json.dumps(result['pseudo_counts'])}", ""]
+    if result.get("clusters"):
+        c = result["clusters"]
+        lines += [f"Speaker clusters: k = {c.get('k')}, source members {c.get('source_sizes')}, "
+                  f"target members {c.get('target_sizes')}, merged {c.get('merged')}.", ""]
+    lines += ["## Stage wall times (s)", "", "| stage | seconds | cached |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {v:.1f} | {result['cached'].get(k, False)} |" for k, v in result["times"].items()]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,60 @@
+"""``selfspeech adapt`` (the Pseudo2Real pipeline) and ``selfspeech export``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from selfspeech.commands.data import console, fail
+
+
+def adapt(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/speechocean762/pseudo2real.yaml)."),
+    out: Path = typer.Option(None, help="Run folder (default: runs/<recipe name>). Rerun to resume: finished stages are cached."),
+) -> None:
+    """Adapt a Whisper student to an unlabelled target domain with Pseudo2Real.
+
+    Stages: split by speaker -> teacher pseudo-labels -> student fine-tunes
+    (source real, source pseudo, target pseudo) -> tau = real - pseudo ->
+    lambda chosen without target labels -> Pseudo2Real and Pseudo2Real-SC
+    (and the baselines) decoded on the target-eval speakers -> OUT/report.md
+    with WER per system (95% CIs), paired bootstraps and WER-vs-lambda charts.
+    A stage whose config is unchanged is not recomputed.
+
+    Example: selfspeech adapt recipes/speechocean762/pseudo2real.yaml --out runs/p2r
+    """
+    from selfspeech.adapt.pseudo2real import run_pseudo2real
+    from selfspeech.adapt.recipe import RecipeError, load_recipe
+    from selfspeech.adapt.report import score_systems, write_report
+
+    try:
+        r = load_recipe(recipe)
+        out = out or Path("runs") / r.name
+        result = run_pseudo2real(r, out, log=lambda m: console.print(m, highlight=False))
+    except RecipeError as e:
+        fail(str(e))
+    scores = score_systems(str(out / "data" / "target_eval.jsonl"), result["hyps"], r.normalizer, r.data.seed)
+    report = write_report(out, result, scores, f"Pseudo2Real: {r.name}")
+    console.print(f"[green]done[/]: {report}")
+
+
+def export(
+    model_dir: Path = typer.Argument(..., help="A transformers Whisper directory (e.g. an adapted student)."),
+    out: Path = typer.Argument(..., help="CTranslate2 directory to write (faster-whisper loads it)."),
+    to: str = typer.Option("ctranslate2", help="Target format (ctranslate2)."),
+    quantization: str = typer.Option("float16", help="Stored weight type: float32, float16, int8 (faster-whisper can still run int8 from float16)."),
+) -> None:
+    """Export a Whisper checkpoint with ctranslate2's own converter, for faster-whisper.
+
+    Example: selfspeech export runs/p2r/model_p2r/model runs/p2r/ct2 && \\
+             selfspeech label --teacher runs/p2r/ct2 --in M.jsonl --out L.jsonl
+    """
+    from selfspeech.models.export import ExportError, export_ctranslate2
+
+    if to != "ctranslate2":
+        fail(f"--to {to!r}: only ctranslate2 is supported")
+    try:
+        export_ctranslate2(model_dir, out, quantization)
+    except ExportError as e:
+        fail(str(e))
+    console.print(f"wrote {out}")
