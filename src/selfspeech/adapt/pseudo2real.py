@@ -73,9 +73,10 @@ def run_pseudo2real(recipe: Recipe, out: str | Path, log: Callable[[str], None] 
 
     def label(d: Path) -> dict:
         from selfspeech.label.run import label_manifest
-        from selfspeech.label.teacher import load_teacher
+        from selfspeech.label.teacher import DecodeOptions, load_teacher
 
-        t = load_teacher(recipe.teacher.name, "faster-whisper")
+        t = load_teacher(recipe.teacher.name, "faster-whisper",
+                         options=DecodeOptions(max_new_tokens=recipe.teacher.max_new_tokens))
         st = label_manifest(parts["all"], d / "labels.jsonl", t, recipe.teacher.name, recipe.teacher.batch_size,
                             progress=progress)
         return {"labels": str(d / "labels.jsonl"), "stats": st.as_dict()}
@@ -102,7 +103,8 @@ def run_pseudo2real(recipe: Recipe, out: str | Path, log: Callable[[str], None] 
     def decode(name: str, model_dir: str, manifest: str, deps: tuple, trim: bool | None = None) -> str:
         return S.run(f"decode_{name}", {"model": model_dir, "manifest": manifest, "trim": trim},
                      lambda d: str(transcribe_dir(model_dir, manifest, d / "hyp.jsonl", trim_input=trim,
-                                                  batch_size=recipe.student.decode_batch_size)), deps=deps)
+                                                  batch_size=recipe.student.decode_batch_size,
+                                                  max_new_tokens=recipe.student.max_new_tokens)), deps=deps)
 
     hyps: dict[str, str] = {"teacher": ps["teacher_eval"]["path"]}
     evalm = parts["target_eval"]

@@ -36,6 +36,7 @@ class TeacherSpec:
     name: str = "whisper-base"
     batch_size: int = 8
     drop_flagged: bool = True          # train only on labels that pass the label-free filters
+    max_new_tokens: int = 128
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class StudentSpec:
     init: str = "whisper-tiny.en"
     finetune: dict = field(default_factory=dict)   # FinetuneConfig overrides
     decode_batch_size: int = 16
+    max_new_tokens: int = 128
 
 
 @dataclass(frozen=True)
