@@ -42,7 +42,7 @@ def read_manifest(path: str | os.PathLike, resolve_paths: bool = True,
             if not line.strip():
                 continue
             try:
-                item = _parse_line(line, path, lineno)
+                item = parse_line(line, path, lineno)
             except ManifestError as e:
                 if on_bad_line is None:
                     raise
@@ -54,14 +54,15 @@ def read_manifest(path: str | os.PathLike, resolve_paths: bool = True,
             yield item
 
 
-def _parse_line(line: str, path: Path, lineno: int) -> dict:
+def parse_line(line: str, path: str | os.PathLike, lineno: int, required: tuple[str, ...] = REQUIRED) -> dict:
+    """One JSONL line -> dict with the ``required`` fields; ManifestError names ``path:line``."""
     try:
         item = json.loads(line)
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
     if not isinstance(item, dict):
         raise ManifestError(f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}")
-    missing = [k for k in REQUIRED if k not in item]
+    missing = [k for k in required if k not in item]
     if missing:
         raise ManifestError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
     return item

@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from selfspeech.data.manifest import ManifestError
+from selfspeech.data.manifest import ManifestError, parse_line
 from selfspeech.eval.wer import (
     ErrorCounts, bootstrap_ci, group_indices, group_seed, paired_bootstrap, score,
 )
@@ -49,17 +49,12 @@ def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ("id",), allow
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
+                item = parse_line(line, path, lineno, tuple(required))
+            except ManifestError:
                 if allow_partial_last and not line.endswith("\n"):
                     warn(f"{path}:{lineno}: ignoring half-written last line (labelling in progress?)")
                     break
-                raise ManifestError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(item, dict):
-                raise ManifestError(f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}")
-            missing = [k for k in required if k not in item]
-            if missing:
-                raise ManifestError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+                raise
             item["id"] = str(item["id"])
             if item["id"] in seen:
                 raise ManifestError(f"{path}:{lineno}: duplicate id {item['id']!r} (first on line {seen[item['id']]})")
