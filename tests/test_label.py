@@ -141,3 +141,15 @@ def test_real_tiny_en_teacher_labels_five_utterances(tmp_path):
         assert -3 < a["avg_logprob"] <= 0 and -3 < b["avg_logprob"] <= 0
     same = sum(norm(outs["faster-whisper"][i]["text"]) == norm(outs["transformers"][i]["text"]) for i in outs["transformers"])
     assert same >= 3
+
+
+def test_cli_unknown_teacher_and_missing_manifest(tmp_path):
+    from typer.testing import CliRunner
+
+    from selfspeech.cli import app
+
+    m = _corpus(tmp_path, 2)
+    r = CliRunner().invoke(app, ["label", "--teacher", "whisper-huge-nope", "--in", str(m), "--out", str(tmp_path / "l.jsonl")])
+    assert r.exit_code == 2 and "whisper-huge-nope" in r.output and "whisper-base" in r.output
+    r = CliRunner().invoke(app, ["label", "--in", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "l.jsonl")])
+    assert r.exit_code == 2 and "manifest not found" in r.output

@@ -38,13 +38,14 @@ def label(
     """
     from selfspeech.label.run import label_manifest
     from selfspeech.label.teacher import DecodeOptions, load_teacher
+    from selfspeech.models.zoo import ModelError
 
     if not in_path.is_file():
         fail(f"{in_path}: manifest not found")
     try:
         t = load_teacher(teacher, backend, compute_type, DecodeOptions(language=language, beam_size=beam_size))
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
+    except (ValueError, FileNotFoundError, ModelError) as e:
+        fail(f"teacher {teacher!r}: {e}")
     filters = FilterConfig(max_compression_ratio, min_avg_logprob, max_no_speech_prob)
     try:
         stats = label_manifest(in_path, out_path, t, teacher, batch_size, filters, limit)
