@@ -104,13 +104,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_teacher")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch and CTranslate2 threads; 1 by default: on this shared 2-core machine two "
+                         "benchmarks run side by side, one core each, which avoids thread oversubscription")
     args = ap.parse_args()
     if not SO762.is_dir():
         sys.exit(f"{SO762} not found: this benchmark needs ../shared/data/speechocean762-train")
 
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     items = list(iter_kaldi_dir(SO762))
     refs = [u for g in GROUPS for u in sample_group(items, g, args.per_group, args.seed)]
     args.work.mkdir(parents=True, exist_ok=True)
@@ -122,7 +125,7 @@ def main() -> None:
     for name in TEACHERS:
         out = args.work / f"labels.{name}.jsonl"
         out.unlink(missing_ok=True)  # a fresh, uninterrupted run: the RTF covers every utterance
-        teacher = load_teacher(name, "faster-whisper", "int8", DecodeOptions(), cpu_threads=2)
+        teacher = load_teacher(name, "faster-whisper", "int8", DecodeOptions(), cpu_threads=args.threads)
         stats = label_manifest(manifest, out, teacher, name, args.batch_size)
         res = build_results(refs, read_jsonl(out), by=["age_group"], seed=args.seed)
         g = {x["name"].split("=", 1)[-1]: x for x in res["system"]["groups"]}

@@ -75,7 +75,9 @@ def run_pseudo2real(recipe: Recipe, out: str | Path, log: Callable[[str], None] 
         from selfspeech.label.run import label_manifest
         from selfspeech.label.teacher import DecodeOptions, load_teacher
 
-        t = load_teacher(recipe.teacher.name, "faster-whisper",
+        import torch
+
+        t = load_teacher(recipe.teacher.name, "faster-whisper", cpu_threads=torch.get_num_threads(),
                          options=DecodeOptions(max_new_tokens=recipe.teacher.max_new_tokens))
         st = label_manifest(parts["all"], d / "labels.jsonl", t, recipe.teacher.name, recipe.teacher.batch_size,
                             progress=progress)
@@ -90,11 +92,16 @@ def run_pseudo2real(recipe: Recipe, out: str | Path, log: Callable[[str], None] 
                      "target_adapt_stop"):
             res[name] = {"path": str(d / f"{name}.jsonl"),
                          **P.pseudo_manifest(parts[name], labels, d / f"{name}.jsonl", recipe.teacher.drop_flagged)}
+        # tau must differ only in the labels, not in the audio: the real-label run uses exactly
+        # the utterances whose pseudo-label survived (Pseudo2Real eq. 3 pairs the same audio).
+        kept = {i["id"] for i in read_manifest(res["source_train"]["path"])}
+        res["source_train_real"] = {"path": P.subset(parts["source_train"], kept, d / "source_train_real.jsonl"),
+                                    "kept": len(kept)}
         P.subset(lab["labels"], {i["id"] for i in read_manifest(parts["target_eval"])}, d / "teacher_eval.jsonl")
         res["teacher_eval"] = {"path": str(d / "teacher_eval.jsonl")}
         return res
 
-    ps = S.run("pseudo", {"drop_flagged": recipe.teacher.drop_flagged}, pseudo, deps=("label",))
+    ps = S.run("pseudo", {"drop_flagged": recipe.teacher.drop_flagged, "paired_real": True}, pseudo, deps=("label",))
 
     def ft(name: str, train: str, dev: str, deps=("pseudo",)) -> str:
         return S.run(f"ft_{name}", {"init": init, "ft": ft_cfg.to_dict(), "train": train, "dev": dev},
@@ -108,7 +115,7 @@ def run_pseudo2real(recipe: Recipe, out: str | Path, log: Callable[[str], None] 
 
     hyps: dict[str, str] = {"teacher": ps["teacher_eval"]["path"]}
     evalm = parts["target_eval"]
-    sr = ft("source_real", parts["source_train"], parts["source_dev"])
+    sr = ft("source_real", ps["source_train_real"]["path"], parts["source_dev"])
     sp = ft("source_pseudo", ps["source_train"]["path"], ps["source_dev"]["path"])
     tp = ft("target_pseudo", ps["target_adapt_fit"]["path"], ps["target_adapt_stop"]["path"])
     tau_path = S.run("tau", {}, lambda d: str(diff_dirs(sr, sp).save(d / "tau.safetensors")),

