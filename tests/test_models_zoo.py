@@ -6,8 +6,6 @@ ours and must come out bit-identical; the zoo's PyPI route runs on fake packages
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np

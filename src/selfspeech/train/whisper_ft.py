@@ -12,15 +12,7 @@ labels. Hence:
 - the dev set is scored against whatever its ``text`` holds: a pseudo-label run
   gets a pseudo-labelled dev set and no real label leaks into model selection.
 
-Speed: no 30-s padding. transformers' ``WhisperEncoder.forward`` (5.23) raises
-unless ``input_features`` has exactly ``2 * max_source_positions`` = 3000 frames
-and always adds all 1500 positional embeddings. :func:`encode` runs the encoder's
-own modules (conv1, conv2, layers, layer_norm) on any even number of frames
-<= 3000 with the first T/2 positional embeddings, the same slice a 30-s input
-uses for its first T/2 positions; on 3000 frames it equals the stock forward
-bit for bit (tested). Nothing in the model is patched, so checkpoints stay plain
-``save_pretrained`` directories. Zero-shot Whisper must still be decoded on
-30-s input (trimmed, tiny.en falls to ~98% WER); a student adapts within an epoch.
+Speed: no 30-s padding; see :mod:`selfspeech.models.whisper` for the trimmed encoder.
 
 Batch: ``input_features`` (B, n_mels, T) log-mel padded per utterance with its
 own silence floor (what 30-s padding puts there), ``feature_lengths`` (B,) int64
@@ -42,18 +34,17 @@ from pathlib import Path
 from typing import Callable
 
 import jiwer
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from selfspeech.audio.io import SAMPLE_RATE, audio_info, load_item
+from selfspeech.audio.io import audio_info, load_item
 from selfspeech.data.manifest import read_manifest, write_manifest
+from selfspeech.models.whisper import (MAX_FRAMES, encode, greedy_decode, load_processor, log_mel,  # noqa: F401
+                                       pad_features)
 from selfspeech.text.normalize import NORMALIZERS, get_normalizer
 from selfspeech.train import checkpoint as ckpt
 from selfspeech.train.sampler import BucketBatchSampler
 
 log = logging.getLogger(__name__)
-MAX_FRAMES = 3000  # Whisper's 30-s window at 100 frames/s
 CONFIG_NAME = "finetune_config.json"
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "normalizer.json",
                    "added_tokens.json", "special_tokens_map.json", "preprocessor_config.json", "processor_config.json")
@@ -108,48 +99,7 @@ class FinetuneConfig:
         return cls(**d)
 
 
-# -- model pieces -------------------------------------------------------------------------
-
-def encode(model, input_features: torch.Tensor) -> torch.Tensor:
-    """Whisper encoder on (B, n_mels, T) log-mels, T even and <= 3000 -> (B, T/2, d_model).
-
-    Mirrors ``WhisperEncoder.forward`` of transformers 5.23 minus its
-    ``T == 3000`` check, with positional embeddings sliced to T/2 (see module doc).
-    """
-    enc = model.get_encoder()
-    T = input_features.shape[-1]
-    if T % 2 or T > 2 * enc.embed_positions.num_embeddings:
-        raise ValueError(f"need an even number of frames <= {2 * enc.embed_positions.num_embeddings}, got {T}")
-    x = F.gelu(enc.conv1(input_features))
-    x = F.gelu(enc.conv2(x)).permute(0, 2, 1)                 # (B, T/2, D)
-    x = x + enc.embed_positions.weight[: x.shape[1]]
-    x = F.dropout(x, p=enc.dropout, training=enc.training)
-    for layer in enc.layers:
-        if enc.training and enc.layerdrop > 0 and torch.rand([]) < enc.layerdrop:
-            continue  # LayerDrop, as the stock forward
-        x = layer(x, None)
-    return enc.layer_norm(x)
-
-
-def log_mel(feature_extractor, wav: np.ndarray) -> torch.Tensor:
-    """(T,) 16 kHz waveform -> (n_mels, len(wav) // 160) log-mel, no 30-s padding."""
-    return torch.from_numpy(feature_extractor(wav, sampling_rate=SAMPLE_RATE, padding="longest",
-                                              return_tensors="np").input_features[0])
-
-
-def pad_features(feats: list[torch.Tensor], trim: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """List of (n_mels, T_i) -> ((B, n_mels, T) float32, (B,) int64 lengths).
-
-    T = longest rounded up to even (trim) or 3000. Padding uses each utterance's
-    own floor, max - 2: the extractor clamps log-mel to max - 8 and maps x ->
-    (x + 4) / 4, so that is the value 30-s zero padding gets.
-    """
-    feats = [f[:, :MAX_FRAMES] for f in feats]
-    lengths = torch.tensor([f.shape[-1] for f in feats], dtype=torch.int64)
-    T = int(lengths.max()) + int(lengths.max()) % 2 if trim else MAX_FRAMES
-    x = torch.stack([F.pad(f, (0, T - f.shape[-1]), value=float(f.max()) - 2.0) for f in feats])
-    return x, lengths
-
+# -- labels ------------------------------------------------------------------------------
 
 def pad_labels(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> ((B, L) int64 padded with -100, ignored by the loss, (B,) int64 lengths)."""
@@ -158,47 +108,6 @@ def pad_labels(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     for i, s in enumerate(seqs):
         y[i, : len(s)] = torch.tensor(s, dtype=torch.int64)
     return y, lengths
-
-
-def load_processor(model_dir: str | Path, language: str = "en"):
-    """WhisperProcessor whose tokenizer prefix is ``<|startoftranscript|>[<|lang|><|transcribe|>]<|notimestamps|>``."""
-    from transformers import WhisperConfig, WhisperProcessor
-
-    processor = WhisperProcessor.from_pretrained(str(model_dir))
-    if WhisperConfig.from_pretrained(str(model_dir)).vocab_size >= 51865:  # multilingual, as openai/whisper decides
-        processor.tokenizer.set_prefix_tokens(language=language, task="transcribe", predict_timestamps=False)
-    return processor
-
-
-@torch.inference_mode()
-def greedy_decode(model, input_features: torch.Tensor, prefix: list[int], max_new_tokens: int = 128) -> list[list[int]]:
-    """Greedy decoding with a KV cache: (B, n_mels, T) -> B token lists (prefix and EOT excluded).
-
-    Suppresses ``generation_config.suppress_tokens`` at every step and
-    ``begin_suppress_tokens`` at the first, as Whisper's decoder does.
-    """
-    from transformers.modeling_outputs import BaseModelOutput
-
-    gc, B = model.generation_config, input_features.shape[0]
-    eot = gc.eos_token_id if isinstance(gc.eos_token_id, int) else gc.eos_token_id[0]
-    enc = BaseModelOutput(last_hidden_state=encode(model, input_features))
-    suppress = torch.tensor(list(gc.suppress_tokens or []), dtype=torch.long)
-    begin = torch.tensor(list(gc.begin_suppress_tokens or []), dtype=torch.long)
-    tokens, done = torch.empty(B, 0, dtype=torch.long), torch.zeros(B, dtype=torch.bool)
-    step_in, cache = torch.tensor([prefix] * B, dtype=torch.long), None
-    for t in range(max_new_tokens):
-        out = model(encoder_outputs=enc, decoder_input_ids=step_in, past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1].float()
-        logits[:, suppress] = -math.inf
-        if t == 0:
-            logits[:, begin] = -math.inf
-        nxt = logits.argmax(-1).masked_fill(done, eot)
-        done |= nxt == eot
-        tokens = torch.cat([tokens, nxt[:, None]], 1)
-        if done.all():
-            break
-        step_in, cache = nxt[:, None], out.past_key_values
-    return [row[: row.index(eot)] if eot in row else row for row in tokens.tolist()]
 
 
 # -- data ---------------------------------------------------------------------------------
