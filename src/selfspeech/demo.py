@@ -29,12 +29,14 @@ from selfspeech.label.teacher import load_teacher
 @dataclass(frozen=True)
 class DemoConfig:
     accents: tuple[str, ...] = (DEFAULT_SOURCE_ACCENT, DEFAULT_TARGET_ACCENT)
-    speakers_per_accent: int = 5
+    speakers_per_accent: int = 8
     utts_per_speaker: int = 8
     teacher: str = "whisper-base"
     batch_size: int = 8
     seed: int = 0
     normalizer: str = "whisper_english"
+    adapt: bool = True                  # then run Pseudo2Real from the first accent to the last
+    adapt_steps: int = 24               # optimizer steps per student fine-tune (CPU budget)
 
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = True, log=print) -> Path:
@@ -45,7 +47,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool
     times: dict[str, float] = {}
 
     t = time.perf_counter()
-    log(f"[1/4] synthesising {len(cfg.accents)} accents x {cfg.speakers_per_accent} speakers x "
+    log(f"[1/{5 if cfg.adapt else 4}] synthesising {len(cfg.accents)} accents x {cfg.speakers_per_accent} speakers x "
         f"{cfg.utts_per_speaker} utterances with eSpeak NG")
     manifest = make_accent_corpus(out / "corpus", cfg.accents, cfg.speakers_per_accent, cfg.utts_per_speaker,
                                   seed=cfg.seed, progress=progress)
@@ -58,24 +60,71 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool
     times["validate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log(f"[2/4] pseudo-labelling with {cfg.teacher} (faster-whisper, int8, batched)")
+    log(f"[2/{5 if cfg.adapt else 4}] pseudo-labelling with {cfg.teacher} (faster-whisper, int8, batched)")
     teacher = load_teacher(cfg.teacher, "faster-whisper")
     labels = out / f"labels.{cfg.teacher}.jsonl"
     stats = label_manifest(manifest, labels, teacher, cfg.teacher, cfg.batch_size, progress=progress)
     times["label"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log("[3/4] scoring WER per accent (95% CI: bootstrap over speakers)")
+    log(f"[3/{5 if cfg.adapt else 4}] scoring WER per accent (95% CI: bootstrap over speakers)")
     refs = list(read_manifest(manifest))
     results = build_results(refs, read_jsonl(labels), by=["accent"], normalizer=cfg.normalizer,
                             names=(cfg.teacher, ""), ref_name=str(manifest))
     paths = write_report(results, out / "eval")
     times["evaluate"] = time.perf_counter() - t
 
-    log("[4/4] writing the report")
+    adapt_md = ""
+    if cfg.adapt:
+        t = time.perf_counter()
+        log(f"[4/5] Pseudo2Real: {cfg.accents[0]} (labelled source) -> {cfg.accents[-1]} (unlabelled target)")
+        adapt_md = _adapt(cfg, manifest, out / "adapt", log, progress)
+        times["pseudo2real"] = time.perf_counter() - t
+
+    log(f"[{5 if cfg.adapt else 4}/{5 if cfg.adapt else 4}] writing the report")
     report = out / "report.md"
-    report.write_text(_report(cfg, refs, stats.as_dict(), results, paths, times), encoding="utf-8")
+    report.write_text(_report(cfg, refs, stats.as_dict(), results, paths, times) + adapt_md, encoding="utf-8")
     return report
+
+
+def demo_recipe(cfg: DemoConfig, manifest: Path):
+    """The Pseudo2Real recipe of the demo: small, fixed budget, same code path as `selfspeech adapt`."""
+    from selfspeech.adapt.recipe import recipe_from_dict
+
+    n = cfg.speakers_per_accent
+    return recipe_from_dict({
+        "name": "demo", "normalizer": cfg.normalizer,
+        "data": {"manifest": str(manifest), "source_rule": f"accent=={cfg.accents[0]}",
+                 "target_rule": f"accent=={cfg.accents[-1]}", "seed": cfg.seed,
+                 "source_parts": {"train": max(1, n - 3), "dev": 1, "sim": 2},
+                 "target_parts": {"adapt": max(2, n - n // 2), "eval": n // 2}, "dev_fraction": 0.34},
+        "teacher": {"name": cfg.teacher, "batch_size": cfg.batch_size, "drop_flagged": False},
+        "student": {"init": "whisper-tiny.en", "max_new_tokens": 48,
+                    "finetune": {"max_steps": cfg.adapt_steps, "eval_every": 8, "batch_size": 8, "lr": 2e-5,
+                                 "warmup_steps": 10, "max_epochs": 20, "max_new_tokens": 48}},
+        "lambda": {"grid": [0.0, 0.5, 1.0], "oracle_sweep": False},
+        "clusters": {"k": 2, "min_size": 1},
+        # the union and oracle students cost two more fine-tunes each: left to `selfspeech adapt`
+        "systems": ["teacher", "zero_shot", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random", "source_real_ft"],
+    })
+
+
+def _adapt(cfg: DemoConfig, manifest: Path, out: Path, log, progress: bool) -> str:
+    from selfspeech.adapt.pseudo2real import run_pseudo2real
+    from selfspeech.adapt.report import score_systems, write_report
+
+    recipe = demo_recipe(cfg, manifest)
+    result = run_pseudo2real(recipe, out, log=log, progress=progress)
+    scores = score_systems(str(out / "data" / "target_eval.jsonl"), result["hyps"], cfg.normalizer, cfg.seed)
+    write_report(out, result, scores, f"Pseudo2Real demo: {cfg.accents[0]} -> {cfg.accents[-1]}")
+    from selfspeech.adapt.report import LABELS
+
+    rows = "\n".join(f"| {LABELS.get(k, k)} | {v['wer'] * 100:.1f} [{v['wer_ci95'][0] * 100:.1f}, "
+                      f"{v['wer_ci95'][1] * 100:.1f}] |" for k, v in scores["systems"].items())
+    return (f"\n## Pseudo2Real: {cfg.accents[0]} -> {cfg.accents[-1]}\n\n"
+            f"lambda = {result['lambda']['lambda']:g} (chosen on held-out source speakers, no target labels). "
+            f"Full report: [adapt/report.md](adapt/report.md).\n\n| system | WER % [95% CI] |\n| --- | --- |\n"
+            f"{rows}\n\n![WER per system](adapt/wer_systems.png)\n")
 
 
 def _report(cfg: DemoConfig, refs: list[dict], label_stats: dict, results: dict, paths: dict, times: dict) -> str:
