@@ -28,12 +28,14 @@ def test_stage_cache_reruns_only_on_change(tmp_path):
     S2.run("b", {}, fn("b2"), deps=("a",))
     assert calls == ["a1", "b1"]
     S3 = StageRunner(tmp_path, log=lambda m: None)
-    S3.run("a", {"x": 2}, fn("a3"))          # config changed: reruns ...
+    (tmp_path / "a" / "stale.txt").write_text("old")
+    S3.run("a", {"x": 2}, fn("a3"))          # config changed: reruns from an empty folder ...
+    assert not (tmp_path / "a" / "stale.txt").exists()
     S3.run("b", {}, fn("b3"), deps=("a",))   # ... and so does what depends on it
     assert calls == ["a1", "b1", "a3", "b3"]
-    (tmp_path / "b" / "STAGE.json").unlink()  # a kill before the marker: rerun
-    StageRunner(tmp_path, log=lambda m: None).run("b", {}, fn("b4"), deps=())
-    assert calls[-1] == "b4"
+    (tmp_path / "b" / "STAGE.json").unlink()  # a kill before the marker: rerun in place (partial state kept)
+    StageRunner(tmp_path, log=lambda m: None).run("b", {}, lambda d: calls.append((d / "out.txt").read_text()), deps=())
+    assert calls[-1] == "b3"
 
 
 def test_recipe_errors_before_compute(tmp_path):

@@ -4,7 +4,8 @@ A stage is a named step with a JSON-able config and an output folder. When it
 finishes, ``<out>/<name>/STAGE.json`` records a hash of its config (which
 includes the hashes of the stages it depends on) and its result. Running it
 again with the same config returns the recorded result at once; a changed
-config, or a missing marker (the stage was killed), reruns it. Stages that
+config reruns it from an empty folder; a missing marker (the stage was
+killed) reruns it in place. Stages that
 can resume internally (labelling, fine-tuning) pick up their own partial
 state in the same folder, so a kill costs at most the current batch or
 checkpoint interval.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -60,7 +62,7 @@ class StageRunner:
                 self.log(f"[cached] {name}")
                 return rec["result"]
             self.log(f"[rerun] {name}: config changed")
-            marker.unlink()
+            shutil.rmtree(d)  # outputs of the old config must not be resumed into the new one
         d.mkdir(parents=True, exist_ok=True)
         self.log(f"[run] {name}")
         t = time.perf_counter()
