@@ -59,11 +59,14 @@ def time_methods(name: str, items: list[dict], repeats: int, batch_size: int) ->
     gen = {"language": "en", "task": "transcribe"} if "tiny.en" not in name else {}
     gen.update(num_beams=1, do_sample=False, max_new_tokens=128)
 
+    by_len = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))  # as label_manifest batches them
+
     def batched():
-        out = []
-        for i in range(0, len(wavs), batch_size):
-            out += [h.text for h in fw.transcribe(wavs[i:i + batch_size])]
-        return out
+        out = {}
+        for k in range(0, len(by_len), batch_size):
+            idx = by_len[k:k + batch_size]
+            out.update(zip(idx, (h.text for h in fw.transcribe([wavs[i] for i in idx]))))
+        return [out[i] for i in range(len(wavs))]
 
     def sequential():
         return [fw.transcribe_sequential(w) for w in wavs]
