@@ -72,8 +72,10 @@ def time_methods(name: str, items: list[dict], repeats: int, batch_size: int) ->
         return [fw.transcribe_sequential(w) for w in wavs]
 
     def hf_pipeline():
-        res = asr([{"raw": w, "sampling_rate": 16000} for w in wavs], batch_size=batch_size, generate_kwargs=gen)
-        return [r["text"].strip() for r in res]
+        res = asr([{"raw": wavs[i], "sampling_rate": 16000} for i in by_len], batch_size=batch_size,
+                  generate_kwargs=gen)  # the same length-sorted batches as ours
+        out = {i: r["text"].strip() for i, r in zip(by_len, res)}
+        return [out[i] for i in range(len(wavs))]
 
     methods = {"batched": batched, "sequential": sequential, "transformers_pipeline": hf_pipeline}
     times = {k: [] for k in methods}
