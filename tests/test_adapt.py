@@ -75,16 +75,32 @@ def _corpus(root):
     return root / "m.jsonl"
 
 
-def test_pipeline_end_to_end_tiny(tmp_path, tiny_whisper_dir):
+class WordTeacher:
+    """A stand-in teacher: two words chosen from the audio length (a random tiny Whisper emits nothing usable)."""
+
+    backend = "fake"
+    WORDS = ["red", "green", "blue", "cat", "dog", "sun"]
+
+    def transcribe(self, wavs):
+        from selfspeech.label.teacher import Hypothesis
+
+        return [Hypothesis(f"{self.WORDS[len(w) % 6]} {self.WORDS[len(w) // 7 % 6]}", -0.3, 1.2, 0.01, 0.0)
+                for w in wavs]
+
+
+def test_pipeline_end_to_end_tiny(tmp_path, tiny_whisper_dir, monkeypatch):
+    import selfspeech.label.teacher as teacher_mod
     from selfspeech.adapt.pseudo2real import run_pseudo2real
     from selfspeech.adapt.report import score_systems, write_report
+
+    monkeypatch.setattr(teacher_mod, "load_teacher", lambda *a, **k: WordTeacher())
 
     m = _corpus(tmp_path)
     recipe = recipe_from_dict({
         "name": "tiny",
         "data": {"manifest": str(m), "source_parts": {"train": 4, "dev": 2, "sim": 2},
                  "target_parts": {"adapt": 3, "eval": 3}, "dev_fraction": 0.34},
-        "teacher": {"name": str(tiny_whisper_dir), "drop_flagged": False, "max_new_tokens": 6},
+        "teacher": {"name": str(tiny_whisper_dir), "drop_flagged": False},
         "student": {"init": str(tiny_whisper_dir), "max_new_tokens": 6,
                     "finetune": {"max_steps": 2, "eval_every": 2, "batch_size": 4, "max_new_tokens": 6}},
         "lambda": {"grid": [0.0, 1.0], "oracle_sweep": False},
@@ -112,3 +128,24 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_whisper_dir):
     logs.clear()
     res2 = run_pseudo2real(recipe, tmp_path / "run", log=logs.append, progress=False)
     assert all(res2["cached"].values()) and res2["hyps"] == res["hyps"]
+
+
+def test_pipeline_stops_clearly_when_teacher_gives_nothing(tmp_path, tiny_whisper_dir, monkeypatch):
+    import selfspeech.label.teacher as teacher_mod
+    from selfspeech.adapt.pseudo2real import run_pseudo2real
+    from selfspeech.label.teacher import Hypothesis
+
+    class Silent:
+        backend = "fake"
+
+        def transcribe(self, wavs):
+            return [Hypothesis("", -0.1, 0.0, 0.9, 0.0) for _ in wavs]
+
+    monkeypatch.setattr(teacher_mod, "load_teacher", lambda *a, **k: Silent())
+    recipe = recipe_from_dict({
+        "data": {"manifest": str(_corpus(tmp_path)), "source_parts": {"train": 4, "dev": 2, "sim": 2},
+                 "target_parts": {"adapt": 3, "eval": 3}, "dev_fraction": 0.34},
+        "teacher": {"name": str(tiny_whisper_dir)}, "student": {"init": str(tiny_whisper_dir)},
+    }, root=tmp_path)
+    with pytest.raises(RecipeError, match="no usable pseudo-label in source_train"):
+        run_pseudo2real(recipe, tmp_path / "run", log=lambda m: None, progress=False)

@@ -92,6 +92,10 @@ def run_pseudo2real(recipe: Recipe, out: str | Path, log: Callable[[str], None] 
                      "target_adapt_stop"):
             res[name] = {"path": str(d / f"{name}.jsonl"),
                          **P.pseudo_manifest(parts[name], labels, d / f"{name}.jsonl", recipe.teacher.drop_flagged)}
+        empty = [n for n, r in res.items() if r["kept"] == 0]
+        if empty:
+            raise RecipeError(f"teacher {recipe.teacher.name!r} left no usable pseudo-label in {', '.join(empty)} "
+                              f"(counts: {res}); check the teacher, or set teacher.drop_flagged: false")
         # tau must differ only in the labels, not in the audio: the real-label run uses exactly
         # the utterances whose pseudo-label survived (Pseudo2Real eq. 3 pairs the same audio).
         kept = {i["id"] for i in read_manifest(res["source_train"]["path"])}
