@@ -16,7 +16,7 @@ def label(
     in_path: Path = typer.Option(..., "--in", help="Manifest of the audio to label (JSONL)."),
     out_path: Path = typer.Option(..., "--out", help="Labels (JSONL, append-only; rerun to resume)."),
     backend: str = typer.Option("faster-whisper", help="faster-whisper (CTranslate2, int8, batched) or transformers (any Whisper checkpoint)."),
-    batch_size: int = typer.Option(8, help="Utterances decoded together."),
+    batch_size: int = typer.Option(8, help="Utterances decoded together. With one CPU thread use 1-2: Whisper's fixed 30-s window makes batched encoding memory-bound (see benchmarks/RESULTS.md)."),
     compute_type: str = typer.Option("int8", help="CTranslate2 compute type (int8, int8_float32, float32)."),
     beam_size: int = typer.Option(1, help="1 = greedy."),
     language: str = typer.Option("en", help="Language of the audio (multilingual teachers)."),
