@@ -136,7 +136,7 @@ def _report(cfg: DemoConfig, refs: list[dict], label_stats: dict, results: dict,
         "",
         f"Synthetic corpus: {len(refs)} utterances ({hours * 60:.1f} min) from "
         f"{len({r['speaker'] for r in refs})} speakers in accents {', '.join(cfg.accents)} "
-        "(eSpeak NG; a foreign-accented voice reads English with its own letter-to-sound rules).",
+        "(eSpeak NG voices; speakers differ by voice variant, rate and pitch).",
         f"Teacher: `{cfg.teacher}` through faster-whisper (CTranslate2 int8, greedy, batched {cfg.batch_size}).",
         f"Labelling: {label_stats['labelled']} labelled, {label_stats['failed']} failed, "
         f"flags {label_stats['flags'] or 'none'}, real-time factor {label_stats['rtf']}.",

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from selfspeech.data.manifest import read_manifest
-from selfspeech.eval.report import build_results, plot_wer_bars, read_jsonl, write_json
+from selfspeech.eval.report import build_results, read_jsonl, write_json
 
 LABELS = {
     "teacher": "teacher", "zero_shot": "student zero-shot", "pseudo_ft": "student FT on target pseudo (baseline)",
@@ -38,6 +38,29 @@ def score_systems(eval_manifest: str, hyps: dict[str, str], normalizer: str, see
     return out
 
 
+def plot_systems(systems: dict[str, dict], path: Path) -> Path:
+    """Horizontal bars, one per system, WER with its 95% CI; the baseline and Pseudo2Real stand out."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    names = list(systems)
+    w = np.array([systems[n]["wer"] * 100 for n in names])
+    lo = np.array([systems[n]["wer_ci95"][0] * 100 for n in names])
+    hi = np.array([systems[n]["wer_ci95"][1] * 100 for n in names])
+    fig = Figure(figsize=(7.5, 0.45 * len(names) + 1.2), layout="constrained")
+    ax = fig.add_subplot()
+    colors = ["tab:red" if n.startswith("p2r") else "tab:grey" if n == "oracle" else "tab:blue" for n in names]
+    y = np.arange(len(names))[::-1]
+    ax.barh(y, w, xerr=np.vstack([w - lo, hi - w]), color=colors, capsize=3)
+    ax.set_yticks(y, [LABELS.get(n, n) for n in names], fontsize=8)
+    for yi, wi in zip(y, w):
+        ax.text(wi + 0.5, yi + 0.2, f"{wi:.1f}", fontsize=7)
+    ax.set_xlabel("WER (%) on the target-eval speakers, 95% CI over speakers")
+    ax.set_xlim(left=0)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def plot_lambda(curves: dict[str, dict], chosen: float, path: Path) -> Path:
     from matplotlib.figure import Figure
 
@@ -62,8 +85,7 @@ def _pct(x) -> str:
 def write_report(out: Path, result: dict, scores: dict, title: str) -> Path:
     out = Path(out)
     write_json(out / "scores.json", scores)
-    bars = {LABELS.get(k, k): {"target eval": (v["wer"], *v["wer_ci95"])} for k, v in scores["systems"].items()}
-    plot_wer_bars(bars, out / "wer_systems.png", title="WER on target-eval speakers (95% CI over speakers)")
+    plot_systems(scores["systems"], out / "wer_systems.png")
     lam = result["lambda"]
     curves = {}
     if "curve_source_sim" in lam:
