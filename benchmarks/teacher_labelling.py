@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_teacher")
+    ap.add_argument("--result-name", default="teacher_labelling", help="results/<name>.json")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch and CTranslate2 threads; 1 by default: on this shared 2-core machine two "
                          "benchmarks run side by side, one core each, which avoids thread oversubscription")
@@ -147,7 +148,7 @@ def main() -> None:
     speed_items = rng.sample(refs, args.speed_n)
     speed = {name: time_methods(name, speed_items, args.repeats, args.batch_size) for name in TEACHERS}
     head = speed["whisper-base"]
-    write_result("teacher_labelling", {
+    write_result(args.result_name, {
         "teachers": teachers,
         "speedup_vs_sequential": head["speedup_vs_sequential"],
         "speedup_vs_transformers_pipeline": head["speedup_vs_transformers_pipeline"],
