@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from selfspeech.data.atomic import atomic_write
 
 MARKER = "STAGE.json"
 
@@ -32,10 +32,8 @@ def config_hash(config: Any) -> str:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 @dataclass

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+from selfspeech.data.atomic import atomic_write
 
 REQUIRED = ("id", "audio_filepath")
 
@@ -70,22 +71,11 @@ def parse_line(line: str, path: str | os.PathLike, lineno: int, required: tuple[
 
 def write_manifest(path: str | os.PathLike, items: Iterable[dict]) -> int:
     """Write ``items`` as JSONL atomically; returns the number of lines."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for item in items:
-                f.write(json.dumps(item, ensure_ascii=False) + "\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        for item in items:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+            n += 1
     return n
 
 

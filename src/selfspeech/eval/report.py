@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from selfspeech.data.atomic import atomic_write
 from selfspeech.data.manifest import ManifestError, parse_line
 from selfspeech.eval.wer import (
     ErrorCounts, bootstrap_ci, group_indices, group_seed, paired_bootstrap, score,
@@ -161,26 +161,15 @@ def _finite(x):
 
 def write_json(path: str | os.PathLike, obj) -> Path:
     """Write ``obj`` as indented JSON atomically (temp file + rename); nan/inf become null."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_finite(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_write(path) as f:
+        json.dump(_finite(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
+        f.write("\n")
+    return Path(path)
 
 
 def _write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         f.write(text)
-    os.replace(tmp, path)
     return path
 
 
