@@ -48,8 +48,9 @@ def main() -> None:
         "relative_reduction": rr.get("rel_reduction"),
         "relative_reduction_ci95": rr.get("rel_ci95"),
         "lambda": result["lambda"]["lambda"],
-        "lambda_rule": "source_sim: tau from source-train speakers; lambda minimising WER of "
-                       "theta(sim pseudo) + lambda*tau on held-out source speakers' real labels; "
+        "tau_scope": result["lambda"].get("scope", "all"),
+        "lambda_rule": "source_sim: tau from source-train speakers; (lambda, tau scope) minimising WER of "
+                       "theta(sim pseudo) + lambda*tau[scope] on held-out source speakers' real labels; "
                        "no target transcript used",
         "lambda_curves": {k: v for k, v in result["lambda"].items() if k.startswith("curve")},
         "paired": p,

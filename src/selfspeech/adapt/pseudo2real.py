@@ -78,7 +78,8 @@ def run_pseudo2real(recipe: Recipe, out: str | Path, log: Callable[[str], None] 
         import torch
 
         t = load_teacher(recipe.teacher.name, "faster-whisper", cpu_threads=torch.get_num_threads(),
-                         options=DecodeOptions(max_new_tokens=recipe.teacher.max_new_tokens))
+                         options=DecodeOptions(max_new_tokens=recipe.teacher.max_new_tokens,
+                                             window_s=recipe.teacher.window_s))
         st = label_manifest(parts["all"], d / "labels.jsonl", t, recipe.teacher.name, recipe.teacher.batch_size,
                             progress=progress)
         return {"labels": str(d / "labels.jsonl"), "stats": st.as_dict()}
@@ -126,33 +127,45 @@ def run_pseudo2real(recipe: Recipe, out: str | Path, log: Callable[[str], None] 
                      deps=("ft_source_real", "ft_source_pseudo"))
     tau = TaskVector.load(tau_path)
 
-    # ---- lambda without target labels
+    # ---- lambda (and tau's scope) without target labels
     grid = [float(x) for x in recipe.lam.grid]
+    scopes = list(recipe.lam.scopes)
 
-    def sweep(tag: str, base: str, manifest: str, base_dep: str, tau_v: TaskVector = tau, tau_dep: str = "tau") -> dict:
-        res = {}
+    def sweep(tag: str, base: str, manifest: str, base_dep: str, scope: str) -> dict:
+        # stage names of the "all" scope carry no suffix (caches of earlier runs stay valid)
+        tag = tag if scope == "all" else f"{tag}_{scope}"
+        tau_s, res = tau.scope(scope), {}
         for lam in grid:
-            mdir = S.run(f"model_{tag}_l{lam:g}", {"lambda": lam, "base": base},
-                         lambda d, lam=lam: str(apply_to_dir(base, tau_v, lam, d / "model")), deps=(base_dep, tau_dep))
+            cfg = {"lambda": lam, "base": base} | ({} if scope == "all" else {"scope": scope})
+            mdir = S.run(f"model_{tag}_l{lam:g}", cfg,
+                         lambda d, lam=lam: str(apply_to_dir(base, tau_s, lam, d / "model")), deps=(base_dep, "tau"))
             h = decode(f"{tag}_l{lam:g}", mdir, manifest, (f"model_{tag}_l{lam:g}",))
             res[lam] = wer_of(manifest, h, norm)
             log(f"  {tag} lambda={lam:g}: WER {res[lam]:.4f}")
         return res
 
-    choice: dict = {"rule": recipe.lam.rule}
+    def curve_key(kind: str, scope: str) -> str:
+        return f"curve_{kind}" if scope == "all" else f"curve_{kind}_{scope}"
+
+    choice: dict = {"rule": recipe.lam.rule, "scopes": scopes}
     if recipe.lam.rule == "fixed":
-        lam = float(recipe.lam.fixed)
+        lam, scope = float(recipe.lam.fixed), scopes[0]
     else:
         simp = ft("sim_pseudo", ps["source_sim_fit"]["path"], ps["source_sim_stop"]["path"])
-        curve = sweep("sim", simp, parts["source_sim"], "ft_sim_pseudo")
-        lam = min(curve, key=lambda k: (curve[k], abs(k)))  # ties: the smaller correction
-        choice["curve_source_sim"] = curve
-    choice["lambda"] = lam
+        cand = []
+        for sc in scopes:
+            curve = choice[curve_key("source_sim", sc)] = sweep("sim", simp, parts["source_sim"], "ft_sim_pseudo", sc)
+            cand += [(w, abs(lam_), scopes.index(sc), lam_, sc) for lam_, w in curve.items()]
+        # lowest held-out source WER; ties: the smaller correction, then the scope listed first
+        _, _, _, lam, scope = min(cand)
+    choice["lambda"], choice["scope"] = lam, scope
+    p2r_tau = tau.scope(scope)
 
     if "zero_shot" in systems:  # un-fine-tuned Whisper decoded the standard way (30-s padded input)
         hyps["zero_shot"] = decode("zero_shot", init, evalm, ("data",), trim=False)
     hyps["pseudo_ft"] = decode("pseudo_ft", tp, evalm, ("ft_target_pseudo",))
-    p2r_dir = S.run("model_p2r", {"lambda": lam}, lambda d: str(apply_to_dir(tp, tau, lam, d / "model")),
+    p2r_cfg = {"lambda": lam} | ({} if scope == "all" else {"scope": scope})
+    p2r_dir = S.run("model_p2r", p2r_cfg, lambda d: str(apply_to_dir(tp, p2r_tau, lam, d / "model")),
                     deps=("ft_target_pseudo", "tau"))
     hyps["p2r"] = decode("p2r", p2r_dir, evalm, ("model_p2r",))
     if "source_real_ft" in systems:
@@ -166,13 +179,14 @@ def run_pseudo2real(recipe: Recipe, out: str | Path, log: Callable[[str], None] 
         o = ft("oracle", parts["target_adapt_fit"], parts["target_adapt_stop"], deps=("data",))
         hyps["oracle"] = decode("oracle", o, evalm, ("ft_oracle",))
     if recipe.lam.oracle_sweep:
-        choice["curve_target_oracle"] = sweep("target_oracle", tp, evalm, "ft_target_pseudo")
+        for sc in scopes:
+            choice[curve_key("target_oracle", sc)] = sweep("target_oracle", tp, evalm, "ft_target_pseudo", sc)
 
     clusters_info = {}
     if recipe.clusters.enabled and ({"p2r_sc", "p2r_sc_random"} & systems):
         from selfspeech.adapt.sc import run_sc
 
-        sc_hyps, clusters_info = run_sc(recipe, S, parts, ps, tp, lam, ft, decode, progress)
+        sc_hyps, clusters_info = run_sc(recipe, S, parts, ps, tp, lam, scope, ft, decode, progress)
         hyps.update(sc_hyps)
     result = {"hyps": hyps, "lambda": choice, "clusters": clusters_info, "times": S.times, "cached": S.cached,
               "label_stats": lab["stats"], "pseudo_counts": {k: {kk: vv for kk, vv in v.items() if kk != "path"}

@@ -37,6 +37,7 @@ class TeacherSpec:
     batch_size: int = 8
     drop_flagged: bool = True          # train only on labels that pass the label-free filters
     max_new_tokens: int = 128
+    window_s: float = 15.0             # encoder window, see label.teacher.DecodeOptions
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class LambdaSpec:
     # situation rehearsed inside the source, never touching target transcripts.
     rule: str = "source_sim"
     fixed: float | None = None        # rule "fixed": use this value
+    # where tau applies (arith.task_vector.SCOPES); with several, the rule picks the scope
+    # together with lambda on the same held-out source speakers
+    scopes: tuple = ("all",)
     oracle_sweep: bool = True          # also sweep on target labels, reported as an oracle only
 
 
@@ -100,6 +104,12 @@ def _build(cls, values: dict, where: str):
     if unknown:
         raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    if cls is LambdaSpec:
+        from selfspeech.arith.task_vector import SCOPES
+
+        bad = [x for x in values.get("scopes", ()) if x not in SCOPES]
+        if bad or values.get("scopes") == ():
+            raise RecipeError(f"{where}: scopes {list(values.get('scopes'))}: each must be one of {', '.join(SCOPES)}")
     return cls(**values)
 
 

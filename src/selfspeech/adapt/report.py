@@ -64,11 +64,12 @@ def plot_systems(systems: dict[str, dict], path: Path) -> Path:
 def plot_lambda(curves: dict[str, dict], chosen: float, path: Path) -> Path:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
     for name, c in curves.items():
         xs = sorted(float(k) for k in c)
-        ax.plot(xs, [c[k] * 100 if k in c else c[str(k)] * 100 for k in xs], marker="o", label=name)
+        ax.plot(xs, [c[k] * 100 if k in c else c[str(k)] * 100 for k in xs], marker="o", label=name,
+                ls="--" if "oracle" in name else "-")
     ax.axvline(chosen, color="grey", ls="--", lw=1, label=f"chosen lambda = {chosen:g}")
     ax.set_xlabel("lambda")
     ax.set_ylabel("WER (%)")
@@ -88,15 +89,20 @@ def write_report(out: Path, result: dict, scores: dict, title: str) -> Path:
     plot_systems(scores["systems"], out / "wer_systems.png")
     lam = result["lambda"]
     curves = {}
-    if "curve_source_sim" in lam:
-        curves["held-out source speakers (real labels): the rule"] = lam["curve_source_sim"]
-    if "curve_target_oracle" in lam:
-        curves["target eval (oracle, not used to choose)"] = lam["curve_target_oracle"]
+    for key, c in lam.items():  # curve_<kind>[_<scope>]
+        if not key.startswith("curve_"):
+            continue
+        kind = "source_sim" if key.startswith("curve_source_sim") else "target_oracle"
+        sc = key[len(f"curve_{kind}"):].lstrip("_") or "all"
+        who = ("held-out source speakers (real labels): the rule" if kind == "source_sim"
+               else "target eval (oracle, not used to choose)")
+        curves[f"{who}, tau scope {sc}"] = c
     if curves:
         plot_lambda(curves, lam["lambda"], out / "wer_lambda.png")
     s = scores["systems"]
     lines = [f"# {title}", "",
-             f"lambda = {lam['lambda']:g}, chosen by rule `{lam['rule']}` (no target transcript used).", "",
+             f"lambda = {lam['lambda']:g}, tau scope `{lam.get('scope', 'all')}`, chosen by rule `{lam['rule']}` "
+             "(no target transcript used).", "",
              "![WER per system](wer_systems.png)", "", "| system | WER % [95% CI] | CER % | utterances | speakers |",
              "| --- | --- | --- | --- | --- |"]
     for k, v in s.items():

@@ -29,7 +29,7 @@ def _key(item: dict, level: str) -> str:
     return str(item["speaker"]) if level == "speaker" else item["id"]
 
 
-def run_sc(recipe, S, parts, ps, tp, lam, ft, decode, progress) -> tuple[dict, dict]:
+def run_sc(recipe, S, parts, ps, tp, lam, scope, ft, decode, progress) -> tuple[dict, dict]:
     spec = recipe.clusters
     names = ("source_train", "target_adapt", "target_eval")
     items = {n: list(read_manifest(parts[n])) for n in names}
@@ -81,8 +81,9 @@ def run_sc(recipe, S, parts, ps, tp, lam, ft, decode, progress) -> tuple[dict, d
             tpath = S.run(tname, {}, lambda d, r=r, p=p: str(diff_dirs(r, p).save(d / "tau.safetensors")),
                           deps=(f"ft_sc_{kind}_c{c}_real", f"ft_sc_{kind}_c{c}_pseudo"))
             mname = f"model_sc_{kind}_c{c}"
-            mdir = S.run(mname, {"lambda": lam},
-                         lambda d, tpath=tpath: str(apply_to_dir(tp, TaskVector.load(tpath), lam, d / "model")),
+            mdir = S.run(mname, {"lambda": lam} | ({} if scope == "all" else {"scope": scope}),
+                         lambda d, tpath=tpath: str(apply_to_dir(tp, TaskVector.load(tpath).scope(scope), lam,
+                                                                 d / "model")),
                          deps=("ft_target_pseudo", tname))
             ev = [it for it in items["target_eval"] if labels[_key(it, spec.level)] == c]
             if not ev:

@@ -29,6 +29,14 @@ import torch
 # Whisper ties its output projection to the decoder's token embedding.
 KNOWN_TIES = {"proj_out.weight": "model.decoder.embed_tokens.weight"}
 
+# Named parameter scopes as (include, exclude) regexes for transformers encoder-decoder
+# checkpoints: "encoder" = acoustic model, "decoder" = the rest (decoder, tied output).
+SCOPES: dict[str, tuple[str | None, str | None]] = {
+    "all": (None, None),
+    "encoder": (r"^model\.encoder\.", None),
+    "decoder": (None, r"^model\.encoder\."),
+}
+
 
 class TaskVectorError(ValueError):
     """Incompatible checkpoints or a non-finite tensor; the message names the tensor."""
@@ -102,6 +110,15 @@ class TaskVector:
 
     def filter(self, include: str | None = None, exclude: str | None = None) -> "TaskVector":
         return TaskVector({n: self.deltas[n] for n in _select(self.deltas, include, exclude)})
+
+    def scope(self, name: str) -> "TaskVector":
+        """The part of the vector in a named scope of :data:`SCOPES` (``all``, ``encoder``, ``decoder``)."""
+        if name not in SCOPES:
+            raise TaskVectorError(f"unknown scope {name!r}; choose one of {', '.join(SCOPES)}")
+        out = self.filter(*SCOPES[name])
+        if not len(out):
+            raise TaskVectorError(f"scope {name!r} selects no parameter of this vector")
+        return out
 
     def _zip(self, other: "TaskVector", op) -> "TaskVector":
         if set(self.deltas) != set(other.deltas):

@@ -16,7 +16,8 @@ def label(
     in_path: Path = typer.Option(..., "--in", help="Manifest of the audio to label (JSONL)."),
     out_path: Path = typer.Option(..., "--out", help="Labels (JSONL, append-only; rerun to resume)."),
     backend: str = typer.Option("faster-whisper", help="faster-whisper (CTranslate2, int8, batched) or transformers (any Whisper checkpoint)."),
-    batch_size: int = typer.Option(8, help="Utterances decoded together. With one CPU thread use 1-2: Whisper's fixed 30-s window makes batched encoding memory-bound (see benchmarks/RESULTS.md)."),
+    batch_size: int = typer.Option(8, help="Utterances decoded together (sorted by length first)."),
+    window: float = typer.Option(15.0, help="faster-whisper encoder window in seconds: a batch is padded to its longest utterance + 0.5 s, at least this, at most 30 (30 = Whisper's standard window; below ~10 s Whisper breaks, see benchmarks/RESULTS.md)."),
     compute_type: str = typer.Option("int8", help="CTranslate2 compute type (int8, int8_float32, float32)."),
     beam_size: int = typer.Option(1, help="1 = greedy."),
     language: str = typer.Option("en", help="Language of the audio (multilingual teachers)."),
@@ -43,7 +44,7 @@ def label(
     if not in_path.is_file():
         fail(f"{in_path}: manifest not found")
     try:
-        t = load_teacher(teacher, backend, compute_type, DecodeOptions(language=language, beam_size=beam_size))
+        t = load_teacher(teacher, backend, compute_type, DecodeOptions(language=language, beam_size=beam_size, window_s=window))
     except (ValueError, FileNotFoundError, ModelError) as e:
         fail(f"teacher {teacher!r}: {e}")
     filters = FilterConfig(max_compression_ratio, min_avg_logprob, max_no_speech_prob)
