@@ -46,6 +46,9 @@ def test_recipe_errors_before_compute(tmp_path):
     p.write_text("lambda: {grid: [0, 1]}\nstudnet: {}\n")
     with pytest.raises(RecipeError, match="unknown section.*studnet"):
         load_recipe(p)
+    p.write_text("lambda: {scopes: [all, middle]}\n")
+    with pytest.raises(RecipeError, match="scopes.*encoder"):
+        load_recipe(p)
     p.write_text("data: {manifest: nowhere.jsonl}\n")
     r = load_recipe(p)
     assert r.data.manifest == "nowhere.jsonl" and r.path(r.data.manifest) == tmp_path / "nowhere.jsonl"
@@ -103,14 +106,19 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_whisper_dir, monkeypatch):
         "teacher": {"name": str(tiny_whisper_dir), "drop_flagged": False},
         "student": {"init": str(tiny_whisper_dir), "max_new_tokens": 6,
                     "finetune": {"max_steps": 2, "eval_every": 2, "batch_size": 4, "max_new_tokens": 6}},
-        "lambda": {"grid": [0.0, 1.0], "oracle_sweep": False},
+        "lambda": {"grid": [0.0, 1.0], "oracle_sweep": False, "scopes": ["all", "encoder"]},
         "clusters": {"k": 2, "min_size": 1},
         "systems": ["teacher", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random"],
     }, root=tmp_path)
     logs = []
     res = run_pseudo2real(recipe, tmp_path / "run", log=logs.append, progress=False)
     assert set(res["hyps"]) == {"teacher", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random"}
-    assert res["lambda"]["lambda"] in (0.0, 1.0) and set(res["lambda"]["curve_source_sim"]) == {0.0, 1.0}
+    lam = res["lambda"]
+    assert lam["lambda"] in (0.0, 1.0) and set(lam["curve_source_sim"]) == {0.0, 1.0}
+    # the rule's (lambda, scope) is the minimum over both curves on held-out source speakers
+    best = min((w, abs(l_), i, l_, sc) for i, sc in enumerate(["all", "encoder"])
+               for l_, w in lam["curve_source_sim" if sc == "all" else "curve_source_sim_encoder"].items())
+    assert (lam["lambda"], lam["scope"]) == (best[3], best[4])
     evals = {i["id"] for i in read_manifest(tmp_path / "run" / "data" / "target_eval.jsonl")}
     for name, h in res["hyps"].items():
         assert {json.loads(line)["id"] for line in open(h)} == evals, name  # every eval utterance decoded once

@@ -76,6 +76,17 @@ def test_patterns():
         n for n in TaskVector.between(a, b).deltas if "decoder" in n}
     new = enc.apply(b, 1.0)
     assert torch.equal(new["model.decoder.layers.0.fc1.weight"], b["model.decoder.layers.0.fc1.weight"])
+    # named scopes split the vector in two disjoint halves that add back to the whole
+    tau = TaskVector.between(a, b)
+    e, d = tau.scope("encoder"), tau.scope("decoder")
+    assert set(e.deltas).isdisjoint(d.deltas) and set(e.deltas) | set(d.deltas) == set(tau.deltas)
+    assert all(n.startswith("model.encoder.") for n in e.deltas) and len(tau.scope("all")) == len(tau)
+    whole = {**e.deltas, **d.deltas}
+    assert all(torch.equal(whole[n], tau.deltas[n]) for n in tau.deltas)
+    with pytest.raises(TaskVectorError, match="unknown scope"):
+        tau.scope("middle")
+    with pytest.raises(TaskVectorError, match="selects no parameter"):
+        e.scope("decoder")
 
 
 def test_errors_name_the_tensor():
