@@ -11,8 +11,8 @@ from selfspeech.commands.data import console
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output folder (corpus, labels, eval, report.md). Rerun to resume."),
     teacher: str = typer.Option("whisper-base", help="Teacher model (zoo name or directory)."),
-    speakers_per_accent: int = typer.Option(8, help="Synthetic speakers per accent."),
-    utts_per_speaker: int = typer.Option(8, help="Utterances per speaker."),
+    speakers_per_accent: int = typer.Option(12, help="Synthetic speakers per accent (half of the target accent's are evaluated)."),
+    utts_per_speaker: int = typer.Option(10, help="Utterances per speaker."),
     seed: int = typer.Option(0, help="Seed of the synthetic corpus."),
     adapt: bool = typer.Option(True, help="Then adapt a tiny.en student from the first accent to the second with Pseudo2Real (--no-adapt: labelling and WER only)."),
     adapt_steps: int = typer.Option(24, help="Optimizer steps per student fine-tune in the adaptation."),
