@@ -1,0 +1,45 @@
+"""Span masking (wav2vec 2.0, Baevski et al. 2020, sec. 3.1; BEST-RQ, Chiu et al. 2022, sec. 2.1).
+
+For an utterance of ``n`` frames, ``round_random(mask_prob * n / span)`` span starts
+are drawn without replacement from ``[0, n - span]`` and each masks ``span``
+frames; spans may overlap, so the masked fraction is a little under
+``mask_prob`` (about 49% of frames for wav2vec 2.0's 0.65 x 10). Every utterance
+of at least ``span`` frames gets at least ``min_spans`` spans.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def span_mask(lengths: torch.Tensor, T: int, mask_prob: float, span: int, min_spans: int = 1,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B,) int64 lengths -> (B, T) bool mask, True on masked frames (never on padding).
+
+    Raises ValueError if an utterance is shorter than ``span`` frames: nothing
+    could be masked and predicted there (callers filter such utterances first).
+    """
+    if not 0.0 < mask_prob <= 1.0 or span < 1:
+        raise ValueError(f"mask_prob must be in (0, 1] and span >= 1, got {mask_prob}, {span}")
+    short = (lengths < span).nonzero().flatten().tolist()
+    if short:
+        raise ValueError(f"utterance(s) at batch index {short} have fewer frames ({lengths[short].tolist()}) "
+                         f"than the mask span ({span}); drop them or shorten the span")
+    B = lengths.shape[0]
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        n = int(lengths[b])
+        expected = mask_prob * n / span
+        k = int(expected) + int(torch.rand((), generator=generator) < expected - int(expected))
+        k = min(max(k, min_spans), n - span + 1)
+        starts = torch.randperm(n - span + 1, generator=generator)[:k]
+        idx = (starts[:, None] + torch.arange(span)[None, :]).flatten()
+        mask[b, idx] = True
+    return mask
+
+
+def upsample_mask(mask: torch.Tensor, factor: int, T_in: int) -> torch.Tensor:
+    """(B, T') frame mask -> (B, T_in) mask over the ``factor``-times finer input frames."""
+    up = mask.repeat_interleave(factor, dim=1)[:, :T_in]
+    if up.shape[1] < T_in:
+        up = torch.cat([up, up.new_zeros(up.shape[0], T_in - up.shape[1])], 1)
+    return up

@@ -1,0 +1,232 @@
+"""CTC fine-tuning of a (pretrained or scratch) speech encoder for phones or characters.
+
+As in wav2vec 2.0's fine-tuning (Baevski et al. 2020, sec. 4.3): a linear
+output layer on the encoder, CTC loss (Graves et al. 2006), time masking with
+the learned mask embedding and channel masking on the front-end features, the
+encoder frozen for the first ``freeze_steps`` updates (only the new output layer
+learns while it is random), early stopping on a labelled dev set's error rate.
+Utterances whose targets cannot be built (a word missing from the lexicon) or
+cannot be aligned (more target tokens than frames) are skipped and counted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfspeech.data.audio_dataset import AudioDataset, check_lengths, collate_arrays
+from selfspeech.data.manifest import read_manifest, write_manifest
+from selfspeech.models.ssl import EncoderConfig, SpeechEncoder, load_state, read_config, save_encoder
+from selfspeech.objectives.masking import span_mask
+from selfspeech.text.phones import Lexicon, Vocabulary
+from selfspeech.train.checkpoint import write_json
+from selfspeech.train.loop import LoopConfig, train_loop
+from selfspeech.train.sampler import BucketBatchSampler
+
+
+@dataclass(frozen=True)
+class CTCConfig:
+    targets: str = "phone"              # phone | char
+    lexicon: str | None = None          # phone targets: WORD<TAB>PHONES file
+    encoder: dict = field(default_factory=dict)   # scratch runs: EncoderConfig fields ("preset" allowed)
+    loop: dict = field(default_factory=dict)
+    freeze_steps: int = 0               # encoder frozen, output layer only
+    mask_time_prob: float = 0.05        # wav2vec 2.0 fine-tuning (Table 7, 10-min/1-h setups: 0.05-0.075)
+    mask_time_span: int = 5
+    mask_channel_prob: float = 0.1
+    mask_channel_span: int = 8
+    max_batch_seconds: float = 60.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class CTCModel(nn.Module):
+    def __init__(self, enc: EncoderConfig, vocab_size: int):
+        super().__init__()
+        self.encoder = SpeechEncoder(enc)
+        self.head = nn.Linear(enc.d_model, vocab_size)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, time_mask=None, channel_mask=None):
+        """(B, T[, F]) -> log-probs (B, T', V) and lengths T'."""
+        feats, flen = self.encoder.features(x, lengths)
+        if channel_mask is not None:
+            feats = feats.masked_fill(channel_mask[:, None, :], 0.0)
+        h = self.encoder.encode(feats, flen, time_mask)[-1]
+        return self.head(h).log_softmax(-1), flen
+
+
+def greedy_ctc(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+    """Best path: argmax per frame, repeats collapsed, blanks (0) removed."""
+    out = []
+    for lp, n in zip(log_probs.argmax(-1), lengths.tolist()):
+        ids = torch.unique_consecutive(lp[:n]).tolist()
+        out.append([i for i in ids if i != 0])
+    return out
+
+
+def _channel_mask(B: int, C: int, prob: float, span: int, gen=None) -> torch.Tensor | None:
+    if prob <= 0:
+        return None
+    return span_mask(torch.full((B,), C, dtype=torch.long), C, prob, min(span, C), min_spans=0, generator=gen)
+
+
+def prepare_items(manifest, vocab: Vocabulary, lexicon: Lexicon | None, enc: EncoderConfig) -> tuple[list, dict]:
+    """Manifest items with ``tokens`` (int ids) added, and counts of skipped utterances by reason."""
+    keep, skipped, missing_words = [], {}, {}
+    items = list(read_manifest(manifest))
+    fps = 100 / enc.stride if enc.frontend == "mel" else 16_000 / enc.stride
+    items, short = check_lengths(items, (enc.receptive_field + enc.stride) / (100 if enc.frontend == "mel" else 16_000))
+    if short:
+        skipped["too_short"] = len(short)
+    for it in items:
+        toks, problems = vocab.tokens(str(it.get("text") or ""), lexicon)
+        if problems:
+            skipped["missing_words"] = skipped.get("missing_words", 0) + 1
+            for w in problems:
+                missing_words.setdefault(w, []).append(it["id"])
+            continue
+        if not toks:
+            skipped["empty_text"] = skipped.get("empty_text", 0) + 1
+            continue
+        if len(toks) > float(it["duration"]) * fps - 1:
+            skipped["more_tokens_than_frames"] = skipped.get("more_tokens_than_frames", 0) + 1
+            continue
+        keep.append({**it, "tokens": vocab.encode(toks)})
+    if missing_words:
+        skipped["missing_word_list"] = {w: ids[:5] for w, ids in sorted(missing_words.items())}
+    return keep, skipped
+
+
+def _model_and_vocab(cfg: CTCConfig, init: str | Path | None) -> tuple[CTCModel, EncoderConfig, Vocabulary, Lexicon | None]:
+    lexicon = Lexicon.read(cfg.lexicon) if cfg.targets == "phone" else None
+    if cfg.targets == "phone" and lexicon is None:
+        raise ValueError("phone targets need `lexicon`")
+    vocab = Vocabulary.for_phones(lexicon) if cfg.targets == "phone" else Vocabulary.for_chars()
+    if init is not None:
+        meta = read_config(init, "ssl_encoder")
+        enc = EncoderConfig(**meta["config"])
+    else:
+        kw = dict(cfg.encoder)
+        preset = kw.pop("preset", None)
+        enc = EncoderConfig.preset(preset, **kw) if preset else EncoderConfig(**kw)
+    model = CTCModel(enc, vocab.size)
+    if init is not None:
+        model.encoder.load_state_dict(load_state(init))
+    return model, enc, vocab, lexicon
+
+
+def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: str | Path | None = None,
+                 progress: bool = True) -> dict:
+    """Fine-tune ``init`` (an ``ssl_encoder`` directory, or None for scratch) with CTC; best model in ``out_dir/best``."""
+    out = Path(out_dir)
+    loop_cfg = LoopConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.loop.items()})
+    torch.manual_seed(loop_cfg.seed)
+    model, enc, vocab, lexicon = _model_and_vocab(cfg, init)
+    train, skip_train = prepare_items(train_manifest, vocab, lexicon, enc)
+    dev, skip_dev = prepare_items(dev_manifest, vocab, lexicon, enc)
+    if not train or not dev:
+        raise ValueError(f"no usable utterance left (train skipped {skip_train}, dev skipped {skip_dev})")
+    data = AudioDataset(train, enc.frontend, enc.n_mels)
+    dev_data = AudioDataset(dev, enc.frontend, enc.n_mels)
+    sampler = BucketBatchSampler(data.durations(), max_batch_seconds=cfg.max_batch_seconds, seed=loop_cfg.seed)
+
+    def collate(idx, rng):
+        b = data.collate(idx, rng)
+        b["tokens"] = [train[i]["tokens"] for i in idx]
+        return b
+
+    def loss_fn(batch, step):
+        x, lengths = batch["x"], batch["lengths"]
+        flen = enc.out_lengths(lengths)
+        tmask = span_mask(flen, int(flen.max()), cfg.mask_time_prob, min(cfg.mask_time_span, int(flen.min())),
+                          min_spans=0) if cfg.mask_time_prob > 0 else None
+        cmask = _channel_mask(x.shape[0], model.encoder.feat_dim, cfg.mask_channel_prob, cfg.mask_channel_span)
+        if step < cfg.freeze_steps:
+            with torch.no_grad():
+                feats, flen = model.encoder.features(x, lengths)
+                h = model.encoder.encode(feats, flen, tmask)[-1]
+            lp = model.head(h).log_softmax(-1)
+        else:
+            lp, flen = model(x, lengths, tmask, cmask)
+        tgt = [torch.tensor(t) for t in batch["tokens"]]
+        loss = F.ctc_loss(lp.transpose(0, 1), torch.cat(tgt), flen, torch.tensor([len(t) for t in tgt]),
+                          blank=0, zero_infinity=True)
+        return loss, {"frozen": step < cfg.freeze_steps}
+
+    def evaluate() -> dict:
+        hyps = decode_items(model, dev_data, vocab)
+        refs = [vocab.decode(it["tokens"]) for it in dev]
+        from selfspeech.eval.wer import ErrorCounts, count_errors_batch
+
+        rate = ErrorCounts.from_array(count_errors_batch(refs, hyps).sum(0)).wer  # token error rate (PER/WER)
+        return {"metric": rate, "dev_error_rate": rate}
+
+    def write_model(d: Path) -> None:
+        save_encoder(model, enc, d, kind="ctc", extra={"vocab": {"kind": vocab.kind, "symbols": list(vocab.symbols)},
+                                                        "ctc": cfg.to_dict(), "init": str(init) if init else None})
+
+    state = train_loop(model, loss_fn, sampler, collate, loop_cfg, out, write_model,
+                       {"ctc": cfg.to_dict(), "init": str(init) if init else None, "train": str(train_manifest),
+                        "dev": str(dev_manifest)},
+                       evaluate=evaluate, progress=progress, desc="finetune-ctc")
+    summary = {"best_dir": str(out / "best"), "best_dev_error_rate": state["best"], "best_step": state["best_step"],
+               "steps": state["step"], "train_seconds": round(state["seconds"], 1), "n_train": len(train),
+               "n_dev": len(dev), "skipped": {"train": skip_train, "dev": skip_dev}, "targets": cfg.targets}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+@torch.no_grad()
+def decode_items(model: CTCModel, data: AudioDataset, vocab: Vocabulary, max_batch_seconds: float = 120.0) -> list[str]:
+    was = model.training
+    model.eval()
+    order = BucketBatchSampler(data.durations(), max_batch_seconds=max_batch_seconds, shuffle=False)
+    out: dict[int, str] = {}
+    for idx in order.batches(0):
+        b = collate_arrays([data.load(i) for i in idx])
+        lp, flen = model(b["x"], b["lengths"])
+        for i, ids in zip(idx, greedy_ctc(lp, flen)):
+            out[i] = vocab.decode(ids)
+    model.train(was)
+    return [out[i] for i in range(len(data))]
+
+
+def load_ctc(model_dir: str | Path) -> tuple[CTCModel, Vocabulary]:
+    meta = read_config(model_dir, "ctc")
+    vocab = Vocabulary(meta["vocab"]["kind"], tuple(meta["vocab"]["symbols"]))
+    model = CTCModel(EncoderConfig(**meta["config"]), vocab.size)
+    model.load_state_dict(load_state(model_dir))
+    return model.eval(), vocab
+
+
+def transcribe_ctc(model_dir: str | Path, manifest, out_jsonl) -> Path:
+    """Greedy CTC output of every utterance -> JSONL ``{"id", "text"}`` (phones or words, space-separated)."""
+    model, vocab = load_ctc(model_dir)
+    items = list(read_manifest(manifest))
+    hyps = decode_items(model, AudioDataset(items, model.encoder.cfg.frontend, model.encoder.cfg.n_mels, cache=False), vocab)
+    write_manifest(out_jsonl, ({"id": it["id"], "text": h} for it, h in zip(items, hyps)))
+    return Path(out_jsonl)
+
+
+def phone_references(manifest, lexicon_path, out_jsonl) -> tuple[Path, dict]:
+    """Reference manifest with text = phone string (for PER with ``selfspeech eval``); skips counted."""
+    lex = Lexicon.read(lexicon_path)
+    keep, missing = [], {}
+    for it in read_manifest(manifest):
+        ph, miss = lex.convert(str(it.get("text") or ""))
+        if miss:
+            missing[it["id"]] = miss
+            continue
+        keep.append({**it, "text": " ".join(ph)})
+    write_manifest(out_jsonl, keep)
+    return Path(out_jsonl), missing
+
+
+def json_summary(path) -> dict:
+    return json.loads(Path(path).read_text())

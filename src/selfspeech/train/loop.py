@@ -1,0 +1,226 @@
+"""One explicit training loop for encoder pretraining and CTC fine-tuning (nanoGPT style).
+
+What differs between methods is passed in: ``loss_fn(batch, step) -> (loss,
+record)``, the batch sampler, ``collate(indices, rng)``, and an optional
+``evaluate() -> {"metric": lower-is-better, ...}``. The loop owns the rest:
+AdamW, linear warm-up then linear or cosine decay, gradient clipping, a JSONL
+log (plus TensorBoard scalars when asked and installed), a progress bar with
+ETA, periodic atomic checkpoints (weights, AdamW moments, sampler position, RNG)
+and resume after a kill to the same weights an uninterrupted run reaches.
+
+Budget: ``max_steps``, or a wall-clock ``budget_seconds`` (the same CPU time for
+every method of a comparison); the schedule follows the fraction of the budget
+used. A time budget is not bit-reproducible, a step budget is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from selfspeech.train import checkpoint as ckpt
+
+RUN_CONFIG = "run_config.json"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.98)
+    warmup_fraction: float = 0.08   # of the budget (wav2vec 2.0 base: 32k of 400k steps)
+    schedule: str = "linear"        # after warm-up: linear | cosine decay to 0, or constant
+    grad_clip: float = 10.0
+    max_steps: int = 1000
+    budget_seconds: float | None = None  # if set: stop on time instead (max_steps stays a cap)
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 100
+    eval_every: int = 0             # 0: evaluate only at the end
+    patience: int | None = None     # stop after this many evaluations without improvement
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"schedule {self.schedule!r}: choose linear, cosine or constant")
+
+
+def lr_at(progress: float, cfg: LoopConfig) -> float:
+    """Learning rate at ``progress`` in [0, 1] of the budget."""
+    w = cfg.warmup_fraction
+    if progress < w:
+        return cfg.lr * progress / w
+    if cfg.schedule == "constant":
+        return cfg.lr
+    rest = min(1.0, (progress - w) / max(1e-9, 1 - w))
+    return cfg.lr * ((1 - rest) if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * rest)))
+
+
+def make_optimizer(module: torch.nn.Module, cfg: LoopConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms and embeddings (1-D parameters)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records after ``step`` (written after the last checkpoint of a killed run)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a half-written last line
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+
+
+def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Callable, cfg: LoopConfig,
+               out_dir: str | Path, write_model: Callable[[Path], None], run_config: dict,
+               evaluate: Callable[[], dict] | None = None, warnings: Callable[[dict], list[str]] | None = None,
+               progress: bool = True, desc: str = "train", on_step: Callable[[dict], None] | None = None) -> dict:
+    """Train ``module`` in place; returns the final state (``step``, ``best``, ``seconds``...).
+
+    ``out_dir/last`` is the resumable checkpoint, ``out_dir/best`` the best model
+    by ``evaluate()["metric"]`` (or the final one without ``evaluate``),
+    ``out_dir/log.jsonl`` the log. A rerun with the same ``run_config`` resumes;
+    with another it stops with the differences, before any computation.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    last, best, log_path = out / "last", out / "best", out / "log.jsonl"
+    run_config = json.loads(json.dumps(run_config))  # JSON-normalised, as it will be compared
+    resumed = ckpt.resolve(last)
+    if resumed is not None:
+        saved = json.loads((resumed / RUN_CONFIG).read_text())
+        if saved != run_config:
+            diff = {k: (saved.get(k), run_config.get(k)) for k in set(saved) | set(run_config)
+                    if saved.get(k) != run_config.get(k)}
+            raise ValueError(f"{out} holds a run with another config {diff} (saved, given); "
+                             "use the same config to resume, or a new output directory")
+
+    def write(d: Path) -> None:
+        write_model(d)
+        (d / RUN_CONFIG).write_text(json.dumps(run_config, indent=1) + "\n")
+
+    optimizer = make_optimizer(module, cfg)
+    state = {"step": 0, "seconds": 0.0, "best": None, "best_step": None, "bad_evals": 0, "done": False}
+    if resumed is not None:
+        from safetensors.torch import load_file
+
+        module.load_state_dict(load_file(str(resumed / "model.safetensors")))
+        state = ckpt.load_checkpoint(resumed, optimizer)
+        sampler.load_state_dict(state["sampler"])
+        _truncate_log(log_path, state["step"])
+        if state["done"]:
+            return state
+    else:
+        log_path.unlink(missing_ok=True)
+        torch.manual_seed(cfg.seed)
+    tb = None
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            print("tensorboard not installed (pip install 'selfspeech[tensorboard]'): JSONL log only")
+
+    def frac() -> float:
+        p = state["step"] / cfg.max_steps
+        if cfg.budget_seconds:
+            p = max(p, state["seconds"] / cfg.budget_seconds)
+        return min(1.0, p)
+
+    total = cfg.max_steps if not cfg.budget_seconds else None
+    bar = tqdm(total=total if total else 100, initial=state["step"] if total else int(100 * frac()),
+               disable=not progress, desc=desc, unit="step" if total else "%", dynamic_ncols=True)
+    module.train()
+    t_session = time.perf_counter()
+    with open(log_path, "a", encoding="utf-8") as logf:
+        def emit(rec: dict) -> None:
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+
+        emit({"event": "resume" if resumed else "start", "step": state["step"], "config": run_config})
+        try:
+            while not state["done"]:
+                for idx in sampler:
+                    t0 = time.perf_counter()
+                    step = state["step"]
+                    lr = lr_at(frac(), cfg)
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr
+                    batch = collate(idx, random.Random(cfg.seed * 1_000_003 + step))
+                    loss, rec = loss_fn(batch, step)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    gnorm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip))
+                    lv = float(loss.detach())
+                    if not math.isfinite(gnorm) or not math.isfinite(lv):
+                        raise FloatingPointError(f"step {step}: loss {lv} / grad norm {gnorm}: training "
+                                                 f"diverged; lower the learning rate ({cfg.lr}) or check the input")
+                    optimizer.step()
+                    state["step"] = step = step + 1
+                    state["seconds"] += time.perf_counter() - t0
+                    rec = {"step": step, "loss": round(lv, 5), "lr": lr, "grad_norm": round(gnorm, 4),
+                           "batch": len(idx), "seconds": round(state["seconds"], 2), **rec}
+                    if step % cfg.log_every == 0 or step == 1:
+                        emit(rec)
+                        if tb is not None:
+                            for k, v in rec.items():
+                                if isinstance(v, (int, float)) and k != "step":
+                                    tb.add_scalar(k, v, step)
+                        for w in (warnings(rec) if warnings else []):
+                            emit({"event": "warning", "step": step, "message": w})
+                            tqdm.write(f"warning (step {step}): {w}")
+                    bar.update(1 if total else int(100 * frac()) - bar.n)
+                    bar.set_postfix(loss=f"{lv:.3f}", lr=f"{lr:.1e}", refresh=False)
+                    at_end = frac() >= 1.0 or step >= cfg.max_steps
+                    if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or at_end):
+                        module.eval()
+                        ev = evaluate()
+                        module.train()
+                        better = state["best"] is None or ev["metric"] < state["best"]
+                        state["bad_evals"] = 0 if better else state["bad_evals"] + 1
+                        if better:
+                            state.update(best=ev["metric"], best_step=step)
+                            ckpt.write_dir(best, write)
+                        emit({"event": "eval", "step": step, **ev, "improved": better})
+                        if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
+                            at_end = True
+                    elif evaluate is None and at_end:
+                        state["best_step"] = step
+                        ckpt.write_dir(best, write)
+                    if at_end or step % cfg.ckpt_every == 0:
+                        state.update(done=at_end, sampler=sampler.state_dict())
+                        ckpt.save_checkpoint(last, write, optimizer, state)
+                    if on_step is not None:
+                        on_step(rec)
+                    if at_end:
+                        break
+        finally:
+            bar.close()
+            if tb is not None:
+                tb.close()
+    state["seconds_this_session"] = round(time.perf_counter() - t_session, 2)
+    return state
+
+
+def config_dict(*cfgs) -> dict:
+    """Frozen dataclass configs -> one JSON-able dict keyed by class name."""
+    return {type(c).__name__: dataclasses.asdict(c) for c in cfgs}

@@ -1,0 +1,130 @@
+"""Self-supervised pretraining of a speech encoder on unlabelled audio.
+
+``pretrain(manifest, out_dir, cfg)`` trains the task of ``cfg.objective``
+(wav2vec2 | bestrq | birq) through the shared loop and writes:
+
+- ``out_dir/best``: the whole task (encoder, heads, quantizers) as
+  ``model.safetensors`` + ``config.json``;
+- ``out_dir/encoder``: the encoder alone, what CTC fine-tuning starts from;
+- ``out_dir/log.jsonl``, ``out_dir/summary.json`` (skipped utterances with reasons).
+
+XLSR: with ``group_field`` set (e.g. ``age_group``, ``language``), each epoch
+resamples utterances by group with p proportional to n^alpha (Conneau et al. 2020).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from selfspeech.data.audio_dataset import AudioDataset, check_lengths
+from selfspeech.data.manifest import read_manifest
+from selfspeech.models.ssl import EncoderConfig, save_encoder
+from selfspeech.objectives.losses import weighted_sum
+from selfspeech.objectives.tasks import build_task
+from selfspeech.train.checkpoint import write_json
+from selfspeech.train.loop import LoopConfig, train_loop
+from selfspeech.train.sampler import BucketBatchSampler, GroupResampledBatchSampler
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    objective: str = "bestrq"
+    encoder: dict = field(default_factory=dict)     # EncoderConfig fields; "preset": tiny|small|base
+    task: dict = field(default_factory=dict)        # Wav2Vec2Config / BestRQConfig overrides
+    loop: dict = field(default_factory=dict)        # LoopConfig overrides
+    max_batch_seconds: float = 60.0                 # dynamic batches: padded audio seconds per batch
+    crop_seconds: float | None = 8.0                # random crop of longer utterances
+    group_field: str | None = None                  # XLSR multi-group sampling
+    group_alpha: float = 0.5
+
+    def encoder_config(self) -> EncoderConfig:
+        kw = dict(self.encoder)
+        kw.setdefault("frontend", "wave" if self.objective == "wav2vec2" else "mel")
+        preset = kw.pop("preset", None)
+        return EncoderConfig.preset(preset, **kw) if preset else EncoderConfig(**kw)
+
+    def loop_config(self) -> LoopConfig:
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in self.loop.items()}
+        return LoopConfig(**kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PretrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown pretraining config key(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+def min_seconds(enc: EncoderConfig, task) -> float:
+    """Shortest usable utterance: one mask span of output frames after the front-end."""
+    span = task.cfg.mask_span
+    units = enc.receptive_field + (span - 1) * enc.stride + 2 * enc.stride
+    return units / (16_000 if enc.frontend == "wave" else 100)
+
+
+def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = PretrainConfig(),
+             progress: bool = True) -> dict:
+    out = Path(out_dir)
+    enc_cfg, loop_cfg = cfg.encoder_config(), cfg.loop_config()
+    torch.manual_seed(loop_cfg.seed)  # the same initial weights on every (re)start
+    task = build_task(cfg.objective, enc_cfg, cfg.task)
+    items = list(read_manifest(manifest))
+    items, skipped = check_lengths(items, min_seconds(enc_cfg, task))
+    if not items:
+        raise ValueError(f"{manifest}: no utterance is long enough for this encoder ({len(skipped)} skipped, "
+                         f"first: {skipped[0] if skipped else None})")
+    data = AudioDataset(items, enc_cfg.frontend, enc_cfg.n_mels, max_seconds=cfg.crop_seconds)
+    if cfg.group_field:
+        missing = [it.get("id") for it in items if it.get(cfg.group_field) in (None, "")]
+        if missing:
+            raise ValueError(f"{manifest}: {len(missing)} utterance(s) have no {cfg.group_field!r} field "
+                             f"(first: {missing[:3]}); add it or drop group_field")
+        sampler = GroupResampledBatchSampler(data.durations(), [str(it[cfg.group_field]) for it in items],
+                                             cfg.group_alpha, max_batch_seconds=cfg.max_batch_seconds,
+                                             seed=loop_cfg.seed)
+    else:
+        sampler = BucketBatchSampler(data.durations(), max_batch_seconds=cfg.max_batch_seconds, seed=loop_cfg.seed)
+
+    def loss_fn(batch: dict, step: int):
+        terms = task(batch["x"], batch["lengths"], step)
+        mon = terms.pop("monitor")
+        loss = weighted_sum(terms, task.weights)
+        return loss, {**{k: round(float(v.detach()), 5) for k, v in terms.items()}, **mon}
+
+    def write_model(d: Path) -> None:
+        save_encoder(task, enc_cfg, d, kind=f"ssl_task:{cfg.objective}", extra={"pretrain": cfg.to_dict()})
+
+    def warn(rec: dict) -> list[str]:  # collapse watch, once warm-up is over (chance is normal before)
+        if rec["step"] < loop_cfg.warmup_fraction * loop_cfg.max_steps:
+            return []
+        return task.warnings(rec, rec)
+
+    state = train_loop(task, loss_fn, sampler, data.collate, loop_cfg, out, write_model,
+                       {"pretrain": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items)},
+                       warnings=warn, progress=progress, desc=f"pretrain {cfg.objective}")
+    save_encoder(task.encoder, enc_cfg, out / "encoder", kind="ssl_encoder",
+                 extra={"objective": cfg.objective, "steps": state["step"]})
+    summary = {"objective": cfg.objective, "steps": state["step"], "train_seconds": round(state["seconds"], 1),
+               "n_train": len(items), "skipped": [dataclasses.asdict(s) for s in skipped],
+               "encoder": dataclasses.asdict(enc_cfg), "params": sum(p.numel() for p in task.encoder.parameters()),
+               "groups": getattr(sampler, "probs", None)}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def load_task_state(model_dir: str | Path) -> tuple[str, dict]:
+    """(objective, state dict) of a saved pretraining task; used to resume or inspect."""
+    from selfspeech.models.ssl import load_state, read_config
+
+    meta = json.loads((Path(model_dir) / "config.json").read_text())
+    if not str(meta.get("kind", "")).startswith("ssl_task:"):
+        read_config(model_dir, "ssl_task")  # raises with the kind found
+    return meta["kind"].split(":", 1)[1], load_state(model_dir)

@@ -1,0 +1,250 @@
+"""Self-supervised pretraining: masking, quantizers, loss terms, the three tasks, the shared loop, CTC."""
+import json
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from selfspeech.models.ssl import EncoderConfig, SpeechEncoder
+from selfspeech.objectives import losses as L
+from selfspeech.objectives.masking import span_mask, upsample_mask
+from selfspeech.objectives.quantizers import GumbelQuantizer, RandomProjectionQuantizer, perplexity
+from selfspeech.objectives.tasks import BestRQConfig, BiRQTask, build_task
+from selfspeech.train.sampler import GroupResampledBatchSampler, group_probabilities
+
+TINY = EncoderConfig.preset("tiny")
+
+
+def test_span_mask_statistics_and_padding():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([400, 250, 30])
+    fr = []
+    for _ in range(50):
+        m = span_mask(lengths, 400, 0.65, 10, min_spans=2, generator=g)
+        assert not m[1, 250:].any() and not m[2, 30:].any()   # never on padding
+        fr.append(float(m[0].float().mean()))
+    # wav2vec 2.0: 0.65 x 10 with overlaps masks about half the frames
+    assert 0.42 < np.mean(fr) < 0.56
+    with pytest.raises(ValueError, match="fewer frames"):
+        span_mask(torch.tensor([5]), 5, 0.65, 10)
+    up = upsample_mask(torch.tensor([[True, False, True]]), 4, 11)
+    assert up.tolist() == [[True] * 4 + [False] * 4 + [True] * 3]
+
+
+def test_negatives_never_the_positive_and_same_utterance():
+    groups = torch.tensor([0] * 7 + [1] * 3 + [2])
+    neg = L.sample_negatives(groups, 50, torch.Generator().manual_seed(1))
+    for i in range(10):
+        assert (neg[i] != i).all()
+        assert (groups[neg[i]] == groups[i]).all()
+    assert (neg[10] == -1).all()          # a lone masked frame has no distractor
+
+
+def test_perplexity_and_quantizers():
+    V = 16
+    assert math.isclose(float(perplexity(torch.full((10, V), 1 / V))), V, rel_tol=1e-4)
+    assert math.isclose(float(perplexity(torch.nn.functional.one_hot(torch.zeros(10, dtype=torch.long), V).float())),
+                        1.0, rel_tol=1e-4)
+    q = GumbelQuantizer(8, 12, groups=2, entries=V)
+    x = torch.randn(40, 8, requires_grad=True)
+    out = q(x, tau=2.0)
+    assert out["q"].shape == (40, 12) and 2 <= float(out["code_perplexity"]) <= 2 * V
+    out["q"].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0   # straight-through gradient
+    rpq = RandomProjectionQuantizer(20, 4, 64, books=2, seed=3)
+    f = torch.randn(5, 7, 20)
+    lab = rpq(f)
+    assert lab.shape == (5, 7, 2) and torch.equal(lab, RandomProjectionQuantizer(20, 4, 64, 2, seed=3)(f))
+    assert {"proj", "codebook"} <= set(rpq.state_dict())  # frozen, but checkpointed
+    assert not any(p.requires_grad for p in rpq.parameters())
+
+
+def test_losses_at_chance_for_uninformative_inputs():
+    # a uniform predictor scores exactly log V on masked prediction
+    logits = torch.zeros(2, 6, 1, 32)
+    labels = torch.randint(0, 32, (2, 6, 1))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    assert math.isclose(float(L.masked_cross_entropy(logits, labels, mask)["loss"]), math.log(32), rel_tol=1e-5)
+    # identical targets everywhere: no evidence -> log(K + 1) nats (distractors equal to the positive are
+    # removed in fairseq; here all distinct random targets with a constant context give ~chance)
+    torch.manual_seed(0)
+    N, K = 400, 20
+    ctx = torch.randn(N, 16)
+    tgt = torch.randn(N, 16)
+    neg = L.sample_negatives(torch.zeros(N, dtype=torch.long), K)
+    loss = float(L.contrastive_loss(ctx, tgt, neg, temperature=1.0)["loss"])
+    assert abs(loss - L.chance_contrastive(K)) < 0.1
+    # a perfect context (= its target) is far below chance
+    good = float(L.contrastive_loss(tgt, tgt, neg, temperature=0.1)["loss"])
+    assert good < 0.5 * L.chance_contrastive(K)
+    assert float(L.diversity_loss(torch.tensor(640.0), 2, 320)) == 0.0
+
+
+def test_encoder_lengths_and_padding_invariance():
+    enc = SpeechEncoder(TINY).eval()
+    x = torch.randn(2, 230, 80)
+    lengths = torch.tensor([230, 120])
+    y, yl = enc(x, lengths)
+    assert yl.tolist() == TINY.out_lengths(lengths).tolist() and y.shape[1] == int(yl.max())
+    alone, _ = enc(x[1:, :120], lengths[1:])
+    assert torch.allclose(y[1, : yl[1]], alone[0, : yl[1]], atol=1e-4)  # padding does not leak in
+    wave = EncoderConfig.preset("tiny", frontend="wave")
+    assert wave.stride == 320 and wave.receptive_field == 400
+    assert wave.out_lengths(torch.tensor([16000])).item() == 49
+
+
+def test_birq_update_is_w1_dF_plus_w2_dG():
+    torch.manual_seed(0)
+    cfg = BestRQConfig(codes=32, w_anchor=2.4, w_self=0.1)
+    task = BiRQTask(TINY, cfg).eval()  # eval: no dropout, so passes can be compared
+    x, lengths = torch.randn(2, 300, 80), torch.tensor([300, 260])
+
+    def grads(weights):
+        task.zero_grad()
+        torch.manual_seed(1)  # the same masks, noise and Gumbel draws each time
+        terms = task(x, lengths)
+        terms.pop("monitor")
+        L.weighted_sum(terms, weights).backward()
+        return {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
+
+    both, f_only, g_only = grads(task.weights), grads({"self": 1.0}), grads({"anchor": 1.0})
+    assert task.self_layer == round(0.7 * TINY.n_layers)
+    for n, g in both.items():
+        expect = cfg.w_self * f_only.get(n, torch.zeros_like(g)) + cfg.w_anchor * g_only.get(n, torch.zeros_like(g))
+        assert torch.allclose(g, expect, atol=1e-5), n
+    assert "head_self.weight" in f_only and "head_self.weight" not in g_only
+
+
+def test_group_sampling_xlsr():
+    p = group_probabilities({"a": 900, "b": 100}, alpha=1.0)
+    assert math.isclose(p["a"], 0.9)
+    assert math.isclose(group_probabilities({"a": 900, "b": 100}, 0.0)["b"], 0.5)
+    half = group_probabilities({"a": 900, "b": 100}, 0.5)
+    assert math.isclose(half["b"], 0.1 ** 0.5 / (0.9 ** 0.5 + 0.1 ** 0.5))
+    s = GroupResampledBatchSampler([1.0] * 100, ["a"] * 90 + ["b"] * 10, alpha=0.0, batch_size=10, seed=0)
+    drawn = [i for b in s.batches(0) for i in b]
+    assert len(drawn) == 100 and sum(i >= 90 for i in drawn) == 50   # b upsampled to half
+    assert s.batches(1) != s.batches(0)
+
+
+# -- training on synthetic audio ---------------------------------------------------------------
+
+def _corpus(tmp_path, n=12, text=False):
+    rng = np.random.default_rng(0)
+    items = []
+    words = ["A", "BAD", "CAT", "DOG"]
+    for i in range(n):
+        dur = 1.4 + 0.1 * (i % 5)
+        t = np.arange(int(dur * 16000)) / 16000
+        w = 0.3 * np.sin(2 * np.pi * (150 + 50 * (i % 4)) * t * (1 + 0.3 * np.sin(2 * np.pi * 3 * t)))
+        w = (w + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
+        p = tmp_path / f"u{i}.wav"
+        sf.write(p, w, 16000)
+        items.append({"id": f"u{i}", "audio_filepath": str(p), "duration": dur, "speaker": f"s{i % 3}",
+                      "group": "ab"[i % 2], "text": words[i % 4] if text else ""})
+    items.append({"id": "short", "audio_filepath": str(p), "duration": 0.1, "speaker": "s0", "group": "a", "text": "A"})
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps(it) + "\n" for it in items))
+    return m
+
+
+def _cfg(objective, steps, **loop):
+    from selfspeech.train.pretrain import PretrainConfig
+
+    task = {"entries": 16, "negatives": 10, "final_dim": 16} if objective == "wav2vec2" else {"codes": 64}
+    return PretrainConfig(objective=objective, encoder={"preset": "tiny", "dropout": 0.0}, task=task,
+                          loop={"max_steps": steps, "lr": 2e-3, "log_every": 1, "ckpt_every": 5,
+                                "warmup_fraction": 0.1, **loop},
+                          max_batch_seconds=12, group_field="group")
+
+
+@pytest.mark.parametrize("objective", ["bestrq", "birq", "wav2vec2"])
+def test_pretraining_lowers_the_loss(tmp_path, objective):
+    from selfspeech.train.pretrain import pretrain
+
+    torch.set_num_threads(1)
+    m = _corpus(tmp_path)
+    s = pretrain(m, tmp_path / "out", _cfg(objective, 150), progress=False)
+    assert [x["id"] for x in s["skipped"]] == ["short"]               # counted, with its reason
+    log = [json.loads(x) for x in open(tmp_path / "out" / "log.jsonl")]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert np.mean(losses[-20:]) < 0.9 * np.mean(losses[:10]), (losses[:10], losses[-20:])
+    assert (tmp_path / "out" / "encoder" / "model.safetensors").is_file()
+
+
+def test_pretraining_resume_equals_uninterrupted(tmp_path):
+    from selfspeech.models.ssl import load_state
+    from selfspeech.train.loop import train_loop  # noqa: F401  (the loop under test)
+    from selfspeech.train.pretrain import pretrain
+
+    torch.set_num_threads(1)
+    m = _corpus(tmp_path)
+    pretrain(m, tmp_path / "full", _cfg("birq", 12), progress=False)
+
+    class Kill(Exception):
+        pass
+
+    import selfspeech.train.pretrain as P
+
+    orig = P.train_loop
+
+    def killing(*a, **k):
+        k["on_step"] = lambda rec: (_ for _ in ()).throw(Kill()) if rec["step"] == 7 else None
+        return orig(*a, **k)
+
+    P.train_loop = killing
+    try:
+        with pytest.raises(Kill):
+            pretrain(m, tmp_path / "cut", _cfg("birq", 12), progress=False)
+    finally:
+        P.train_loop = orig
+    pretrain(m, tmp_path / "cut", _cfg("birq", 12), progress=False)   # resumes from step 5
+    a, b = load_state(tmp_path / "full" / "best"), load_state(tmp_path / "cut" / "best")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x).get("step") for x in open(tmp_path / "cut" / "log.jsonl") if '"loss"' in x]
+    assert steps == sorted(set(steps))                                  # no step logged twice
+    with pytest.raises(ValueError, match="another config"):
+        pretrain(m, tmp_path / "cut", _cfg("birq", 13), progress=False)
+
+
+def test_ctc_finetune_phones_and_bad_input(tmp_path):
+    from selfspeech.text.phones import Lexicon, Vocabulary
+    from selfspeech.train.ctc import CTCConfig, finetune_ctc, greedy_ctc, transcribe_ctc
+    from selfspeech.train.pretrain import pretrain
+
+    torch.set_num_threads(1)
+    lex = tmp_path / "lex.txt"
+    lex.write_text("A\tAH0\nA\tEY1\nBAD\tB AE1 D\nCAT\tK AE1 T\nDOG\tD AO1 G\n")
+    L_ = Lexicon.read(lex)
+    assert L_.convert("a bad cow") == (["AH", "B", "AE", "D"], ["COW"])
+    v = Vocabulary.for_phones(L_)
+    assert v.decode(greedy_ctc(torch.log_softmax(torch.tensor([[[0, 9, 0.], [0, 9, 0], [9, 0, 0], [0, 0, 9]]]), -1),
+                               torch.tensor([4]))[0]) == f"{v.symbols[0]} {v.symbols[1]}"
+    m = _corpus(tmp_path, text=True)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(m.read_text() + json.dumps({"id": "oov", "audio_filepath": str(tmp_path / "u0.wav"),
+                                               "duration": 1.4, "text": "ZEBRA"}) + "\n")
+    pretrain(m, tmp_path / "pt", _cfg("bestrq", 5), progress=False)
+    cfg = CTCConfig(lexicon=str(lex), loop={"max_steps": 60, "lr": 3e-3, "eval_every": 20, "log_every": 5},
+                    freeze_steps=5, mask_time_prob=0.0, max_batch_seconds=20)
+    s = finetune_ctc(bad, m, tmp_path / "ctc", cfg, init=tmp_path / "pt" / "encoder", progress=False)
+    assert s["skipped"]["train"]["missing_words"] == 1 and s["skipped"]["train"]["missing_word_list"] == {"ZEBRA": ["oov"]}
+    assert s["skipped"]["train"]["too_short"] == 1
+    log = [json.loads(x) for x in open(tmp_path / "ctc" / "log.jsonl") if '"loss"' in x]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert log[0]["frozen"] and not log[-1]["frozen"]
+    out = transcribe_ctc(tmp_path / "ctc" / "best", m, tmp_path / "hyp.jsonl")
+    assert len(out.read_text().splitlines()) == 13
+    with pytest.raises(ValueError, match="expected ssl_encoder"):   # a checkpoint of another kind
+        finetune_ctc(m, m, tmp_path / "ctc2", cfg, init=tmp_path / "pt" / "best", progress=False)
+
+
+def test_build_task_rejects_mismatched_frontend():
+    with pytest.raises(ValueError, match="frontend 'wave'"):
+        build_task("wav2vec2", TINY)
+    with pytest.raises(ValueError, match="frontend 'mel'"):
+        build_task("bestrq", EncoderConfig.preset("tiny", frontend="wave"))
+    with pytest.raises(ValueError, match="unknown objective"):
+        build_task("hubert", TINY)
