@@ -14,6 +14,7 @@ from selfspeech.commands import demo as _demo
 from selfspeech.commands import eval as _eval
 from selfspeech.commands import label as _label
 from selfspeech.commands import models as _models
+from selfspeech.commands import ssl as _ssl
 
 app = typer.Typer(
     name="selfspeech",
@@ -31,6 +32,9 @@ app.command("eval")(_eval.evaluate)
 app.command("demo")(_demo.demo)
 app.command("adapt")(_adapt.adapt)
 app.command("export")(_adapt.export)
+app.command("pretrain")(_ssl.pretrain)
+app.command("finetune-ctc")(_ssl.finetune_ctc)
+app.command("decode-ctc")(_ssl.decode_ctc)
 
 if __name__ == "__main__":
     app()

@@ -162,9 +162,9 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
     def evaluate() -> dict:
         hyps = decode_items(model, dev_data, vocab)
         refs = [vocab.decode(it["tokens"]) for it in dev]
-        from selfspeech.eval.wer import ErrorCounts, count_errors_batch
+        import jiwer  # corpus-level token error rate (PER for phones): total edits / reference tokens
 
-        rate = ErrorCounts.from_array(count_errors_batch(refs, hyps).sum(0)).wer  # token error rate (PER/WER)
+        rate = float(jiwer.wer(refs, hyps))
         return {"metric": rate, "dev_error_rate": rate}
 
     def write_model(d: Path) -> None:

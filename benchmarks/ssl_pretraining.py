@@ -1,0 +1,149 @@
+"""Self-supervised pretraining on speechocean762: PER after CTC fine-tuning, per method, same CPU budget.
+
+Protocol (fixed before any run; nothing tuned on evaluation speakers):
+- pretraining audio: every utterance of the corpus, transcripts never read
+  (``xlsr_adults_only``: the adult utterances only);
+- labelled set: ``--labelled-speakers`` adult speakers (all their utterances) for
+  CTC training, 3 other adult speakers for early stopping;
+- evaluation: every remaining adult speaker and every child speaker; phone
+  references from ``lexicon.txt`` (stress removed, first pronunciation); PER
+  with 95% CIs by bootstrap over speakers;
+- budget: every pretraining run gets ``--budget`` seconds of training time and
+  every CTC fine-tune ``--ft-budget`` seconds, one thread each (stated in the
+  result file), so the methods compare at equal CPU cost, not equal steps;
+- systems: scratch (mel front-end, no pretraining), scratch_wave (waveform
+  front-end), wav2vec2, xlsr_multigroup (wav2vec2 + age-group sampling,
+  alpha 0.5), xlsr_adults_only (wav2vec2 on adult audio only), bestrq, birq.
+
+Writes ``benchmarks/results/ssl_pretraining.json``. Run folders are resumable.
+Usage: python benchmarks/ssl_pretraining.py [--budget 600] [--ft-budget 240] [--systems ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, SO762, write_result  # noqa: E402
+
+from selfspeech.data.kaldi import iter_kaldi_dir  # noqa: E402
+from selfspeech.data.manifest import write_manifest  # noqa: E402
+from selfspeech.data.select import split_by_speaker  # noqa: E402
+from selfspeech.eval.report import build_results, read_jsonl  # noqa: E402
+from selfspeech.train.ctc import CTCConfig, finetune_ctc, phone_references, transcribe_ctc  # noqa: E402
+from selfspeech.train.pretrain import PretrainConfig, pretrain  # noqa: E402
+
+PRETRAINED = {
+    "wav2vec2": dict(objective="wav2vec2", data="all"),
+    "xlsr_multigroup": dict(objective="wav2vec2", data="all", group_field="age_group"),
+    "xlsr_adults_only": dict(objective="wav2vec2", data="adults"),
+    "bestrq": dict(objective="bestrq", data="all"),
+    "birq": dict(objective="birq", data="all"),
+}
+SCRATCH = {"scratch": "mel", "scratch_wave": "wave"}
+KEYS = ("scratch", "wav2vec2", "xlsr_multigroup", "xlsr_adults_only", "bestrq", "birq")
+
+
+def encoder_for(frontend: str) -> dict:
+    # one size for every method: 4 layers x 144 (about 1.5 M parameters in the Transformer)
+    return {"preset": "small", "frontend": frontend}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budget", type=float, default=600, help="pretraining seconds per method")
+    ap.add_argument("--ft-budget", type=float, default=240, help="CTC fine-tuning seconds per system")
+    ap.add_argument("--labelled-speakers", type=int, default=10)
+    ap.add_argument("--systems", nargs="*", default=[*SCRATCH, *PRETRAINED])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "ssl_bench")
+    ap.add_argument("--result-name", default="ssl_pretraining")
+    args = ap.parse_args()
+    if not SO762.is_dir():
+        sys.exit(f"{SO762} not found: this benchmark needs ../shared/data/speechocean762-train")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    w = args.work
+    w.mkdir(parents=True, exist_ok=True)
+    items = list(iter_kaldi_dir(SO762))
+    adults = [i for i in items if i["age_group"] == "adult"]
+    parts = split_by_speaker(adults, {"ft_train": args.labelled_speakers, "ft_dev": 3, "eval_adult": 1.0},
+                             seed=args.seed)
+    children = [i for i in items if i["age_group"] == "child"]
+    man = {"all": w / "all.jsonl", "adults": w / "adults.jsonl"}
+    write_manifest(man["all"], [{k: v for k, v in i.items() if k != "text"} for i in items])
+    write_manifest(man["adults"], [{k: v for k, v in i.items() if k != "text"} for i in adults])
+    for name in ("ft_train", "ft_dev", "eval_adult"):
+        write_manifest(w / f"{name}.jsonl", parts[name])
+    write_manifest(w / "eval_child.jsonl", children)
+    lexicon = SO762 / "lexicon.txt"
+    refs, missing = {}, {}
+    for g in ("eval_adult", "eval_child"):
+        p, miss = phone_references(w / f"{g}.jsonl", lexicon, w / f"{g}.phones.jsonl")
+        refs[g], missing[g] = list(read_jsonl(p)), miss
+
+    results, runs = {}, {}
+    for name in args.systems:
+        if name in PRETRAINED:
+            spec = PRETRAINED[name]
+            frontend = "wave" if spec["objective"] == "wav2vec2" else "mel"
+            cfg = PretrainConfig(objective=spec["objective"], encoder=encoder_for(frontend),
+                                 loop={"lr": 5e-4, "max_steps": 100_000, "budget_seconds": args.budget,
+                                       "log_every": 25, "ckpt_every": 100, "seed": args.seed},
+                                 max_batch_seconds=60.0, crop_seconds=6.0, group_field=spec.get("group_field"))
+            print(f"== pretrain {name} ({args.budget:.0f} s)", flush=True)
+            pt = pretrain(man[spec["data"]], w / f"pt_{name}", cfg)
+            init, enc = w / f"pt_{name}" / "encoder", {}
+        elif name in SCRATCH:
+            pt, init, enc = None, None, encoder_for(SCRATCH[name])
+        else:
+            sys.exit(f"unknown system {name!r}; choose from {[*SCRATCH, *PRETRAINED]}")
+        ctc = CTCConfig(targets="phone", lexicon=str(lexicon), encoder=enc,
+                        loop={"lr": 1e-3, "max_steps": 100_000, "budget_seconds": args.ft_budget,
+                              "eval_every": 100, "log_every": 25, "ckpt_every": 100, "seed": args.seed},
+                        freeze_steps=100 if init else 0, max_batch_seconds=60.0)
+        print(f"== CTC fine-tune {name} ({args.ft_budget:.0f} s)", flush=True)
+        ft = finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", w / f"ctc_{name}", ctc, init=init)
+        per = {}
+        for g in ("eval_adult", "eval_child"):
+            hyp = transcribe_ctc(w / f"ctc_{name}" / "best", w / f"{g}.phones.jsonl", w / f"ctc_{name}" / f"{g}.hyp.jsonl")
+            r = build_results(refs[g], list(read_jsonl(hyp)), normalizer="none", seed=args.seed)["system"]
+            per[g] = {"per": r["wer"], "ci95": r["wer_ci"], "utterances": r["utterances"], "speakers": r["speakers"]}
+        results[name] = per
+        runs[name] = {"pretrain": {k: pt[k] for k in ("steps", "train_seconds", "n_train", "params")} | {
+            "skipped": len(pt["skipped"]), "groups": pt["groups"]} if pt else None,
+            "ctc": {k: ft[k] for k in ("steps", "train_seconds", "best_step", "best_dev_error_rate", "n_train", "n_dev")}}
+        print(f"   {name}: PER adult {per['eval_adult']['per']:.3f} child {per['eval_child']['per']:.3f}", flush=True)
+
+    def rel(a, b):
+        return None if a is None or b is None else 1 - a / b
+
+    child = {k: results[k]["eval_child"]["per"] if k in results else None for k in KEYS}
+    adult = {k: results[k]["eval_adult"]["per"] if k in results else None for k in KEYS}
+    best_pt = min((v, k) for k, v in child.items() if k != "scratch" and v is not None) if results else (None, None)
+    write_result(args.result_name, {
+        "per": child, "per_ci95": {k: results[k]["eval_child"]["ci95"] for k in results if k in KEYS},
+        "per_adult": adult, "per_adult_ci95": {k: results[k]["eval_adult"]["ci95"] for k in results if k in KEYS},
+        "all_systems": results,
+        "relative_per_reduction_vs_scratch": {
+            k: rel(child[k], child["scratch"] if k in ("bestrq", "birq") else
+                   (results.get("scratch_wave", {}).get("eval_child", {}).get("per"))) for k in KEYS if k != "scratch"},
+        "best_pretrained": best_pt[1], "birq_vs_bestrq_relative": rel(child["birq"], child["bestrq"]),
+        "runs": runs,
+        "protocol": {"budget_seconds_pretrain": args.budget, "budget_seconds_ctc": args.ft_budget,
+                     "threads": args.threads, "labelled_speakers": args.labelled_speakers, "seed": args.seed,
+                     "encoder": "small preset: 4 x 144 Transformer, 4 heads, mel (4x conv) or wav2vec 2.0 CNN front-end",
+                     "eval_speakers": {g: len({r["speaker"] for r in refs[g]}) for g in refs},
+                     "refs_skipped_missing_words": {g: len(m) for g, m in missing.items()},
+                     "relative_reduction_baseline": "scratch (mel) for bestrq/birq, scratch_wave for wav2vec2/xlsr"},
+        "throughput_ratio_vs_transformers": None, "gflops_fraction_of_peak": None,
+    })
+    print(json.dumps({"per_child": child, "per_adult": adult}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""``selfspeech pretrain``, ``finetune-ctc`` and ``decode-ctc``: self-supervised encoders and CTC."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from selfspeech.commands.data import console, fail
+
+
+def _read_config(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    if not path.is_file():
+        fail(f"{path}: config not found")
+    import yaml
+
+    try:
+        d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        fail(f"{path}: not valid YAML/JSON ({e})")
+    if not isinstance(d, dict):
+        fail(f"{path}: expected a mapping of config keys")
+    return d
+
+
+def pretrain(
+    config: Path = typer.Argument(None, help="YAML/JSON with PretrainConfig keys: objective, encoder {preset|fields}, task, loop, max_batch_seconds, crop_seconds, group_field, group_alpha."),
+    manifest: Path = typer.Option(..., "--manifest", help="Unlabelled audio (JSONL manifest; text is ignored)."),
+    out: Path = typer.Option(..., help="Output folder: best/ (whole task), encoder/ (for finetune-ctc), log.jsonl. Rerun to resume."),
+    objective: str = typer.Option(None, help="wav2vec2 | bestrq | birq (overrides the config)."),
+    steps: int = typer.Option(None, help="Maximum optimizer steps (overrides loop.max_steps)."),
+    budget_seconds: float = typer.Option(None, help="Stop after this much training time instead (same CPU budget for every method)."),
+) -> None:
+    """Pretrain a speech encoder without labels.
+
+    wav2vec2: contrastive task over Gumbel-quantized waveform features
+    (group_field: age_group, language... turns on XLSR's n^alpha group sampling).
+    bestrq: masked prediction of random-projection labels of log-mel frames.
+    birq: BEST-RQ plus self-labels from the encoder's own layer at ~70% depth.
+    Utterances too short for the encoder are skipped and listed in summary.json.
+
+    Example: selfspeech pretrain recipes/speechocean762/ssl/bestrq.yaml --manifest all.jsonl --out runs/bestrq
+    """
+    from selfspeech.train.pretrain import PretrainConfig
+    from selfspeech.train.pretrain import pretrain as run
+
+    d = _read_config(config)
+    if objective:
+        d["objective"] = objective
+    loop = dict(d.get("loop") or {})
+    if steps:
+        loop["max_steps"] = steps
+    if budget_seconds:
+        loop["budget_seconds"] = budget_seconds
+    d["loop"] = loop
+    if not manifest.is_file():
+        fail(f"{manifest}: manifest not found")
+    try:
+        cfg = PretrainConfig.from_dict(d)
+        summary = run(manifest, out, cfg)
+    except (ValueError, TypeError) as e:
+        fail(str(e))
+    console.print_json(json.dumps({k: v for k, v in summary.items() if k != "skipped"} |
+                                  {"skipped": len(summary["skipped"])}))
+
+
+def finetune_ctc(
+    config: Path = typer.Argument(None, help="YAML/JSON with CTCConfig keys: targets (phone|char), lexicon, encoder (scratch), loop, freeze_steps, mask_*."),
+    train: Path = typer.Option(..., help="Labelled training manifest."),
+    dev: Path = typer.Option(..., help="Labelled dev manifest (early stopping on its PER/WER)."),
+    out: Path = typer.Option(..., help="Output folder: best/ (the CTC model), log.jsonl, summary.json. Rerun to resume."),
+    init: Path = typer.Option(None, help="A pretrained encoder folder (OUT/encoder of `selfspeech pretrain`); none = from scratch."),
+    lexicon: Path = typer.Option(None, help="Pronunciation lexicon WORD<TAB>PHONES (phone targets)."),
+) -> None:
+    """Fine-tune an encoder with CTC on phones (from a lexicon, stress removed) or characters.
+
+    Words missing from the lexicon are reported with the utterances they
+    affect (summary.json), and those utterances skipped.
+
+    Example: selfspeech finetune-ctc --train l.jsonl --dev d.jsonl --init runs/bestrq/encoder --lexicon lexicon.txt --out runs/ctc
+    """
+    from selfspeech.train.ctc import CTCConfig
+    from selfspeech.train.ctc import finetune_ctc as run
+
+    d = _read_config(config)
+    if lexicon:
+        d["lexicon"] = str(lexicon)
+    for p in (train, dev):
+        if not p.is_file():
+            fail(f"{p}: manifest not found")
+    try:
+        summary = run(train, dev, out, CTCConfig(**d), init=init)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        fail(str(e))
+    console.print_json(json.dumps(summary))
+
+
+def decode_ctc(
+    model: Path = typer.Argument(..., help="A CTC model folder (OUT/best of finetune-ctc)."),
+    manifest: Path = typer.Option(..., "--in", help="Audio to transcribe (JSONL manifest)."),
+    out: Path = typer.Option(..., help="Hypotheses JSONL {id, text} for `selfspeech eval` (phones: space-separated)."),
+) -> None:
+    """Greedy CTC transcripts. For PER, score against phone references:
+    `selfspeech eval --ref phones.jsonl --hyp OUT --normalizer none`.
+    """
+    from selfspeech.train.ctc import transcribe_ctc
+
+    try:
+        transcribe_ctc(model, manifest, out)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    console.print(f"[green]wrote[/] {out}")
