@@ -16,7 +16,7 @@ Protocol (fixed before any run; nothing tuned on evaluation speakers):
   alpha 0.5), xlsr_adults_only (wav2vec2 on adult audio only), bestrq, birq.
 
 Writes ``benchmarks/results/ssl_pretraining.json``. Run folders are resumable.
-Usage: python benchmarks/ssl_pretraining.py [--budget 600] [--ft-budget 240] [--systems ...]
+Usage: python benchmarks/ssl_pretraining.py [--budget 360] [--ft-budget 240] [--systems ...]
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def encoder_for(frontend: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget", type=float, default=600, help="pretraining seconds per method")
+    ap.add_argument("--budget", type=float, default=360, help="pretraining seconds per method")
     ap.add_argument("--ft-budget", type=float, default=240, help="CTC fine-tuning seconds per system")
     ap.add_argument("--labelled-speakers", type=int, default=10)
     ap.add_argument("--systems", nargs="*", default=[*SCRATCH, *PRETRAINED])
@@ -103,15 +103,15 @@ def main() -> None:
         else:
             sys.exit(f"unknown system {name!r}; choose from {[*SCRATCH, *PRETRAINED]}")
         ctc = CTCConfig(targets="phone", lexicon=str(lexicon), encoder=enc,
-                        loop={"lr": 1e-3, "max_steps": 100_000, "budget_seconds": args.ft_budget,
+                        loop={"lr": 2e-3, "max_steps": 100_000, "budget_seconds": args.ft_budget,
                               "eval_every": 100, "log_every": 25, "ckpt_every": 100, "seed": args.seed},
-                        freeze_steps=100 if init else 0, max_batch_seconds=60.0)
+                        freeze_steps=100 if init else 0, max_batch_seconds=30.0)
         print(f"== CTC fine-tune {name} ({args.ft_budget:.0f} s)", flush=True)
         ft = finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", w / f"ctc_{name}", ctc, init=init)
         per = {}
         for g in ("eval_adult", "eval_child"):
             hyp = transcribe_ctc(w / f"ctc_{name}" / "best", w / f"{g}.phones.jsonl", w / f"ctc_{name}" / f"{g}.hyp.jsonl")
-            r = build_results(refs[g], list(read_jsonl(hyp)), normalizer="none", seed=args.seed)["system"]
+            r = build_results(refs[g], list(read_jsonl(hyp)), normalizer="none", seed=args.seed)["system"]["groups"][0]
             per[g] = {"per": r["wer"], "ci95": r["wer_ci"], "utterances": r["utterances"], "speakers": r["speakers"]}
         results[name] = per
         runs[name] = {"pretrain": {k: pt[k] for k in ("steps", "train_seconds", "n_train", "params")} | {

@@ -83,6 +83,19 @@ class EncoderConfig:
         return cls(**{**sizes[name], **kw})
 
 
+def normalise_input(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-utterance mean 0 / std 1 over the real frames, per channel for (B, T, F) log-mel,
+    over all samples for (B, T) waveforms (wav2vec 2.0 large / XLSR normalise the waveform).
+    Padding stays 0. Pretraining and fine-tuning see the same scale this way."""
+    valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).to(x.dtype)
+    if x.dim() == 3:
+        valid = valid.unsqueeze(-1)
+    n = valid.sum(1, keepdim=True).clamp(min=1)
+    mean = (x * valid).sum(1, keepdim=True) / n
+    var = ((x - mean) ** 2 * valid).sum(1, keepdim=True) / n
+    return (x - mean) / (var.sqrt() + 1e-5) * valid
+
+
 def padding_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
     """(B,) lengths -> (B, T) bool, True on padded positions."""
     return torch.arange(T, device=lengths.device)[None, :] >= lengths[:, None]
@@ -168,7 +181,7 @@ class SpeechEncoder(nn.Module):
 
     def features(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out_len = self.cfg.out_lengths(lengths)
-        feats = self.feat_norm(self.frontend(x))
+        feats = self.feat_norm(self.frontend(normalise_input(x, lengths)))
         return feats, out_len.clamp(max=feats.shape[1])
 
     def encode(self, feats: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor | None = None,

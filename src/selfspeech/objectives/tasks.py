@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfspeech.models.ssl import EncoderConfig, SpeechEncoder
+from selfspeech.models.ssl import EncoderConfig, SpeechEncoder, normalise_input
 from selfspeech.objectives import losses as L
 from selfspeech.objectives.masking import span_mask, upsample_mask
 from selfspeech.objectives.quantizers import GumbelQuantizer, RandomProjectionQuantizer, perplexity
@@ -55,15 +55,6 @@ class BestRQConfig:
     self_tau: float = 0.5           # Gumbel-softmax temperature discretising them
     w_anchor: float = 2.4           # w2: weight of the anchor (input) labels' loss G
     w_self: float = 0.1             # w1: weight of the enhanced (self) labels' loss F
-
-
-def normalise(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Per-utterance, per-channel mean 0 / std 1 over the real frames of (B, T, F) features."""
-    valid = (torch.arange(x.shape[1])[None, :] < lengths[:, None]).unsqueeze(-1).float()
-    n = valid.sum(1, keepdim=True).clamp(min=1)
-    mean = (x * valid).sum(1, keepdim=True) / n
-    var = ((x - mean) ** 2 * valid).sum(1, keepdim=True) / n
-    return (x - mean) / (var.sqrt() + 1e-5) * valid
 
 
 def stack_frames(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -140,7 +131,7 @@ class BestRQTask(nn.Module):
     def masked_pass(self, x: torch.Tensor, lengths: torch.Tensor, generator) -> tuple:
         """Normalise, label, mask the input with noise, encode. Returns (states, mask, anchor labels, x_norm, flen)."""
         c, k = self.cfg, self.enc_cfg.stride
-        xn = normalise(x, lengths)
+        xn = normalise_input(x, lengths)  # labels from the normalised log-mel (BEST-RQ sec. 2.2)
         flen = self.enc_cfg.out_lengths(lengths)
         Tp = int(flen.max())
         labels = self.rpq(stack_frames(xn, k))[:, :Tp]                            # (B, T', books)
