@@ -10,7 +10,7 @@ def test_demo_recipe_is_speaker_disjoint_and_label_free(tmp_path):
     from selfspeech.data.manifest import write_manifest
 
     items = [{"id": f"{a}{s}_{u}", "audio_filepath": "x.flac", "speaker": f"{a}{s}", "accent": a, "text": "hi"}
-             for a in ("us", "scottish") for s in range(8) for u in range(2)]
+             for a in ("us", "scottish") for s in range(DemoConfig().speakers_per_accent) for u in range(2)]
     write_manifest(tmp_path / "m.jsonl", items)
     r = demo_recipe(DemoConfig(), tmp_path / "m.jsonl")
     assert r.data.source_rule == "accent==us" and r.data.target_rule == "accent==scottish"
@@ -23,6 +23,17 @@ def test_demo_recipe_is_speaker_disjoint_and_label_free(tmp_path):
     assert all(v for v in spk.values())
     names = list(spk)
     assert all(not (spk[a] & spk[b]) for i, a in enumerate(names) for b in names[i + 1:])
+    assert len(spk["target_eval"]) == DemoConfig().speakers_per_accent // 2
+
+
+def test_demo_cli_defaults_are_the_config_defaults():
+    import inspect
+
+    from selfspeech.commands.demo import demo
+
+    params = inspect.signature(demo).parameters
+    for name in ("speakers_per_accent", "utts_per_speaker", "adapt_steps"):
+        assert params[name].default.default == getattr(DemoConfig(), name), name
 
 
 @pytest.mark.shared
