@@ -237,6 +237,9 @@ def test_ctc_finetune_phones_and_bad_input(tmp_path):
     assert log[0]["frozen"] and not log[-1]["frozen"]
     out = transcribe_ctc(tmp_path / "ctc" / "best", m, tmp_path / "hyp.jsonl")
     assert len(out.read_text().splitlines()) == 13
+    beam = transcribe_ctc(tmp_path / "ctc" / "best", m, tmp_path / "hyp_beam.jsonl", beam=4)
+    assert [json.loads(x)["id"] for x in beam.read_text().splitlines()] == [json.loads(x)["id"] for x in
+                                                                            out.read_text().splitlines()]
     with pytest.raises(ValueError, match="expected ssl_encoder"):   # a checkpoint of another kind
         finetune_ctc(m, m, tmp_path / "ctc2", cfg, init=tmp_path / "pt" / "best", progress=False)
 
@@ -248,3 +251,18 @@ def test_build_task_rejects_mismatched_frontend():
         build_task("bestrq", EncoderConfig.preset("tiny", frontend="wave"))
     with pytest.raises(ValueError, match="unknown objective"):
         build_task("hubert", TINY)
+
+
+def test_ctc_beam_search_beats_best_path_when_it_should():
+    from selfspeech.train.ctc import beam_ctc, greedy_ctc
+
+    # best path is blank,blank (p .36) -> "", but "a" has p = 1 - .36 - ... : the classic example
+    p = torch.tensor([[0.6, 0.4], [0.6, 0.4]])
+    lp = p.log()
+    assert greedy_ctc(lp[None], torch.tensor([2]))[0] == []
+    assert beam_ctc(lp, beam=4) == [1]          # P("a") = .4*.6 + .6*.4 + .4*.4 = .64 > .36
+    # a confident sequence with a repeat through a blank decodes to both symbols
+    conf = torch.full((5, 3), 1e-4)
+    for t, v in enumerate([1, 0, 1, 2, 2]):
+        conf[t, v] = 1.0
+    assert beam_ctc(conf.log(), beam=3) == greedy_ctc(conf.log()[None], torch.tensor([5]))[0] == [1, 1, 2]

@@ -101,6 +101,7 @@ def decode_ctc(
     model: Path = typer.Argument(..., help="A CTC model folder (OUT/best of finetune-ctc)."),
     manifest: Path = typer.Option(..., "--in", help="Audio to transcribe (JSONL manifest)."),
     out: Path = typer.Option(..., help="Hypotheses JSONL {id, text} for `selfspeech eval` (phones: space-separated)."),
+    beam: int = typer.Option(0, help="0 = greedy best path; N > 0 = CTC prefix beam search of width N (no language model)."),
 ) -> None:
     """Greedy CTC transcripts. For PER, score against phone references:
     `selfspeech eval --ref phones.jsonl --hyp OUT --normalizer none`.
@@ -108,7 +109,7 @@ def decode_ctc(
     from selfspeech.train.ctc import transcribe_ctc
 
     try:
-        transcribe_ctc(model, manifest, out)
+        transcribe_ctc(model, manifest, out, beam=beam)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     console.print(f"[green]wrote[/] {out}")

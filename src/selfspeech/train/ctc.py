@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,6 +69,45 @@ def greedy_ctc(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]
         ids = torch.unique_consecutive(lp[:n]).tolist()
         out.append([i for i in ids if i != 0])
     return out
+
+
+def beam_ctc(log_probs: torch.Tensor, beam: int = 8) -> list[int]:
+    """CTC prefix beam search without a language model (Hannun et al. 2014, alg. 1) for one
+    utterance: (T, V) log-probs -> the most probable label sequence (blank = 0).
+
+    Each prefix keeps two log-scores, ending in blank and not; a repeated symbol
+    extends a prefix only through a blank. beam=1 is not greedy decoding: it ranks
+    prefixes, greedy ranks frames.
+    """
+    lp = log_probs.float().cpu().numpy()
+    ninf = float("-inf")
+    beams: dict[tuple, tuple[float, float]] = {(): (0.0, ninf)}   # prefix -> (log p_blank, log p_nonblank)
+    top = list(range(lp.shape[1]))
+    for t in range(lp.shape[0]):
+        row = lp[t]
+        cands = sorted(top, key=lambda v: -row[v])[: beam + 1]       # only the likeliest symbols this frame
+        nxt: dict[tuple, list[float]] = {}
+
+        def add(prefix, b, nb):
+            cur = nxt.setdefault(prefix, [ninf, ninf])
+            cur[0], cur[1] = np.logaddexp(cur[0], b), np.logaddexp(cur[1], nb)
+
+        for prefix, (pb, pnb) in beams.items():
+            total = np.logaddexp(pb, pnb)
+            for v in cands:
+                p = row[v]
+                if v == 0:
+                    add(prefix, total + p, ninf)
+                    continue
+                last = prefix[-1] if prefix else None
+                if v == last:
+                    add(prefix, ninf, pnb + p)                 # "aa" collapses to "a"
+                    add(prefix + (v,), ninf, pb + p)           # "a_a" is two symbols
+                else:
+                    add(prefix + (v,), ninf, total + p)
+        beams = dict(sorted(((k, (v[0], v[1])) for k, v in nxt.items()),
+                            key=lambda kv: -np.logaddexp(*kv[1]))[:beam])
+    return list(max(beams.items(), key=lambda kv: np.logaddexp(*kv[1]))[0])
 
 
 def _channel_mask(B: int, C: int, prob: float, span: int, gen=None) -> torch.Tensor | None:
@@ -183,7 +223,8 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
 
 
 @torch.no_grad()
-def decode_items(model: CTCModel, data: AudioDataset, vocab: Vocabulary, max_batch_seconds: float = 120.0) -> list[str]:
+def decode_items(model: CTCModel, data: AudioDataset, vocab: Vocabulary, max_batch_seconds: float = 120.0,
+                 beam: int = 0) -> list[str]:
     was = model.training
     model.eval()
     order = BucketBatchSampler(data.durations(), max_batch_seconds=max_batch_seconds, shuffle=False)
@@ -191,7 +232,8 @@ def decode_items(model: CTCModel, data: AudioDataset, vocab: Vocabulary, max_bat
     for idx in order.batches(0):
         b = collate_arrays([data.load(i) for i in idx])
         lp, flen = model(b["x"], b["lengths"])
-        for i, ids in zip(idx, greedy_ctc(lp, flen)):
+        paths = greedy_ctc(lp, flen) if beam <= 0 else [beam_ctc(lp[b, : flen[b]], beam) for b in range(len(idx))]
+        for i, ids in zip(idx, paths):
             out[i] = vocab.decode(ids)
     model.train(was)
     return [out[i] for i in range(len(data))]
@@ -205,11 +247,14 @@ def load_ctc(model_dir: str | Path) -> tuple[CTCModel, Vocabulary]:
     return model.eval(), vocab
 
 
-def transcribe_ctc(model_dir: str | Path, manifest, out_jsonl) -> Path:
-    """Greedy CTC output of every utterance -> JSONL ``{"id", "text"}`` (phones or words, space-separated)."""
+def transcribe_ctc(model_dir: str | Path, manifest, out_jsonl, beam: int = 0) -> Path:
+    """CTC output of every utterance -> JSONL ``{"id", "text"}`` (phones or words, space-separated).
+
+    ``beam`` 0: greedy (best path); > 0: prefix beam search of that width (no LM)."""
     model, vocab = load_ctc(model_dir)
     items = list(read_manifest(manifest))
-    hyps = decode_items(model, AudioDataset(items, model.encoder.cfg.frontend, model.encoder.cfg.n_mels, cache=False), vocab)
+    hyps = decode_items(model, AudioDataset(items, model.encoder.cfg.frontend, model.encoder.cfg.n_mels, cache=False),
+                        vocab, beam=beam)
     write_manifest(out_jsonl, ({"id": it["id"], "text": h} for it, h in zip(items, hyps)))
     return Path(out_jsonl)
 
