@@ -266,3 +266,24 @@ def test_ctc_beam_search_beats_best_path_when_it_should():
     for t, v in enumerate([1, 0, 1, 2, 2]):
         conf[t, v] = 1.0
     assert beam_ctc(conf.log(), beam=3) == greedy_ctc(conf.log()[None], torch.tensor([5]))[0] == [1, 1, 2]
+
+
+def test_unit_usage_report(tmp_path):
+    from selfspeech.eval.units import load_wav2vec2_task, unit_usage, write_unit_report
+    from selfspeech.train.pretrain import pretrain
+
+    torch.set_num_threads(1)
+    m = _corpus(tmp_path)
+    pretrain(m, tmp_path / "w2v", _cfg("wav2vec2", 3), progress=False)
+    task = load_wav2vec2_task(tmp_path / "w2v" / "best")
+    items = [json.loads(x) for x in m.read_text().splitlines()][:12]
+    hists = unit_usage(task, items, "group")
+    assert set(hists) == {"a", "b"} and all(h.shape == (2, 16) for h in hists.values())
+    frames = {g: sum(int(task.enc_cfg.out_lengths(torch.tensor([int(i["duration"] * 16000)])))
+                     for i in items if i["group"] == g) for g in ("a", "b")}
+    assert {g: int(h[0].sum()) for g, h in hists.items()} == frames     # every frame counted once per codebook
+    res = write_unit_report(hists, tmp_path / "units")
+    assert res["similarity"][0][0] == pytest.approx(1.0) and (tmp_path / "units" / "units_heatmap.png").is_file()
+    with pytest.raises(ValueError, match="needs a wav2vec2 task"):
+        pretrain(m, tmp_path / "brq", _cfg("bestrq", 2), progress=False)
+        load_wav2vec2_task(tmp_path / "brq" / "best")

@@ -113,3 +113,22 @@ def decode_ctc(
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     console.print(f"[green]wrote[/] {out}")
+
+
+def units(
+    model: Path = typer.Argument(..., help="A wav2vec2 pretraining folder (OUT/best of `selfspeech pretrain --objective wav2vec2`)."),
+    manifest: Path = typer.Option(..., "--in", help="Utterances to quantize (JSONL manifest)."),
+    by: str = typer.Option("age_group", help="Manifest field naming the groups (language, accent, age_group...)."),
+    out: Path = typer.Option(..., help="Folder for units.json, units_heatmap.png, units_histograms.png."),
+) -> None:
+    """Codeword usage per group and the similarity of groups (XLSR's shared-units analysis)."""
+    from selfspeech.data.manifest import read_manifest
+    from selfspeech.eval.units import load_wav2vec2_task, unit_usage, write_unit_report
+
+    try:
+        task = load_wav2vec2_task(model)
+        items = list(read_manifest(manifest))
+        res = write_unit_report(unit_usage(task, items, by), out)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    console.print_json(json.dumps({k: res[k] for k in ("groups", "codewords_used", "frames")}))
