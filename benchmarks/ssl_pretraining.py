@@ -36,11 +36,11 @@ from selfspeech.train.ctc import CTCConfig, finetune_ctc, phone_references, tran
 from selfspeech.train.pretrain import PretrainConfig, pretrain  # noqa: E402
 
 PRETRAINED = {
+    "bestrq": dict(objective="bestrq", data="all"),
+    "birq": dict(objective="birq", data="all"),
     "wav2vec2": dict(objective="wav2vec2", data="all"),
     "xlsr_multigroup": dict(objective="wav2vec2", data="all", group_field="age_group"),
     "xlsr_adults_only": dict(objective="wav2vec2", data="adults"),
-    "bestrq": dict(objective="bestrq", data="all"),
-    "birq": dict(objective="birq", data="all"),
 }
 SCRATCH = {"scratch": "mel", "scratch_wave": "wave"}
 KEYS = ("scratch", "wav2vec2", "xlsr_multigroup", "xlsr_adults_only", "bestrq", "birq")

@@ -179,10 +179,15 @@ class SpeechEncoder(nn.Module):
             for _ in range(cfg.n_layers))
         self.out_norm = nn.LayerNorm(cfg.d_model)
 
-    def features(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, x: torch.Tensor, lengths: torch.Tensor,
+                 with_raw: bool = False) -> tuple[torch.Tensor, ...]:
+        """(feats, lengths'), or (feats, lengths', raw) with the front-end output before its layer norm
+        (wav2vec 2.0's feature penalty applies there: after the norm it would only shrink the norm's gain)."""
         out_len = self.cfg.out_lengths(lengths)
-        feats = self.feat_norm(self.frontend(normalise_input(x, lengths)))
-        return feats, out_len.clamp(max=feats.shape[1])
+        raw = self.frontend(normalise_input(x, lengths))
+        feats = self.feat_norm(raw)
+        out_len = out_len.clamp(max=feats.shape[1])
+        return (feats, out_len, raw) if with_raw else (feats, out_len)
 
     def encode(self, feats: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor | None = None,
                upto: int | None = None) -> list[torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfspeech.models.ssl import EncoderConfig, SpeechEncoder, normalise_input
+from selfspeech.models.ssl import EncoderConfig, SpeechEncoder, normalise_input, padding_mask
 from selfspeech.objectives import losses as L
 from selfspeech.objectives.masking import span_mask, upsample_mask
 from selfspeech.objectives.quantizers import GumbelQuantizer, RandomProjectionQuantizer, perplexity
@@ -86,7 +86,7 @@ class Wav2Vec2Task(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, step: int = 0,
                 generator: torch.Generator | None = None) -> dict:
         c = self.cfg
-        feats, flen = self.encoder.features(x, lengths)
+        feats, flen, raw = self.encoder.features(x, lengths, with_raw=True)
         mask = span_mask(flen, feats.shape[1], c.mask_prob, c.mask_span, min_spans=2, generator=generator)
         context = self.final_proj(self.encoder.encode(feats, flen, mask)[-1][mask])   # (N, final_dim)
         qd = self.quantizer(feats[mask], self.tau(step))
@@ -96,7 +96,7 @@ class Wav2Vec2Task(nn.Module):
         con = L.contrastive_loss(context, targets, neg, c.logit_temp)
         return {"contrastive": con["loss"],
                 "diversity": L.diversity_loss(qd["prob_perplexity"], c.groups, c.entries),
-                "features": L.feature_penalty(feats),
+                "features": L.feature_penalty(raw[~padding_mask(flen, raw.shape[1])]),
                 "monitor": {"accuracy": float(con["accuracy"]), "code_perplexity": float(qd["code_perplexity"]),
                             "prob_perplexity": float(qd["prob_perplexity"].detach()), "gumbel_tau": self.tau(step),
                             "masked_frames": con["frames"], "mask_fraction": float(mask.sum() / flen.sum())}}

@@ -178,7 +178,8 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
                     state["step"] = step = step + 1
                     state["seconds"] += time.perf_counter() - t0
                     rec = {"step": step, "loss": round(lv, 5), "lr": lr, "grad_norm": round(gnorm, 4),
-                           "batch": len(idx), "seconds": round(state["seconds"], 2), **rec}
+                           "batch": len(idx), "seconds": round(state["seconds"], 2), "progress": round(frac(), 4),
+                           **rec}
                     if step % cfg.log_every == 0 or step == 1:
                         emit(rec)
                         if tb is not None:

@@ -103,7 +103,7 @@ def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
         save_encoder(task, enc_cfg, d, kind=f"ssl_task:{cfg.objective}", extra={"pretrain": cfg.to_dict()})
 
     def warn(rec: dict) -> list[str]:  # collapse watch, once warm-up is over (chance is normal before)
-        if rec["step"] < loop_cfg.warmup_fraction * loop_cfg.max_steps:
+        if rec["progress"] < loop_cfg.warmup_fraction:
             return []
         return task.warnings(rec, rec)
 
