@@ -288,3 +288,20 @@ def test_unit_usage_report(tmp_path):
     with pytest.raises(ValueError, match="needs a wav2vec2 task"):
         pretrain(m, tmp_path / "brq", _cfg("bestrq", 2), progress=False)
         load_wav2vec2_task(tmp_path / "brq" / "best")
+
+
+def test_birq_self_labels_nearest_code_by_default_gumbel_optional():
+    from selfspeech.models.ssl import normalise_input
+
+    torch.manual_seed(0)
+    x, lengths = torch.randn(2, 300, 80), torch.tensor([300, 260])
+    flen = TINY.out_lengths(lengths)
+    xn = normalise_input(x, lengths)
+    det = BiRQTask(TINY, BestRQConfig(codes=64))
+    a = det.self_labels(xn, lengths, flen, int(flen.max()), torch.Generator().manual_seed(1))
+    b = det.self_labels(xn, lengths, flen, int(flen.max()), torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)                                   # a function of audio and weights only
+    noisy = BiRQTask(TINY, BestRQConfig(codes=64, self_tau=0.5))
+    noisy.load_state_dict(det.state_dict())
+    c = noisy.self_labels(xn, lengths, flen, int(flen.max()), torch.Generator().manual_seed(1))
+    assert not torch.equal(a, c)                               # Gumbel noise moves labels
