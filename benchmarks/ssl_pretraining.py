@@ -108,11 +108,17 @@ def main() -> None:
                         freeze_steps=100 if init else 0, max_batch_seconds=30.0)
         print(f"== CTC fine-tune {name} ({args.ft_budget:.0f} s)", flush=True)
         ft = finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", w / f"ctc_{name}", ctc, init=init)
-        per = {}
+        per, cache = {}, w / f"ctc_{name}" / "per.json"
+        best = w / f"ctc_{name}" / "best" / "model.safetensors"
+        if cache.is_file() and cache.stat().st_mtime > best.stat().st_mtime:  # decoded since the model was made
+            per = json.loads(cache.read_text())
         for g in ("eval_adult", "eval_child"):
+            if g in per:
+                continue
             hyp = transcribe_ctc(w / f"ctc_{name}" / "best", w / f"{g}.phones.jsonl", w / f"ctc_{name}" / f"{g}.hyp.jsonl")
             r = build_results(refs[g], list(read_jsonl(hyp)), normalizer="none", seed=args.seed)["system"]["groups"][0]
             per[g] = {"per": r["wer"], "ci95": r["wer_ci"], "utterances": r["utterances"], "speakers": r["speakers"]}
+        cache.write_text(json.dumps(per, indent=1) + "\n")
         results[name] = per
         runs[name] = {"pretrain": {k: pt[k] for k in ("steps", "train_seconds", "n_train", "params")} | {
             "skipped": len(pt["skipped"]), "groups": pt["groups"]} if pt else None,
