@@ -129,6 +129,11 @@ class WaveFrontend(nn.Module):
             layers += [nn.GELU()]
             cin = c
         self.conv = nn.Sequential(*layers)
+        for m in self.conv:
+            if isinstance(m, nn.Conv1d):
+                # fairseq's init: with PyTorch's default (variance 1/(3 fan_in)) seven GELU convs shrink the
+                # signal ~1e4-fold, the features vanish and the contrastive loss stays at chance (measured)
+                nn.init.kaiming_normal_(m.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x.unsqueeze(1)).transpose(1, 2)
