@@ -46,6 +46,18 @@ SCRATCH = {"scratch": "mel", "scratch_wave": "wave"}
 KEYS = ("scratch", "wav2vec2", "xlsr_multigroup", "xlsr_adults_only", "bestrq", "birq")
 
 
+def speed_figures() -> dict:
+    """The two throughput keys, from benchmarks/ssl_speed.py's result when it exists (it measures them)."""
+    from common import RESULTS
+
+    p = RESULTS / "ssl_speed.json"
+    if not p.is_file():
+        return {"throughput_ratio_vs_transformers": None, "gflops_fraction_of_peak": None}
+    d = json.loads(p.read_text())
+    return {k: d[k] for k in ("throughput_ratio_vs_transformers", "gflops_fraction_of_peak")} | {
+        "speed_source": f"results/ssl_speed.json ({d.get('command')}, {d.get('date')})"}
+
+
 def encoder_for(frontend: str) -> dict:
     # one size for every method: 4 layers x 144 (about 1.5 M parameters in the Transformer)
     return {"preset": "small", "frontend": frontend}
@@ -146,7 +158,7 @@ def main() -> None:
                      "eval_speakers": {g: len({r["speaker"] for r in refs[g]}) for g in refs},
                      "refs_skipped_missing_words": {g: len(m) for g, m in missing.items()},
                      "relative_reduction_baseline": "scratch (mel) for bestrq/birq, scratch_wave for wav2vec2/xlsr"},
-        "throughput_ratio_vs_transformers": None, "gflops_fraction_of_peak": None,
+        **speed_figures(),
     })
     print(json.dumps({"per_child": child, "per_adult": adult}, indent=1))
 
