@@ -127,20 +127,6 @@ def main() -> None:
                    "params_transformers": sum(p.numel() for p in hf.parameters()),
                    "matmul": "2048x2048 fp32, median of 5"},
     })
-    # the pretraining result file carries these two figures too (its machine-checked keys)
-    import json
-
-    from common import RESULTS
-
-    pre = RESULTS / "ssl_pretraining.json"
-    if pre.is_file():
-        d = json.loads(pre.read_text())
-        d.update(throughput_ratio_vs_transformers=thr["ours"] / thr["transformers"],
-                 gflops_fraction_of_peak=achieved / peak,
-                 speed_source="results/ssl_speed.json (benchmarks/ssl_speed.py)")
-        tmp = pre.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(d, indent=2) + "\n")
-        tmp.replace(pre)
     print(f"ours {thr['ours']:.1f} vs transformers {thr['transformers']:.1f} audio-s/s "
           f"(x{thr['ours'] / thr['transformers']:.2f}); {achieved:.1f} GFLOP/s of {peak:.1f} peak")
 

@@ -120,6 +120,20 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((version, tuple(internal), gauss_py))
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log records after ``step``: a killed run wrote them after its last checkpoint (the last maybe half)."""
+    from selfspeech.data.manifest import write_manifest
+
+    if path.is_file():
+        recs = []
+        for line in path.read_text().splitlines():
+            try:
+                recs.append(json.loads(line))
+            except ValueError:
+                continue
+        write_manifest(path, (r for r in recs if r.get("step", 0) <= step))
+
+
 # -- checkpoints -------------------------------------------------------------------------
 
 def save_checkpoint(out: Path, write_model: Callable[[Path], None], optimizer: torch.optim.Optimizer | None,

@@ -11,7 +11,6 @@ cannot be aligned (more target tokens than frames) are skipped and counted.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,6 +271,3 @@ def phone_references(manifest, lexicon_path, out_jsonl) -> tuple[Path, dict]:
     write_manifest(out_jsonl, keep)
     return Path(out_jsonl), missing
 
-
-def json_summary(path) -> dict:
-    return json.loads(Path(path).read_text())

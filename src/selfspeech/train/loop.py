@@ -14,7 +14,6 @@ used. A time budget is not bit-reproducible, a step budget is.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -72,21 +71,6 @@ def make_optimizer(module: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Adam
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records after ``step`` (written after the last checkpoint of a killed run)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a half-written last line
-        if rec.get("step", 0) <= step:
-            keep.append(line)
-    path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
-
-
 def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Callable, cfg: LoopConfig,
                out_dir: str | Path, write_model: Callable[[Path], None], run_config: dict,
                evaluate: Callable[[], dict] | None = None, warnings: Callable[[dict], list[str]] | None = None,
@@ -125,7 +109,7 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
         module.load_state_dict(load_file(str(resumed / "model.safetensors")))
         state = ckpt.load_checkpoint(resumed, optimizer)
         sampler.load_state_dict(state["sampler"])
-        _truncate_log(log_path, state["step"])
+        ckpt.truncate_log(log_path, state["step"])
         if state["done"]:
             return state
     else:
@@ -221,7 +205,3 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
     state["seconds_this_session"] = round(time.perf_counter() - t_session, 2)
     return state
 
-
-def config_dict(*cfgs) -> dict:
-    """Frozen dataclass configs -> one JSON-able dict keyed by class name."""
-    return {type(c).__name__: dataclasses.asdict(c) for c in cfgs}

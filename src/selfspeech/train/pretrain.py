@@ -14,7 +14,6 @@ resamples utterances by group with p proportional to n^alpha (Conneau et al. 202
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,12 +118,3 @@ def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
     write_json(out / "summary.json", summary)
     return summary
 
-
-def load_task_state(model_dir: str | Path) -> tuple[str, dict]:
-    """(objective, state dict) of a saved pretraining task; used to resume or inspect."""
-    from selfspeech.models.ssl import load_state, read_config
-
-    meta = json.loads((Path(model_dir) / "config.json").read_text())
-    if not str(meta.get("kind", "")).startswith("ssl_task:"):
-        read_config(model_dir, "ssl_task")  # raises with the kind found
-    return meta["kind"].split(":", 1)[1], load_state(model_dir)

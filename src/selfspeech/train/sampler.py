@@ -126,29 +126,26 @@ def group_probabilities(counts: dict[str, float], alpha: float) -> dict[str, flo
     return {g: v / z for g, v in w.items()}
 
 
-class GroupResampledBatchSampler:
+class GroupResampledBatchSampler(BucketBatchSampler):
     """Duration-capped batches over a per-epoch resampling of the items by group (XLSR).
 
     Each epoch draws as many items as there are, ``round(p_g * N)`` from group g
     (:func:`group_probabilities`): a group above its natural share is upsampled
     (its items repeat), one below is subsampled; which items is seeded by
-    ``(seed, epoch)``. Batches are then cut as :class:`BucketBatchSampler` does.
-    State is ``{"epoch", "position"}`` as there.
+    ``(seed, epoch)``. Batches are then cut as :class:`BucketBatchSampler` does,
+    whose iteration and ``{"epoch", "position"}`` state this shares.
     """
 
     def __init__(self, durations: Sequence[float], groups: Sequence[str], alpha: float = 0.5,
                  max_batch_seconds: float | None = None, batch_size: int | None = None, seed: int = 0):
         if len(groups) != len(durations):
             raise ValueError("one group per item")
-        self.durations, self.groups = [float(d) for d in durations], list(groups)
-        self.alpha, self.seed = alpha, seed
-        self.batch_size, self.max_batch_seconds = batch_size, max_batch_seconds
+        super().__init__(durations, batch_size, max_batch_seconds, seed=seed)
+        self.groups, self.alpha = list(groups), alpha
         self.members: dict[str, list[int]] = {}
         for i, g in enumerate(self.groups):
             self.members.setdefault(g, []).append(i)
         self.probs = group_probabilities({g: len(m) for g, m in self.members.items()}, alpha)
-        self.epoch, self.position = 0, 0
-        self._cache: tuple[int, list[list[int]]] | None = None
 
     def draw(self, epoch: int) -> list[int]:
         rng, n, out = random.Random(self.seed * 1_000_003 + epoch), len(self.durations), []
@@ -165,19 +162,3 @@ class GroupResampledBatchSampler:
                                        seed=self.seed + epoch)
             self._cache = (epoch, [[idx[j] for j in b] for b in inner.batches(0)])
         return self._cache[1]
-
-    def __len__(self) -> int:
-        return len(self.batches(self.epoch))
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self.batches(self.epoch)
-        while self.position < len(batches):
-            self.position += 1
-            yield batches[self.position - 1]
-        self.epoch, self.position = self.epoch + 1, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n_items": len(self.durations)}
-
-    def load_state_dict(self, state: dict) -> None:
-        BucketBatchSampler.load_state_dict(self, state)  # same checks, same fields

@@ -223,18 +223,6 @@ def evaluate(model, collator: WhisperCollator, cfg: FinetuneConfig) -> tuple[flo
     return jiwer.wer([it["text"] for it in collator.items], hyps), hyps  # corpus level, as eval/
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop records after ``step``: a killed run wrote them after its last checkpoint (the last maybe half)."""
-    if path.is_file():
-        recs = []
-        for line in path.read_text().splitlines():
-            try:
-                recs.append(json.loads(line))
-            except ValueError:
-                continue
-        write_manifest(path, (r for r in recs if r.get("step", 0) <= step))
-
-
 def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_dir: str | Path, out_dir: str | Path,
              cfg: FinetuneConfig = FinetuneConfig(), progress: bool = True,
              on_step: Callable[[dict], None] | None = None) -> Path:
@@ -294,7 +282,7 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
     if resumed is not None:
         state = ckpt.load_checkpoint(resumed, optimizer)  # also restores the RNG states
         sampler.load_state_dict(state["sampler"])
-        _truncate_log(log_path, state["step"])
+        ckpt.truncate_log(log_path, state["step"])
     else:
         log_path.unlink(missing_ok=True)
         torch.manual_seed(cfg.seed)
