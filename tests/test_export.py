@@ -1,5 +1,4 @@
 """selfspeech export: ctranslate2's converter on a Whisper student; faster-whisper then decodes as transformers does."""
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner

@@ -35,6 +35,7 @@ app.command("export")(_adapt.export)
 app.command("pretrain")(_ssl.pretrain)
 app.command("finetune-ctc")(_ssl.finetune_ctc)
 app.command("decode-ctc")(_ssl.decode_ctc)
+app.command("export-ctc")(_ssl.export_ctc)
 app.command("units")(_ssl.units)
 
 if __name__ == "__main__":

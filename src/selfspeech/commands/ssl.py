@@ -1,4 +1,4 @@
-"""``selfspeech pretrain``, ``finetune-ctc`` and ``decode-ctc``: self-supervised encoders and CTC."""
+"""``selfspeech pretrain``, ``finetune-ctc``, ``decode-ctc`` and ``export-ctc``: self-supervised encoders and CTC."""
 from __future__ import annotations
 
 import json
@@ -110,6 +110,30 @@ def decode_ctc(
 
     try:
         transcribe_ctc(model, manifest, out, beam=beam)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    console.print(f"[green]wrote[/] {out}")
+
+
+def export_ctc(
+    model: Path = typer.Argument(..., help="A CTC model folder (OUT/best of finetune-ctc) with a wav2vec 2.0 encoder: frontend wave, pos_norm false."),
+    out: Path = typer.Option(..., help="New folder for the transformers files (config.json, model.safetensors, vocab.json, tokenizer/processor configs); a previous export there is replaced."),
+) -> None:
+    """Export a CTC model to transformers: Wav2Vec2ForCTC + Wav2Vec2Processor, same logits and transcripts.
+
+    Only encoders in transformers' "stable layer norm" layout export exactly:
+    pretrain (or fine-tune from scratch) with `encoder: {frontend: wave, pos_norm: false}`.
+    Pass the processor's attention_mask to the model for padded batches.
+
+    Example: selfspeech export-ctc runs/ctc/best --out runs/ctc/hf, then in Python:
+    Wav2Vec2ForCTC.from_pretrained("runs/ctc/hf"), Wav2Vec2Processor.from_pretrained("runs/ctc/hf")
+    """
+    from selfspeech.models.hf_export import export_wav2vec2_ctc
+
+    if not model.is_dir():
+        fail(f"{model}: not a folder (expected OUT/best of finetune-ctc)")
+    try:
+        export_wav2vec2_ctc(model, out)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     console.print(f"[green]wrote[/] {out}")

@@ -163,7 +163,7 @@ _CROSS = [("encoder_attn.q_proj", "attention/linear_0", None), ("encoder_attn.k_
 _FFN = [("fc1", "ffn/linear_0", None), ("fc2", "ffn/linear_1", None), ("final_layer_norm", "ffn/layer_norm", LN)]
 
 
-def ct2_state_dict(w: dict[str, np.ndarray], dims: WhisperDims) -> dict[str, "torch.Tensor"]:
+def ct2_state_dict(w: dict[str, np.ndarray], dims: WhisperDims) -> dict:
     """transformers ``WhisperForConditionalGeneration`` state dict, float32, proj_out left tied.
 
     Shapes are kept as stored: linear (out, in), conv (d_model, in_channels, 3),

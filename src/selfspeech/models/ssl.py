@@ -41,6 +41,10 @@ class EncoderConfig:
     dropout: float = 0.1
     pos_kernel: int = 33           # wav2vec 2.0 uses 128 at 20 ms; smaller models, shorter kernels
     pos_groups: int = 16
+    # LayerNorm after the positional conv (our original layout, kept for existing checkpoints).
+    # False = wav2vec 2.0 large / transformers' "stable layer norm" encoder, which has none there:
+    # only that layout exports exactly to Wav2Vec2ForCTC (selfspeech.models.hf_export)
+    pos_norm: bool = True
 
     def __post_init__(self):
         if self.frontend not in ("mel", "wave"):
@@ -176,7 +180,7 @@ class SpeechEncoder(nn.Module):
         self.proj = nn.Linear(feat_dim, cfg.d_model)
         self.mask_emb = nn.Parameter(torch.empty(cfg.d_model).uniform_())
         self.pos = ConvPositional(cfg)
-        self.in_norm = nn.LayerNorm(cfg.d_model)
+        self.in_norm = nn.LayerNorm(cfg.d_model) if cfg.pos_norm else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(cfg.d_model, cfg.n_heads, cfg.ff_dim, cfg.dropout, activation="gelu",

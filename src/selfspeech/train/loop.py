@@ -74,13 +74,19 @@ def make_optimizer(module: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Adam
 def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Callable, cfg: LoopConfig,
                out_dir: str | Path, write_model: Callable[[Path], None], run_config: dict,
                evaluate: Callable[[], dict] | None = None, warnings: Callable[[dict], list[str]] | None = None,
-               progress: bool = True, desc: str = "train", on_step: Callable[[dict], None] | None = None) -> dict:
+               progress: bool = True, desc: str = "train", on_step: Callable[[dict], None] | None = None,
+               after_update: Callable[[int, float], None] | None = None) -> dict:
     """Train ``module`` in place; returns the final state (``step``, ``best``, ``seconds``...).
 
     ``out_dir/last`` is the resumable checkpoint, ``out_dir/best`` the best model
     by ``evaluate()["metric"]`` (or the final one without ``evaluate``),
     ``out_dir/log.jsonl`` the log. A rerun with the same ``run_config`` resumes;
     with another it stops with the differences, before any computation.
+
+    ``after_update(step, progress)`` runs right after each optimizer step and
+    before any checkpoint is written, so state it changes (an EMA teacher, a
+    queue, a schedule held in module buffers) is saved consistently with the
+    weights; ``on_step(record)`` runs last and only observes.
     """
     from tqdm.auto import tqdm
 
@@ -124,11 +130,14 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
         except ImportError:
             print("tensorboard not installed (pip install 'selfspeech[tensorboard]'): JSONL log only")
 
-    def frac() -> float:
-        p = state["step"] / cfg.max_steps
+    def frac_at(step: int, seconds: float) -> float:
+        p = step / cfg.max_steps
         if cfg.budget_seconds:
-            p = max(p, state["seconds"] / cfg.budget_seconds)
+            p = max(p, seconds / cfg.budget_seconds)
         return min(1.0, p)
+
+    def frac() -> float:
+        return frac_at(state["step"], state["seconds"])
 
     total = cfg.max_steps if not cfg.budget_seconds else None
     bar = tqdm(total=total if total else 100, initial=state["step"] if total else int(100 * frac()),
@@ -160,6 +169,9 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
                                                  f"diverged; lower the learning rate ({cfg.lr}) or check the input")
                     optimizer.step()
                     state["step"] = step = step + 1
+                    if after_update is not None:
+                        with torch.no_grad():
+                            after_update(step, frac_at(step, state["seconds"] + time.perf_counter() - t0))
                     state["seconds"] += time.perf_counter() - t0
                     rec = {"step": step, "loss": round(lv, 5), "lr": lr, "grad_norm": round(gnorm, 4),
                            "batch": len(idx), "seconds": round(state["seconds"], 2), "progress": round(frac(), 4),

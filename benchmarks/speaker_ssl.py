@@ -1,0 +1,205 @@
+"""Self-supervised speaker verification on speechocean762: SimCLR / DINO, with and without SSPS.
+
+Protocol (fixed before any run; nothing tuned on the evaluation speakers):
+- speakers split by age group, 3/4 for training and 1/4 for evaluation
+  (``split_by_speaker``, seed 0); teenagers all train. Training never reads a
+  speaker label (they only feed the SSPS monitoring of pseudo-positive accuracy);
+- clean trials: every pair of evaluation utterances (each pair once, never an
+  utterance with itself), cosine scoring of full utterances;
+- cross-condition trials (../shared/notes/speaker-verification-floor.md: each
+  speaker here was recorded in one session, so channel cues alone separate
+  speakers): the same pairs with the test side passed through a simulated
+  room (a pool of impulse responses with another seed than training's) and
+  white/coloured noise at 5-15 dB SNR;
+- every system gets ``--budget`` seconds of training on one thread; ECAPA-TDNN
+  with C=``--channels``; SSPS switches on at half the budget; its main setting
+  (K=100 ~ 20 utterances per cluster, M=0) follows the paper's scale rule, the
+  K/M sweep rows are reported beside it, not used to pick it;
+- baseline extractor: mel statistics (the floor of the shared notes).
+
+Each system's run folder caches its metrics, so two processes can train
+different systems (``--systems``) on the two cores and a last call without
+training writes ``benchmarks/results/speaker_ssl.json``.
+Usage: python benchmarks/speaker_ssl.py [--budget 1080] [--systems simclr dino ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, SO762, write_result  # noqa: E402
+
+from selfspeech.audio.io import load_item  # noqa: E402
+from selfspeech.data.augment import AugmentConfig, Augmenter, load_or_build_rir_pool  # noqa: E402
+from selfspeech.data.kaldi import iter_kaldi_dir  # noqa: E402
+from selfspeech.data.manifest import write_manifest  # noqa: E402
+from selfspeech.data.select import split_by_speaker  # noqa: E402
+from selfspeech.eval.sv import cosine_scores, det_plot, eer_mindcf, embedding_plot, make_trials  # noqa: E402
+
+SSPS_MAIN = {"k": 100, "m": 0}
+SYSTEMS = {
+    "simclr": ("simclr", None),
+    "simclr_ssps": ("simclr", SSPS_MAIN),
+    "dino": ("dino", None),
+    "dino_ssps": ("dino", SSPS_MAIN),
+    # sweep (as the paper's K/M table, scaled to ~1,900 training utterances)
+    "simclr_ssps_k50": ("simclr", {"k": 50, "m": 0}),
+    "simclr_ssps_k200": ("simclr", {"k": 200, "m": 0}),
+    "simclr_ssps_k100_m1": ("simclr", {"k": 100, "m": 1}),
+}
+KEYS = ("simclr", "simclr_ssps", "dino", "dino_ssps")
+
+
+def split(items: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+    train, evals = [], []
+    for group in ("adult", "child"):
+        parts = split_by_speaker([i for i in items if i["age_group"] == group], {"train": 0.75, "eval": 0.25},
+                                 seed=seed)
+        train += parts["train"]
+        evals += parts["eval"]
+    train += [i for i in items if i["age_group"] not in ("adult", "child")]
+    return train, evals
+
+
+def degraded(items: list[dict], seed: int) -> dict[str, np.ndarray]:
+    """Each evaluation utterance through a simulated room and noise, deterministic per utterance."""
+    cfg = AugmentConfig(p_noise=1.0, snr_db=(5.0, 15.0), noise_kinds=("white", "coloured"), p_reverb=1.0,
+                        p_gain=0.0, p_speed=0.0)
+    rirs = load_or_build_rir_pool(ROOT / "runs" / "rir_pool_eval.npz", 64, seed=seed + 1000, cfg=cfg)
+    aug = Augmenter(cfg, rirs)
+    return {it["id"]: aug(load_item(it), np.random.default_rng([seed, k])) for k, it in enumerate(items)}
+
+
+def embed_all(extractor, items: list[dict], noisy: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    from tqdm import tqdm
+
+    clean, cross = {}, {}
+    for it in tqdm(items, desc="embed", mininterval=5):
+        clean[it["id"]] = extractor.embed(load_item(it))
+        cross[it["id"]] = extractor.embed(noisy[it["id"]])
+    return clean, cross
+
+
+def evaluate(name: str, extractor, items, noisy, trials, labels, work: Path) -> dict:
+    cache = work / f"metrics_{name}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    clean, cross = embed_all(extractor, items, noisy)
+    np.savez(work / f"emb_{name}.npz", ids=np.array(list(clean)), clean=np.stack(list(clean.values())),
+             cross=np.stack([cross[k] for k in clean]))
+    s_clean = cosine_scores(clean, trials)
+    # cross-condition: enrolment clean, test degraded
+    both = {**{k: v for k, v in clean.items()}, **{k + "#deg": v for k, v in cross.items()}}
+    from selfspeech.eval.sv import Trial
+
+    s_cross = cosine_scores(both, [Trial(t.enrol, t.test + "#deg", t.target) for t in trials])
+    out = {}
+    for cond, s in (("clean", s_clean), ("cross", s_cross)):
+        m = eer_mindcf(s, labels)
+        out[cond] = {"eer": m.eer, "mindcf": m.mindcf}
+    np.save(work / f"scores_{name}.npy", np.stack([s_clean, s_cross]))
+    cache.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budget", type=float, default=1080, help="training seconds per system")
+    ap.add_argument("--channels", type=int, default=128, help="ECAPA-TDNN channels C")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--systems", nargs="*", default=list(SYSTEMS))
+    ap.add_argument("--no-train", action="store_true", help="only assemble systems already trained")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "speaker_ssl")
+    args = ap.parse_args()
+    if not SO762.is_dir():
+        sys.exit(f"{SO762} not found: this benchmark needs ../shared/data/speechocean762-train")
+    import torch
+
+    from selfspeech.cluster.speakers import MelStatsExtractor
+    from selfspeech.models.ecapa import SpeakerEncoder
+    from selfspeech.train.speaker import SpeakerSSLConfig, train_speaker
+
+    torch.set_num_threads(args.threads)
+    w = args.work
+    w.mkdir(parents=True, exist_ok=True)
+    items = list(iter_kaldi_dir(SO762))
+    train, evals = split(items, args.seed)
+    write_manifest(w / "train.jsonl", [{k: v for k, v in i.items() if k != "text"} for i in train])
+    utt2spk = {i["id"]: i["speaker"] for i in evals}
+    trials = make_trials(utt2spk, None, seed=args.seed)  # every pair of evaluation utterances
+    labels = np.array([t.target for t in trials])
+    noisy = degraded(evals, args.seed)
+    print(f"train {len(train)} utts / {len({i['speaker'] for i in train})} spk; eval {len(evals)} utts / "
+          f"{len(utt2spk and set(utt2spk.values()))} spk; {len(trials)} trials ({labels.sum()} target)", flush=True)
+
+    results, runs = {"melstats": evaluate("melstats", MelStatsExtractor(), evals, noisy, trials, labels, w)}, {}
+    for name in args.systems:
+        method, ssps = SYSTEMS[name]
+        run = w / f"sv_{name}"
+        if args.no_train and not (run / "summary.json").is_file():
+            continue
+        cfg = SpeakerSSLConfig(
+            method=method, ecapa={"channels": args.channels, "embed_dim": 192}, batch_size=args.batch_size,
+            ssps=None if ssps is None else {**ssps, "start": 0.5, "queue": 4096, "ref_seconds": 4.0},
+            rir_pool=str(ROOT / "runs" / "rir_pool_train.npz"),
+            loop={"lr": 1e-3 if method == "simclr" else 5e-4, "weight_decay": 5e-5 if method == "simclr" else 0.04,
+                  "max_steps": 100_000, "budget_seconds": args.budget, "schedule": "cosine",
+                  "warmup_fraction": 0.05, "grad_clip": 3.0, "log_every": 10, "ckpt_every": 25, "seed": args.seed})
+        print(f"== train {name} ({args.budget:.0f} s)", flush=True)
+        runs[name] = train_speaker(w / "train.jsonl", run, cfg)
+        results[name] = evaluate(name, SpeakerEncoder.load(run), evals, noisy, trials, labels, w)
+        print(f"   {name}: EER clean {results[name]['clean']['eer']:.4f} cross {results[name]['cross']['eer']:.4f}",
+              flush=True)
+    if not all((w / f"metrics_{k}.json").is_file() for k in KEYS):
+        print("not every main system is trained yet: no result file written")
+        return
+    for name in SYSTEMS:  # assemble what other processes trained
+        if name not in results and (w / f"metrics_{name}.json").is_file():
+            results[name] = json.loads((w / f"metrics_{name}.json").read_text())
+            runs[name] = json.loads((w / f"sv_{name}" / "summary.json").read_text())
+
+    def rel(a, b, cond="clean"):
+        return 1 - results[a][cond]["eer"] / results[b][cond]["eer"]
+
+    figs = RESULTS / "speaker_ssl"
+    figs.mkdir(parents=True, exist_ok=True)
+    for i, cond in enumerate(("clean", "cross")):
+        det_plot({k: (np.load(w / f"scores_{k}.npy")[i], labels) for k in ("melstats", *KEYS)},
+                 figs / f"det_{cond}.png", title=f"DET, {cond} trials")
+    best = min(KEYS, key=lambda k: results[k]["clean"]["eer"])
+    e = np.load(w / f"emb_{best}.npz", allow_pickle=False)
+    embedding_plot(dict(zip(e["ids"].tolist(), e["clean"])), utt2spk, figs / f"embeddings_{best}.png")
+    sv_speed = RESULTS / "sv_metrics_speed.json"
+    speed = json.loads(sv_speed.read_text()) if sv_speed.is_file() else {}
+    write_result("speaker_ssl", {
+        "eer": {k: results[k]["clean"]["eer"] for k in KEYS},
+        "mindcf": {k: results[k]["clean"]["mindcf"] for k in KEYS},
+        "trials": len(trials), "target_trials": int(labels.sum()),
+        "eer_10m_trials_seconds": speed.get("eer_10m_trials_seconds"),
+        "cross_condition": {k: results[k]["cross"] for k in results},
+        "clean": {k: results[k]["clean"] for k in results},
+        "relative_eer_reduction_ssps": {"simclr": rel("simclr_ssps", "simclr"), "dino": rel("dino_ssps", "dino"),
+                                        "simclr_cross": rel("simclr_ssps", "simclr", "cross"),
+                                        "dino_cross": rel("dino_ssps", "dino", "cross")},
+        "ssps_sweep": {k: {"k": SYSTEMS[k][1]["k"], "m": SYSTEMS[k][1]["m"], **results[k]}
+                       for k in results if k in SYSTEMS and SYSTEMS[k][1] is not None},
+        "runs": runs, "budget_seconds_per_system": args.budget, "threads": args.threads,
+        "ecapa_channels": args.channels, "batch_size": args.batch_size,
+        "protocol": {"train_utterances": len(train), "train_speakers": len({i["speaker"] for i in train}),
+                     "eval_utterances": len(evals), "eval_speakers": len(set(utt2spk.values())),
+                     "ssps_main": SSPS_MAIN, "ssps_start": 0.5,
+                     "cross_condition": "enrol clean, test through a simulated room + 5-15 dB noise"},
+        "speed_source": f"results/sv_metrics_speed.json ({speed.get('command')}, {speed.get('date')})" if speed else None,
+        "figures": sorted(str(p.relative_to(RESULTS)) for p in figs.glob("*.png")),
+    })
+
+
+if __name__ == "__main__":
+    main()

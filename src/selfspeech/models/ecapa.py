@@ -1,0 +1,219 @@
+"""ECAPA-TDNN speaker encoder (Desplanques et al., Interspeech 2020, arXiv 2005.07143).
+
+Log-mel frames -> instance normalisation -> TDNN(k=5) -> three SE-Res2Net
+blocks (k=3, dilations 2/3/4, scale 8) -> multi-layer feature aggregation
+(concatenated block outputs, 1x1 conv) -> attentive statistics pooling with
+global context (sec. 2.2 of the paper) -> BN -> linear embedding.
+
+Every time reduction (instance norm, SE means, pooling) is masked by
+``lengths`` so a padded batch embeds each utterance as it would alone; batch
+norm sees padded frames only in training, where the speaker SSL trainer feeds
+equal-length segments. Input shape follows the toolkit: ``(B, T, n_mels)`` +
+int64 frame ``lengths``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from selfspeech.models.ssl import read_config, save_encoder
+
+KIND = "speaker_encoder"
+
+
+@dataclass(frozen=True)
+class ECAPAConfig:
+    n_mels: int = 80
+    channels: int = 512            # C of the paper: 512 (ECAPA-512) or 1024; 256 for CPU budgets
+    embed_dim: int = 192
+    scale: int = 8                 # Res2Net scale: C splits into `scale` groups
+    se_channels: int = 128
+    attention_channels: int = 128
+    dilations: tuple = (2, 3, 4)   # one SE-Res2Block per dilation
+    mfa_channels: int | None = None  # None: 3 * C (1536 for C=512, as in the paper)
+
+    def __post_init__(self):
+        if self.channels % self.scale:
+            raise ValueError(f"channels ({self.channels}) must be divisible by scale ({self.scale})")
+        object.__setattr__(self, "dilations", tuple(self.dilations))
+
+    @property
+    def mfa(self) -> int:
+        return self.mfa_channels or 3 * self.channels
+
+    @classmethod
+    def preset(cls, name: str, **kw) -> "ECAPAConfig":
+        sizes = {"tiny": dict(channels=32, embed_dim=32, se_channels=16, attention_channels=16, n_mels=40),
+                 "small": dict(channels=256), "base": dict(channels=512), "large": dict(channels=1024)}
+        if name not in sizes:
+            raise ValueError(f"ECAPA preset {name!r}: choose one of {sorted(sizes)}")
+        return cls(**{**sizes[name], **kw})
+
+
+def frame_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """(B,) lengths -> (B, 1, T) float mask, 1 on valid frames."""
+    return (torch.arange(T, device=lengths.device)[None] < lengths[:, None]).float().unsqueeze(1)
+
+
+def masked_mean_std(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted statistics over time. x: (B, C, T); w: (B, 1|C, T) summing to 1 over T -> (B, C), (B, C)."""
+    mean = (x * w).sum(-1)
+    var = ((x - mean.unsqueeze(-1)) ** 2 * w).sum(-1)
+    return mean, var.clamp(min=eps).sqrt()
+
+
+class TDNN(nn.Sequential):
+    """Conv1d -> ReLU -> BatchNorm, 'same' padding (the paper's TDNN layer)."""
+
+    def __init__(self, cin: int, cout: int, k: int = 1, dilation: int = 1):
+        super().__init__(nn.Conv1d(cin, cout, k, dilation=dilation, padding=dilation * (k - 1) // 2),
+                         nn.ReLU(), nn.BatchNorm1d(cout))
+
+
+class Res2Conv(nn.Module):
+    """Res2Net hierarchical convolution (Gao et al. 2019): y1 = x1, y2 = K2(x2), yi = Ki(xi + y(i-1))."""
+
+    def __init__(self, channels: int, scale: int, k: int, dilation: int):
+        super().__init__()
+        self.scale = scale
+        self.convs = nn.ModuleList(TDNN(channels // scale, channels // scale, k, dilation) for _ in range(scale - 1))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        parts = x.chunk(self.scale, dim=1)
+        out, prev = [parts[0]], None
+        for conv, p in zip(self.convs, parts[1:]):
+            prev = conv(p if prev is None else p + prev) * mask
+            out.append(prev)
+        return torch.cat(out, dim=1)
+
+
+class SEBlock(nn.Module):
+    """Squeeze-excitation over the masked time mean (Hu et al. 2018; ECAPA sec. 2.1)."""
+
+    def __init__(self, channels: int, bottleneck: int):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Conv1d(channels, bottleneck, 1), nn.ReLU(),
+                                nn.Conv1d(bottleneck, channels, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        s = (x * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+        return x * self.fc(s)
+
+
+class SERes2Block(nn.Module):
+    def __init__(self, channels: int, scale: int, dilation: int, se_channels: int):
+        super().__init__()
+        self.pre = TDNN(channels, channels, 1)
+        self.res2 = Res2Conv(channels, scale, 3, dilation)
+        self.post = TDNN(channels, channels, 1)
+        self.se = SEBlock(channels, se_channels)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # masking after every time convolution's input keeps padded frames at zero, as 'same'
+        # padding of an unpadded utterance would: a batch embeds each utterance exactly as alone
+        h = self.res2(self.pre(x) * mask, mask)
+        return (x + self.se(self.post(h), mask)) * mask
+
+
+class AttentiveStatsPool(nn.Module):
+    """Channel- and context-dependent attentive statistics pooling (ECAPA sec. 2.2, eqs. 1-4).
+
+    The attention sees each frame together with the utterance's global mean and
+    std, so it can weigh frames relative to the whole recording.
+    """
+
+    def __init__(self, channels: int, attention: int):
+        super().__init__()
+        self.att = nn.Sequential(TDNN(3 * channels, attention, 1), nn.Tanh(), nn.Conv1d(attention, channels, 1))
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """h: (B, C, T), mask: (B, 1, T) -> (B, 2C) weighted mean and std."""
+        T = h.shape[-1]
+        w = mask / mask.sum(-1, keepdim=True).clamp(min=1)
+        mean, std = masked_mean_std(h, w)
+        ctx = torch.cat([h, mean.unsqueeze(-1).expand(-1, -1, T), std.unsqueeze(-1).expand(-1, -1, T)], 1)
+        logits = self.att(ctx).masked_fill(mask == 0, float("-inf"))
+        mean, std = masked_mean_std(h, torch.softmax(logits, dim=-1))
+        return torch.cat([mean, std], dim=1)
+
+
+class ECAPATDNN(nn.Module):
+    def __init__(self, cfg: ECAPAConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.channels
+        self.stem = TDNN(cfg.n_mels, C, 5)
+        self.blocks = nn.ModuleList(SERes2Block(C, cfg.scale, d, cfg.se_channels) for d in cfg.dilations)
+        self.mfa = TDNN(C * len(cfg.dilations), cfg.mfa, 1)
+        self.pool = AttentiveStatsPool(cfg.mfa, cfg.attention_channels)
+        self.pool_norm = nn.BatchNorm1d(2 * cfg.mfa)
+        self.fc = nn.Linear(2 * cfg.mfa, cfg.embed_dim)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, n_mels) log-mel, lengths: (B,) int64 frames -> (B, embed_dim) embeddings."""
+        B, T, _ = x.shape
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.long, device=x.device)
+        mask = frame_mask(lengths, T)
+        x = x.transpose(1, 2)
+        # instance normalisation of the features over the utterance (sslsv / ECAPA front-ends):
+        # removes the channel's spectral tilt and level, which a speaker model must not rely on
+        mean, std = masked_mean_std(x, mask / mask.sum(-1, keepdim=True).clamp(min=1))
+        x = (x - mean.unsqueeze(-1)) / std.unsqueeze(-1) * mask
+        h = self.stem(x) * mask
+        outs = []
+        for block in self.blocks:
+            h = block(h, mask)
+            outs.append(h)
+        h = self.mfa(torch.cat(outs, dim=1))
+        return self.fc(self.pool_norm(self.pool(h, mask)))
+
+
+# ---------------------------------------------------------------- save / load, embed()
+
+def save_speaker_encoder(model: ECAPATDNN, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """safetensors weights + JSON config (``kind: speaker_encoder``); callers wrap it for atomicity."""
+    return save_encoder(model, model.cfg, out_dir, kind=KIND, extra=extra)
+
+
+class SpeakerEncoder:
+    """A trained ECAPA-TDNN ready to embed audio: ``SpeakerEncoder.load(dir).embed(wav)``.
+
+    Satisfies the ``SpeakerEmbedder`` protocol of ``selfspeech.cluster.speakers``.
+    """
+
+    def __init__(self, model: ECAPATDNN, name: str = "ecapa"):
+        self.model, self.name = model.eval(), name
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SpeakerEncoder":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if (path / "encoder" / "config.json").exists() and not (path / "config.json").exists():
+            path = path / "encoder"  # the run directory of `selfspeech sv train` was given
+        meta = read_config(path, KIND)
+        model = ECAPATDNN(ECAPAConfig(**meta["config"]))
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        return cls(model)
+
+    def features(self, wav: np.ndarray) -> np.ndarray:
+        """(T,) 16-kHz float32 -> (frames, n_mels) log-mel."""
+        from selfspeech.audio.features import log_mel
+
+        return log_mel(wav, self.model.cfg.n_mels).T
+
+    @torch.no_grad()
+    def embed_batch(self, wavs: list[np.ndarray]) -> np.ndarray:
+        """Full utterances -> (N, D) float32 embeddings (masked, so padding does not change them)."""
+        from selfspeech.data.audio_dataset import collate_arrays
+
+        b = collate_arrays([self.features(w) for w in wavs])
+        return self.model(b["x"], b["lengths"]).numpy().astype(np.float32)
+
+    def embed(self, wav: np.ndarray) -> np.ndarray:
+        return self.embed_batch([wav])[0]

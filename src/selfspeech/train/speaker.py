@@ -1,0 +1,288 @@
+"""Self-supervised speaker encoders: ECAPA-TDNN trained by SimCLR or DINO, optionally with SSPS.
+
+``train_speaker(manifest, out_dir, cfg)`` runs the shared training loop
+(``train/loop.py``: AdamW, schedule, clipping, JSONL log, resumable atomic
+checkpoints) and writes:
+
+- ``out_dir/best``: the whole task (encoder, heads, DINO teacher and centre,
+  SSPS queues) as safetensors + config;
+- ``out_dir/encoder``: the speaker encoder alone (``SpeakerEncoder.load`` /
+  ``selfspeech sv embed``). For DINO it is the EMA teacher, which DINO reports
+  as the better network (Caron et al. 2021, sec. 5.1); SimCLR has only the one;
+- ``out_dir/summary.json``: steps, time, utterances padded for being shorter
+  than a segment, SSPS statistics.
+
+No speaker label is used for training. When the manifest has speakers, the
+share of SSPS pseudo-positives that are truly the anchor's speaker is logged
+(monitoring, as in the SSPS paper's analysis).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from selfspeech.audio.features import log_mel
+from selfspeech.data.audio_dataset import AudioDataset, collate_arrays
+from selfspeech.data.augment import AugmentConfig, Augmenter, is_short, load_or_build_rir_pool, random_segment
+from selfspeech.data.manifest import read_manifest
+from selfspeech.models.ecapa import ECAPAConfig, ECAPATDNN, save_speaker_encoder
+from selfspeech.models.ssl import save_encoder
+from selfspeech.objectives.speaker import (DINOHead, Projector, cosine_momentum, dino_loss, ema_update,
+                                           nt_xent, prototype_entropy, update_center)
+from selfspeech.objectives.ssps import SSPSConfig, SSPSQueues
+from selfspeech.train.checkpoint import write_json
+from selfspeech.train.loop import LoopConfig, train_loop
+from selfspeech.train.sampler import BucketBatchSampler
+
+METHODS = ("simclr", "dino")
+
+
+@dataclass(frozen=True)
+class SpeakerSSLConfig:
+    method: str = "simclr"
+    ecapa: dict = field(default_factory=lambda: {"preset": "small"})  # ECAPAConfig fields or a preset
+    augment: dict | None = field(default_factory=dict)  # AugmentConfig overrides; None: no augmentation
+    ssps: dict | None = None          # SSPSConfig fields; None: standard positives only
+    segment_seconds: float = 2.0      # SimCLR views and DINO global crops (sslsv: 2 s)
+    local_seconds: float = 1.0        # DINO local crops
+    n_local: int = 4                  # DINO: 2 global + 4 local crops
+    batch_size: int = 64
+    temperature: float = 0.03         # NT-Xent (sslsv's speaker SimCLR)
+    projector: tuple = (512, 256)     # SimCLR head: hidden, output
+    dino_out: int = 1024              # prototypes; DINO uses 65536 for ImageNet, scaled to ~100 speakers x 10
+    dino_hidden: int = 512
+    dino_bottleneck: int = 128
+    t_student: float = 0.1
+    t_teacher: float = 0.04
+    momentum: float = 0.996           # teacher EMA, cosine to 1 over training
+    center_momentum: float = 0.9
+    rir_pool: str | None = None       # cache file for simulated room impulse responses (.npz)
+    loop: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r}: choose one of {METHODS}")
+        object.__setattr__(self, "projector", tuple(self.projector))
+
+    def ecapa_config(self) -> ECAPAConfig:
+        kw = dict(self.ecapa)
+        preset = kw.pop("preset", None)
+        return ECAPAConfig.preset(preset, **kw) if preset else ECAPAConfig(**kw)
+
+    def ssps_config(self) -> SSPSConfig | None:
+        return None if self.ssps is None else SSPSConfig(**self.ssps)
+
+    def loop_config(self) -> LoopConfig:
+        return LoopConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.loop.items()})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpeakerSSLConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown speaker-SSL config key(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+class SpeakerSSLTask(nn.Module):
+    """Encoder + head (+ EMA teacher, centre) (+ SSPS queues); ``forward(batch) -> (loss, record)``."""
+
+    def __init__(self, cfg: SpeakerSSLConfig, n_items: int, speaker_of: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg, self.ecfg = cfg, cfg.ecapa_config()
+        self.encoder = ECAPATDNN(self.ecfg)
+        E = self.ecfg.embed_dim
+        if cfg.method == "simclr":
+            self.head = Projector(E, *cfg.projector)
+            pos_dim, n_views = cfg.projector[1], 1
+        else:
+            self.head = DINOHead(E, cfg.dino_hidden, cfg.dino_bottleneck, cfg.dino_out)
+            self.teacher_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+            self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
+            self.register_buffer("center", torch.zeros(cfg.dino_out))
+            pos_dim, n_views = cfg.dino_out, 2
+        scfg = cfg.ssps_config()
+        self.ssps = SSPSQueues(scfg, n_items, E, pos_dim, n_views) if scfg else None
+        self.register_buffer("progress", torch.zeros(()))
+        self.register_buffer("fill_ref", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("activated_at", torch.full((), -1, dtype=torch.long))
+        self.speaker_of = speaker_of  # monitoring only, never in the loss
+        self.last_cluster: dict = {}
+
+    def teacher_modules(self) -> list[nn.Module]:
+        return [self.teacher_encoder, self.teacher_head] if self.cfg.method == "dino" else []
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.teacher_modules():
+            m.eval()  # the teacher is never trained: BN uses its EMA'd statistics
+        return self
+
+    def export_encoder(self) -> ECAPATDNN:
+        return self.teacher_encoder if self.cfg.method == "dino" else self.encoder
+
+    def forward(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        cfg, views, idx = self.cfg, batch["views"], batch["indices"]
+        rec: dict = {}
+        rows = None
+        if self.ssps is not None and bool(self.ssps.active):
+            rows, rec = self.ssps.sample(idx, gen, self.speaker_of)
+        if cfg.method == "simclr":
+            z = self.head(self.encoder(torch.cat(views)))
+            z1, z2 = z.chunk(2)
+            if rows is not None:
+                z2p = self.ssps.apply(0, z2, rows)
+                loss, acc = nt_xent(z1, z2p, cfg.temperature)
+            else:
+                loss, acc = nt_xent(z1, z2, cfg.temperature)
+            pos = [z2]
+            rec["acc"] = round(float(acc), 4)
+        else:
+            B = len(idx)
+            glob = self.head(self.encoder(torch.cat(views[:2])))
+            student = list(glob.chunk(2))
+            if len(views) > 2:
+                student += list(self.head(self.encoder(torch.cat(views[2:]))).split(B))
+            with torch.no_grad():
+                teacher = list(self.teacher_head(self.teacher_encoder(torch.cat(views[:2]))).chunk(2))
+            pos = teacher
+            targets = teacher if rows is None else [self.ssps.apply(i, t, rows) for i, t in enumerate(teacher)]
+            loss = dino_loss(student, targets, self.center, cfg.t_student, cfg.t_teacher)
+            rec["teacher_entropy"] = round(prototype_entropy(teacher, self.center, cfg.t_teacher), 4)
+            with torch.no_grad():
+                update_center(self.center, teacher, cfg.center_momentum)
+        if self.ssps is not None:
+            with torch.no_grad():
+                self.ssps.push_pos(idx, pos)
+                if bool(self.fill_ref) and batch.get("ref") is not None:
+                    self.encoder.eval()  # clean reference embeddings, BN in inference mode
+                    self.ssps.push_ref(idx, self.encoder(batch["ref"]))
+                    self.encoder.train()
+        rec.update(self.last_cluster)
+        self.last_cluster = {}
+        return loss, rec
+
+    def after_update(self, step: int, progress: float, steps_per_epoch: int, seed: int) -> None:
+        """After each optimizer step: teacher EMA, SSPS activation and per-epoch re-clustering."""
+        self.progress.fill_(progress)
+        if self.cfg.method == "dino":
+            m = cosine_momentum(progress, self.cfg.momentum)
+            ema_update(self.teacher_encoder, self.encoder, m)
+            ema_update(self.teacher_head, self.head, m)
+        if self.ssps is None:
+            return
+        # start refreshing the reference queue about one epoch (+20%) before SSPS switches on
+        per_step = progress / max(step, 1)
+        if progress + 1.2 * steps_per_epoch * per_step >= self.ssps.cfg.start:
+            self.fill_ref.fill_(True)
+        if progress >= self.ssps.cfg.start and not bool(self.ssps.active):
+            self.ssps.active.fill_(True)
+            self.activated_at.fill_(step)
+        if bool(self.ssps.active) and (step - int(self.activated_at)) % steps_per_epoch == 0:
+            stats = self.ssps.cluster(seed + step)
+            self.last_cluster = {f"kmeans_{k}": v for k, v in stats.items()}
+
+
+class ViewCollator:
+    """Dataset indices -> augmented views as log-mel batches (the sampler picked the indices)."""
+
+    def __init__(self, data: AudioDataset, cfg: SpeakerSSLConfig, augmenter: Augmenter | None, n_mels: int,
+                 with_ref: bool):
+        self.data, self.cfg, self.aug, self.n_mels, self.with_ref = data, cfg, augmenter, n_mels, with_ref
+        scfg = cfg.ssps_config()
+        self.ref_seconds = scfg.ref_seconds if scfg else 0.0
+
+    def mel(self, wav: np.ndarray) -> np.ndarray:
+        return log_mel(wav, self.n_mels).T  # (frames, n_mels)
+
+    def view(self, wav: np.ndarray, seconds: float, rng: np.random.Generator) -> np.ndarray:
+        seg = random_segment(wav, seconds, rng)
+        return self.mel(self.aug(seg, rng) if self.aug is not None else seg)
+
+    def __call__(self, idx: list[int], rng: random.Random) -> dict:
+        g = np.random.default_rng(rng.getrandbits(63))
+        wavs = [self.data.load(i) for i in idx]
+        if self.cfg.method == "simclr":
+            spec = [self.cfg.segment_seconds] * 2
+        else:
+            spec = [self.cfg.segment_seconds] * 2 + [self.cfg.local_seconds] * self.cfg.n_local
+        views = [collate_arrays([self.view(w, s, g) for w in wavs])["x"] for s in spec]
+        out = {"views": views, "indices": torch.tensor(idx, dtype=torch.long),
+               "gen": torch.Generator().manual_seed(int(g.integers(2**62)))}
+        if self.with_ref:  # un-augmented, one random window (SSPS reference queue)
+            out["ref"] = collate_arrays([self.mel(random_segment(w, self.ref_seconds, g)) for w in wavs])["x"]
+        return out
+
+
+def build_augmenter(cfg: SpeakerSSLConfig, data: AudioDataset, seed: int) -> Augmenter | None:
+    if cfg.augment is None:
+        return None
+    acfg = AugmentConfig(**cfg.augment)
+    rirs = None
+    if acfg.p_reverb > 0:
+        path = cfg.rir_pool or str(Path.home() / ".cache" / "selfspeech" / "rir_pool.npz")
+        rirs = load_or_build_rir_pool(path, acfg.rir_pool, seed=seed, cfg=acfg)
+
+    def babble_source(rng: np.random.Generator) -> np.ndarray:  # another training utterance
+        return data.load(int(rng.integers(len(data))))
+
+    return Augmenter(acfg, rirs, babble_source)
+
+
+def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConfig = SpeakerSSLConfig(),
+                  progress: bool = True) -> dict:
+    out = Path(out_dir)
+    loop_cfg = cfg.loop_config()
+    items = list(read_manifest(manifest))
+    if len(items) < 2:
+        raise ValueError(f"{manifest}: {len(items)} utterance(s); contrastive training needs at least 2")
+    if cfg.batch_size < 2 or cfg.batch_size > len(items):
+        raise ValueError(f"batch_size={cfg.batch_size}: needs 2 <= batch_size <= {len(items)} utterances")
+    data = AudioDataset(items, "wave")
+    short = [it["id"] for it in items if is_short(np.zeros(int(float(it.get("duration") or 0) * 16000)),
+                                                    cfg.segment_seconds)]
+    spk = [str(it.get("speaker", "")) for it in items]
+    speaker_of = None
+    if all(spk):
+        codes = {s: i for i, s in enumerate(sorted(set(spk)))}
+        speaker_of = torch.tensor([codes[s] for s in spk], dtype=torch.long)
+    torch.manual_seed(loop_cfg.seed)  # the same initial weights on every (re)start
+    task = SpeakerSSLTask(cfg, len(items), speaker_of)
+    # equal-length views: batches of batch_size utterances, every epoch reshuffled
+    sampler = BucketBatchSampler([1.0] * len(items), batch_size=cfg.batch_size, seed=loop_cfg.seed, num_buckets=1,
+                                 drop_last=True)
+    steps_per_epoch = len(items) // cfg.batch_size
+    collate = ViewCollator(data, cfg, build_augmenter(cfg, data, loop_cfg.seed), task.ecfg.n_mels,
+                           with_ref=cfg.ssps is not None)
+
+    def loss_fn(batch: dict, step: int):
+        return task(batch, batch["gen"])
+
+    def write_model(d: Path) -> None:
+        save_encoder(task, task.ecfg, d, kind=f"speaker_ssl_task:{cfg.method}", extra={"speaker_ssl": cfg.to_dict()})
+
+    state = train_loop(task, loss_fn, sampler, collate, loop_cfg, out, write_model,
+                       {"speaker_ssl": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items)},
+                       progress=progress, desc=f"sv {cfg.method}{'+ssps' if cfg.ssps is not None else ''}",
+                       after_update=lambda step, p: task.after_update(step, p, steps_per_epoch, loop_cfg.seed))
+    from selfspeech.train.checkpoint import write_dir
+
+    write_dir(out / "encoder", lambda d: save_speaker_encoder(
+        task.export_encoder(), d, extra={"method": cfg.method, "ssps": cfg.ssps, "steps": state["step"]}))
+    summary = {"method": cfg.method, "ssps": cfg.ssps, "steps": state["step"],
+               "train_seconds": round(state["seconds"], 1), "n_train": len(items),
+               "padded_short": {"count": len(short), "first": short[:5], "policy": "wrap-pad to the segment"},
+               "ssps_clusterings": int(task.ssps.n_clusterings) if task.ssps is not None else 0,
+               "params": sum(p.numel() for p in task.encoder.parameters())}
+    write_json(out / "summary.json", summary)
+    return summary

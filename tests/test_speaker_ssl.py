@@ -1,0 +1,216 @@
+"""Self-supervised speaker verification: ECAPA-TDNN, NT-Xent, DINO, SSPS, the trainer."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from selfspeech.models.ecapa import ECAPAConfig, ECAPATDNN, SpeakerEncoder
+from selfspeech.objectives.speaker import (DINOHead, cosine_momentum, dino_loss, ema_update, nt_xent,
+                                           update_center)
+from selfspeech.objectives.ssps import SSPSConfig, SSPSQueues
+
+
+def test_nt_xent_matches_hand_computation():
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = 0.5
+    loss, acc = nt_xent(z1, z2, t)
+    # each anchor: positive cos 1, other views cos 0, 0 (self excluded) -> -log(e^2 / (e^2 + 2))
+    expected = -math.log(math.exp(1 / t) / (math.exp(1 / t) + 2 * math.exp(0)))
+    assert loss.item() == pytest.approx(expected, rel=1e-6) and acc.item() == 1.0
+    # swapping the positives makes every positive the least similar candidate
+    loss_bad, acc_bad = nt_xent(z1, z2.flip(0), t)
+    assert loss_bad > loss and acc_bad.item() == 0.0
+
+
+def test_dino_loss_centring_and_ema():
+    s = [torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 1.0]])]
+    t = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])]
+    c = torch.zeros(2)
+    loss = dino_loss(s, t, c, t_student=1.0, t_teacher=1.0)
+    q = [torch.softmax(x, -1) for x in t]
+    lp = [torch.log_softmax(x, -1) for x in s]
+    pairs = [(0, 1), (0, 2), (1, 0), (1, 2)]                     # v != i: a crop never predicts itself
+    expected = sum(-(q[i] * lp[v]).sum() for i, v in pairs) / 4
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    update_center(c, t, momentum=0.9)
+    assert torch.allclose(c, torch.tensor([0.05, 0.05]))
+    # a centre equal to a teacher output flattens that target to uniform
+    flat = dino_loss([torch.zeros(1, 2), torch.zeros(1, 2)], [t[0], t[0]], t[0][0], 1.0, 1.0)
+    assert flat.item() == pytest.approx(math.log(2), rel=1e-6)
+    assert cosine_momentum(0.0) == pytest.approx(0.996) and cosine_momentum(1.0) == pytest.approx(1.0)
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    wa, wb = a.weight.detach().clone(), b.weight.detach().clone()
+    ema_update(a, b, 0.75)
+    assert torch.allclose(a.weight, 0.75 * wa + 0.25 * wb)
+    head = DINOHead(4, 8, 3, 5)
+    assert head(torch.randn(2, 4)).abs().max() <= 1.0 + 1e-6     # cosines to the prototypes
+
+
+def test_ecapa_masked_pooling_is_padding_invariant():
+    torch.manual_seed(0)
+    m = ECAPATDNN(ECAPAConfig.preset("tiny")).eval()
+    x = torch.randn(2, 120, 40)
+    e = m(x, torch.tensor([120, 70]))
+    alone = m(x[1:, :70])
+    assert e.shape == (2, 32) and torch.allclose(e[1], alone[0], atol=1e-4)
+    with pytest.raises(ValueError, match="divisible"):
+        ECAPAConfig(channels=30, scale=8)
+
+
+def _queues(k=2, m=0, queue=6, n=6):
+    q = SSPSQueues(SSPSConfig(k=k, m=m, queue=queue), n_items=n, ref_dim=2, pos_dim=3)
+    return q
+
+
+def test_ssps_queue_wraps_and_clusters_sample_from_the_right_cluster():
+    q = _queues(queue=4)
+    q.push_pos(torch.tensor([0, 1, 2]), [torch.ones(3, 3)])
+    q.push_pos(torch.tensor([3, 4, 5]), [2 * torch.ones(3, 3)])
+    assert q.pos_idx.tolist() == [4, 5, 2, 3] and int(q.pos_ptr) == 2   # oldest entries overwritten
+    # two well separated groups of utterances: {0,1,2} and {3,4,5}
+    ref = torch.tensor([[1, 0.05], [1, 0], [1, -0.05], [0.05, 1], [0, 1], [-0.05, 1]])
+    q.push_ref(torch.arange(6), ref)
+    assert q.cluster(seed=0)["skipped"] == 0
+    a = q.assign.tolist()
+    assert a[0] == a[1] == a[2] != a[3] == a[4] == a[5]
+    gen = torch.Generator().manual_seed(0)
+    rows, stats = q.sample(torch.tensor([3, 2]), gen, speaker_of=torch.tensor([0, 0, 0, 1, 1, 1]))
+    # anchor 3 -> another utterance of its cluster in the queue (4 or 5); anchor 2 -> only 2 itself is
+    # queued from its cluster, so no pseudo-positive: fallback (-1)
+    assert q.pos_idx[rows[0]].item() in (4, 5) and rows[1].item() == -1
+    assert stats["ssps_coverage"] == 0.5 and stats["ssps_speaker_acc"] == 1.0
+    z = torch.zeros(2, 3)
+    out = q.apply(0, z, rows)
+    assert torch.equal(out[0], q.pos[0, rows[0]]) and torch.equal(out[1], z[1])
+
+
+def test_ssps_neighbour_clusters_exclude_own_cluster_when_m_positive():
+    q = SSPSQueues(SSPSConfig(k=3, m=1, queue=8), n_items=6, ref_dim=2, pos_dim=1)
+    ref = torch.tensor([[1, 0], [1, 0.02], [0.9, 0.44], [0.88, 0.48], [-1, 0], [-1, 0.02]])
+    q.push_ref(torch.arange(6), ref)
+    q.cluster(seed=0)
+    c = q.assign.tolist()
+    near = {c[0]: c[2], c[2]: c[0], c[4]: c[2]}                  # nearest other cluster by centroid cosine
+    assert {k: q.neighbours[k, 0].item() for k in near} == near
+    q.push_pos(torch.arange(6), [torch.arange(6.0)[:, None]])
+    rows, _ = q.sample(torch.tensor([0, 4]), torch.Generator().manual_seed(1))
+    got = q.pos_idx[rows].tolist()
+    assert got[0] in (2, 3) and got[1] in (2, 3)                 # never from the anchor's own cluster
+
+
+def test_ssps_rejects_k_above_queue_and_skips_unfilled():
+    with pytest.raises(ValueError, match="larger than the reference queue"):
+        SSPSQueues(SSPSConfig(k=10), n_items=5, ref_dim=2, pos_dim=2)
+    with pytest.raises(ValueError, match="m \\+ 1 clusters"):
+        SSPSConfig(k=2, m=2)
+    q = _queues(k=3)
+    q.push_ref(torch.tensor([0, 1]), torch.randn(2, 2))
+    assert q.cluster()["skipped"] == 1 and (q.assign == -1).all()   # 2 filled < k = 3
+
+
+def _speaker_corpus(tmp_path, n_spk=4, per=4):
+    """Speakers differ by pitch and a formant-like resonance; utterances by duration and noise."""
+    rng = np.random.default_rng(0)
+    items = []
+    for s in range(n_spk):
+        for u in range(per):
+            dur = 1.2 + 0.4 * u
+            t = np.arange(int(dur * 16000)) / 16000
+            f0 = 100 + 40 * s
+            w = sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * 2 * t))
+            w = (0.1 * w + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+            p = tmp_path / f"s{s}u{u}.wav"
+            sf.write(p, w, 16000)
+            items.append({"id": f"s{s}u{u}", "audio_filepath": str(p), "duration": dur, "speaker": f"s{s}"})
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps(it) + "\n" for it in items))
+    return m
+
+
+def _sv_cfg(method, steps, ssps=True, **kw):
+    from selfspeech.train.speaker import SpeakerSSLConfig
+
+    base = dict(
+        method=method, ecapa={"preset": "tiny"}, batch_size=8, segment_seconds=1.0, local_seconds=0.5, n_local=2,
+        dino_out=32, dino_hidden=32, dino_bottleneck=16, projector=(32, 16), temperature=0.1,
+        augment={"p_reverb": 0.0, "rir_pool": 4},
+        ssps={"k": 4, "m": 0, "queue": 16, "start": 0.3, "ref_seconds": 1.5} if ssps else None,
+        loop={"max_steps": steps, "lr": 3e-3, "log_every": 1, "ckpt_every": 3, "warmup_fraction": 0.1})
+    return SpeakerSSLConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("method", ["simclr", "dino"])
+def test_speaker_ssl_trains_with_ssps_and_exports_an_encoder(tmp_path, method):
+    from selfspeech.train.speaker import train_speaker
+
+    torch.set_num_threads(1)
+    m = _speaker_corpus(tmp_path)
+    s = train_speaker(m, tmp_path / "out", _sv_cfg(method, 12), progress=False)
+    assert s["steps"] == 12 and s["ssps_clusterings"] >= 2          # re-clustered at epoch starts
+    assert s["padded_short"]["count"] == 0
+    log = [json.loads(x) for x in open(tmp_path / "out" / "log.jsonl")]
+    recs = [r for r in log if "loss" in r]
+    assert any("ssps_coverage" in r for r in recs[4:]) and not any("ssps_coverage" in r for r in recs[:2])
+    assert any("kmeans_filled" in r for r in recs)
+    enc = SpeakerEncoder.load(tmp_path / "out")                    # run dir -> its encoder/
+    e = enc.embed_batch([np.zeros(16000, np.float32) + 0.01, np.ones(8000, np.float32) * 0.1])
+    assert e.shape == (2, 32) and np.isfinite(e).all()
+
+
+def test_simclr_lowers_its_loss(tmp_path):
+    from selfspeech.train.speaker import train_speaker
+
+    torch.set_num_threads(1)
+    m = _speaker_corpus(tmp_path)
+    train_speaker(m, tmp_path / "out", _sv_cfg("simclr", 40, ssps=False, augment=None), progress=False)
+    losses = [json.loads(x)["loss"] for x in open(tmp_path / "out" / "log.jsonl") if '"loss"' in x]
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:4]), losses
+
+
+def test_dino_ssps_resume_equals_uninterrupted(tmp_path):
+    """Teacher EMA, centre, SSPS queues and clusters are checkpointed: a killed run resumes exactly."""
+    import selfspeech.train.speaker as S
+    from selfspeech.models.ssl import load_state
+
+    torch.set_num_threads(1)
+    m = _speaker_corpus(tmp_path)
+    S.train_speaker(m, tmp_path / "full", _sv_cfg("dino", 8), progress=False)
+
+    class Kill(Exception):
+        pass
+
+    orig = S.train_loop
+
+    def killing(*a, **k):
+        k["on_step"] = lambda rec: (_ for _ in ()).throw(Kill()) if rec["step"] == 7 else None
+        return orig(*a, **k)
+
+    S.train_loop = killing
+    try:
+        with pytest.raises(Kill):
+            S.train_speaker(m, tmp_path / "cut", _sv_cfg("dino", 8), progress=False)
+    finally:
+        S.train_loop = orig
+    S.train_speaker(m, tmp_path / "cut", _sv_cfg("dino", 8), progress=False)   # resumes from step 6
+    a, b = load_state(tmp_path / "full" / "best"), load_state(tmp_path / "cut" / "best")
+    assert any(k.startswith("ssps.") for k in a) and any(k.startswith("teacher_encoder.") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
+        [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+def test_speaker_config_errors(tmp_path):
+    from selfspeech.train.speaker import SpeakerSSLConfig, train_speaker
+
+    with pytest.raises(ValueError, match="method"):
+        SpeakerSSLConfig(method="byol")
+    with pytest.raises(ValueError, match="unknown speaker-SSL config"):
+        SpeakerSSLConfig.from_dict({"metod": "dino"})
+    m = _speaker_corpus(tmp_path, n_spk=1, per=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        train_speaker(m, tmp_path / "o", _sv_cfg("simclr", 2, ssps=False), progress=False)
