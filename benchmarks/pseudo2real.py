@@ -6,6 +6,8 @@ scores every system on the target-eval speakers with 95% CIs (bootstrap over
 speakers) and paired bootstraps, and writes ``benchmarks/results/pseudo2real.json``.
 
 Usage: python benchmarks/pseudo2real.py [--recipe R.yaml] [--out runs/p2r_so762]
+       [--extractor DIR --result-name pseudo2real_sc_ecapa]   (SC with a trained speaker encoder;
+       only the SC stages are recomputed)
 """
 from __future__ import annotations
 
@@ -31,18 +33,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch and CTranslate2 threads; 1 by default: on this shared 2-core machine two "
                          "benchmarks run side by side, one core each, which avoids thread oversubscription")
+    ap.add_argument("--extractor", default=None,
+                    help="speaker extractor for Pseudo2Real-SC (melstats or a `selfspeech sv train` folder); "
+                         "default: the recipe's")
+    ap.add_argument("--result-name", default="pseudo2real")
     args = ap.parse_args()
+    import dataclasses
+
     import torch
 
     torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe)
+    if args.extractor:
+        recipe = dataclasses.replace(recipe, clusters=dataclasses.replace(recipe.clusters, extractor=args.extractor))
     result = run_pseudo2real(recipe, args.out)
     scores = score_systems(str(args.out / "data" / "target_eval.jsonl"), result["hyps"], recipe.normalizer,
                            recipe.data.seed)
     report = write_report(args.out, result, scores, f"Pseudo2Real: {recipe.name}")
     s, p = scores["systems"], scores["paired"]
     rr = p.get("p2r_vs_pseudo_ft", {})
-    write_result("pseudo2real", {
+    write_result(args.result_name, {
         "wer": {k: s[k]["wer"] if k in s else None for k in KEYS},
         "wer_ci95": {k: s[k]["wer_ci95"] if k in s else None for k in KEYS},
         "relative_reduction": rr.get("rel_reduction"),
@@ -55,6 +65,7 @@ def main() -> None:
         "lambda_curves": {k: v for k, v in result["lambda"].items() if k.startswith("curve")},
         "paired": p,
         "clusters": {k: v for k, v in result["clusters"].items() if k != "assignment"},
+        "sc_extractor": recipe.clusters.extractor,
         "stage_seconds": result["times"],
         "stages_cached": result["cached"],
         "data": result["parts"],

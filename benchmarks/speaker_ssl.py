@@ -41,7 +41,8 @@ from selfspeech.data.manifest import write_manifest  # noqa: E402
 from selfspeech.data.select import split_by_speaker  # noqa: E402
 from selfspeech.eval.sv import cosine_scores, det_plot, eer_mindcf, embedding_plot, make_trials  # noqa: E402
 
-SSPS_MAIN = {"k": 100, "m": 0}
+RECIPES = ROOT / "recipes" / "speechocean762" / "sv"
+SSPS_MAIN = {"k": 100, "m": 0}  # = recipes/speechocean762/sv/ssps.yaml
 SYSTEMS = {
     "simclr": ("simclr", None),
     "simclr_ssps": ("simclr", SSPS_MAIN),
@@ -53,6 +54,22 @@ SYSTEMS = {
     "simclr_ssps_k100_m1": ("simclr", {"k": 100, "m": 1}),
 }
 KEYS = ("simclr", "simclr_ssps", "dino", "dino_ssps")
+
+
+def system_config(method: str, ssps: dict | None, args):
+    """recipes/speechocean762/sv/<method>.yaml (+ ssps.yaml with the sweep's K, M) + this run's budget."""
+    import yaml
+
+    from selfspeech.train.speaker import SpeakerSSLConfig
+
+    d = yaml.safe_load((RECIPES / f"{method}.yaml").read_text())
+    if ssps is not None:
+        d["ssps"] = {**yaml.safe_load((RECIPES / "ssps.yaml").read_text())["ssps"], **ssps}
+    d["ecapa"] = {**d["ecapa"], "channels": args.channels}
+    d["batch_size"] = args.batch_size
+    d["rir_pool"] = str(ROOT / "runs" / "rir_pool_train.npz")
+    d["loop"] = {**d["loop"], "budget_seconds": args.budget, "seed": args.seed}
+    return SpeakerSSLConfig.from_dict(d)
 
 
 def split(items: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
@@ -124,7 +141,7 @@ def main() -> None:
 
     from selfspeech.cluster.speakers import MelStatsExtractor
     from selfspeech.models.ecapa import SpeakerEncoder
-    from selfspeech.train.speaker import SpeakerSSLConfig, train_speaker
+    from selfspeech.train.speaker import train_speaker
 
     torch.set_num_threads(args.threads)
     w = args.work
@@ -145,13 +162,7 @@ def main() -> None:
         run = w / f"sv_{name}"
         if args.no_train and not (run / "summary.json").is_file():
             continue
-        cfg = SpeakerSSLConfig(
-            method=method, ecapa={"channels": args.channels, "embed_dim": 192}, batch_size=args.batch_size,
-            ssps=None if ssps is None else {**ssps, "start": 0.5, "queue": 4096, "ref_seconds": 4.0},
-            rir_pool=str(ROOT / "runs" / "rir_pool_train.npz"),
-            loop={"lr": 1e-3 if method == "simclr" else 5e-4, "weight_decay": 5e-5 if method == "simclr" else 0.04,
-                  "max_steps": 100_000, "budget_seconds": args.budget, "schedule": "cosine",
-                  "warmup_fraction": 0.05, "grad_clip": 3.0, "log_every": 10, "ckpt_every": 25, "seed": args.seed})
+        cfg = system_config(method, ssps, args)
         print(f"== train {name} ({args.budget:.0f} s)", flush=True)
         runs[name] = train_speaker(w / "train.jsonl", run, cfg)
         results[name] = evaluate(name, SpeakerEncoder.load(run), evals, noisy, trials, labels, w)

@@ -58,6 +58,10 @@ def test_recipe_errors_before_compute(tmp_path):
         check_recipe(r)
     with pytest.raises(RecipeError, match="not found"):
         load_recipe(tmp_path / "missing.yaml")
+    (tmp_path / "nowhere.jsonl").write_text("")
+    p.write_text("data: {manifest: nowhere.jsonl}\nclusters: {extractor: no_such_model}\n")
+    with pytest.raises(RecipeError, match="clusters.extractor.*sv train"):
+        check_recipe(load_recipe(p))
 
 
 def _corpus(root):

@@ -214,3 +214,63 @@ def test_speaker_config_errors(tmp_path):
     m = _speaker_corpus(tmp_path, n_spk=1, per=2)
     with pytest.raises(ValueError, match="batch_size"):
         train_speaker(m, tmp_path / "o", _sv_cfg("simclr", 2, ssps=False), progress=False)
+
+
+def test_trained_encoder_plugs_into_pseudo2real_sc(tmp_path):
+    """Pseudo2Real-SC takes a `sv train` folder as its extractor; its cache keys on the weights."""
+    from selfspeech.adapt.sc import extractor_fingerprint, get_extractor
+    from selfspeech.cluster.speakers import embed_manifest
+    from selfspeech.data.manifest import read_manifest
+    from selfspeech.models.ecapa import save_speaker_encoder
+
+    torch.manual_seed(0)
+    model = ECAPATDNN(ECAPAConfig.preset("tiny"))
+    save_speaker_encoder(model, tmp_path / "run" / "encoder")
+    m = _speaker_corpus(tmp_path, n_spk=2, per=2)
+    ex = get_extractor(str(tmp_path / "run"))
+    emb = embed_manifest(list(read_manifest(m)), ex)
+    assert len(emb) == 4 and all(v.shape == (32,) for v in emb.values())
+    before = extractor_fingerprint(str(tmp_path / "run"))
+    with torch.no_grad():
+        model.fc.bias.add_(1.0)
+    save_speaker_encoder(model, tmp_path / "run" / "encoder")
+    assert extractor_fingerprint(str(tmp_path / "run")) != before and "sha256" in before
+    with pytest.raises(ValueError, match="sv train"):
+        get_extractor(str(tmp_path / "nothing"))
+
+
+def test_sv_cli_train_embed_score(tmp_path):
+    """The three commands chained; a broken utterance is skipped and counted, unknown trial ids too."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from selfspeech.cli import app
+
+    torch.set_num_threads(1)
+    m = _speaker_corpus(tmp_path, n_spk=3, per=3)
+    cfg = _sv_cfg("simclr", 3, ssps=False).to_dict()
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    r = CliRunner()
+    res = r.invoke(app, ["sv", "train", str(tmp_path / "c.yaml"), "--manifest", str(m), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    items = [json.loads(x) for x in open(m)]
+    items.append({"id": "broken", "audio_filepath": str(tmp_path / "missing.wav"), "duration": 1.0, "speaker": "s0"})
+    m2 = tmp_path / "m2.jsonl"
+    m2.write_text("".join(json.dumps(it) + "\n" for it in items))
+    res = r.invoke(app, ["sv", "embed", str(tmp_path / "run"), str(m2), "--out", str(tmp_path / "emb")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "emb" / "summary.json").read_text())
+    assert summary["utterances"] == 9 and summary["speakers"] == 3 and [s["id"] for s in summary["skipped"]] == ["broken"]
+    assert (tmp_path / "emb" / "embeddings.png").stat().st_size > 0
+    res = r.invoke(app, ["sv", "score", str(tmp_path / "emb" / "utterances.npz"), "--manifest", str(m),
+                         "--out", str(tmp_path / "score")])
+    assert res.exit_code == 0, res.output
+    met = json.loads((tmp_path / "score" / "metrics.json").read_text())
+    assert met["trials"] == 36 and 0 <= met["cosine"]["eer"] <= 1                 # 9 utterances: every pair
+    (tmp_path / "t.txt").write_text("s0u0 s0u1 target\ns0u0 ghost nontarget\ns1u0 s2u0 nontarget\n")
+    res = r.invoke(app, ["sv", "score", str(tmp_path / "emb" / "utterances.npz"), "--trials", str(tmp_path / "t.txt"),
+                         "--out", str(tmp_path / "score2")])
+    assert res.exit_code == 2 and "ghost" in res.output
+    res = r.invoke(app, ["sv", "score", str(tmp_path / "emb" / "utterances.npz"), "--trials", str(tmp_path / "t.txt"),
+                         "--on-unknown", "skip", "--out", str(tmp_path / "score2")])
+    assert res.exit_code == 0 and json.loads((tmp_path / "score2" / "metrics.json").read_text())["skipped_trials"] == 1

@@ -15,6 +15,7 @@ from selfspeech.commands import eval as _eval
 from selfspeech.commands import label as _label
 from selfspeech.commands import models as _models
 from selfspeech.commands import ssl as _ssl
+from selfspeech.commands import sv as _sv
 
 app = typer.Typer(
     name="selfspeech",
@@ -27,6 +28,7 @@ app = typer.Typer(
 app.add_typer(_data.app, name="data")
 app.add_typer(_models.app, name="models")
 app.add_typer(_arith.app, name="arith")
+app.add_typer(_sv.app, name="sv")
 app.command("label")(_label.label)
 app.command("eval")(_eval.evaluate)
 app.command("demo")(_demo.demo)

@@ -49,6 +49,13 @@ def check_recipe(recipe: Recipe) -> None:
         raise RecipeError("lambda.rule is fixed but lambda.fixed is not set")
     if recipe.clusters.level not in ("speaker", "utterance"):
         raise RecipeError(f"clusters.level: {recipe.clusters.level!r}; choose speaker or utterance")
+    if recipe.clusters.enabled:
+        from selfspeech.adapt.sc import get_extractor
+
+        try:
+            get_extractor(recipe.clusters.extractor)  # a missing or foreign model folder fails here
+        except (ValueError, FileNotFoundError) as e:
+            raise RecipeError(f"clusters.extractor: {e}") from None
 
 
 def wer_of(ref_path: str, hyp_path: str, normalizer: str) -> float:

@@ -20,9 +20,26 @@ from selfspeech.data.manifest import read_manifest, write_manifest
 
 
 def get_extractor(name: str):
+    """``melstats`` (the baseline) or the directory of a trained speaker encoder (``selfspeech sv train``)."""
     if name == "melstats":
         return MelStatsExtractor()
-    raise ValueError(f"unknown speaker extractor {name!r}; available: melstats")
+    if Path(name).is_dir():
+        from selfspeech.models.ecapa import SpeakerEncoder
+
+        return SpeakerEncoder.load(name)
+    raise ValueError(f"unknown speaker extractor {name!r}: use melstats or the folder written by "
+                     "`selfspeech sv train` (its encoder/ subfolder)")
+
+
+def extractor_fingerprint(name: str) -> str:
+    """What the embedding stage's cache keys on: a model folder's weights hash, not only its path."""
+    if name == "melstats" or not Path(name).is_dir():
+        return name
+    import hashlib
+
+    d = Path(name)
+    w = d / "model.safetensors" if (d / "model.safetensors").is_file() else d / "encoder" / "model.safetensors"
+    return f"{name}@sha256:{hashlib.sha256(w.read_bytes()).hexdigest()[:16]}"
 
 
 def _key(item: dict, level: str) -> str:
@@ -40,7 +57,7 @@ def run_sc(recipe, S, parts, ps, tp, lam, scope, ft, decode, progress) -> tuple[
         np.savez(d / "utt_emb.npz", ids=np.array(list(emb)), emb=np.stack(list(emb.values())))
         return str(d / "utt_emb.npz")
 
-    emb_path = S.run("sc_embed", {"extractor": spec.extractor}, embed, deps=("data",))
+    emb_path = S.run("sc_embed", {"extractor": extractor_fingerprint(spec.extractor)}, embed, deps=("data",))
     z = np.load(emb_path)
     utt_emb = dict(zip(z["ids"].tolist(), z["emb"]))
     every = [it for n in names for it in items[n]]

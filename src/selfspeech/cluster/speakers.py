@@ -15,6 +15,7 @@ way once it exists.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Protocol
 
 import numpy as np
@@ -113,3 +114,26 @@ def random_clusters(keys: Iterable[str], sizes: dict[int, int], seed: int = 0) -
         raise ValueError(f"sizes sum to {len(labels)} but there are {len(keys)} items")
     np.random.default_rng(seed).shuffle(labels)
     return {key: int(c) for key, c in zip(keys, labels)}
+
+
+def save_embeddings(path: str | Path, emb: dict[str, np.ndarray]) -> Path:
+    """``{id: (D,)}`` -> ``.npz`` with ``ids`` (unicode) and ``emb`` (N, D) float32; no pickle, atomic."""
+    import io
+
+    from selfspeech.data.atomic import atomic_write
+
+    buf = io.BytesIO()
+    np.savez(buf, ids=np.array(list(emb), dtype=str),
+             emb=np.stack([np.asarray(v, np.float32) for v in emb.values()]) if emb else np.zeros((0, 0), np.float32))
+    with atomic_write(path) as f:
+        f.buffer.write(buf.getvalue())
+    return Path(path)
+
+
+def load_embeddings(path: str | Path) -> dict[str, np.ndarray]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no embeddings file; write one with `selfspeech sv embed`")
+    z = np.load(path, allow_pickle=False)
+    if "ids" not in z or "emb" not in z:
+        raise ValueError(f"{path}: expected arrays 'ids' and 'emb' (as `selfspeech sv embed` writes)")
+    return dict(zip(z["ids"].tolist(), z["emb"]))

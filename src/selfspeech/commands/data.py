@@ -43,6 +43,86 @@ def import_kaldi(
     console.print(f"wrote {n} utterances to {out}")
 
 
+@app.command("export-kaldi")
+def export_kaldi(
+    manifest: Path = typer.Argument(..., help="Manifest (JSONL)."),
+    out: Path = typer.Argument(..., help="Kaldi data directory to write."),
+) -> None:
+    """Write a Kaldi data directory: wav.scp, segments (for offset items), text, utt2spk, spk2utt, spk2age, spk2gender.
+
+    Fields Kaldi has no file for go to utt2meta.jsonl.
+    Example: selfspeech data export-kaldi so762.jsonl data/kaldi_so762
+    """
+    from selfspeech.data.exchange import write_kaldi_dir
+
+    try:
+        write_kaldi_dir(read_manifest(manifest), out)
+    except (ManifestError, ValueError, OSError) as e:
+        fail(str(e))
+    console.print(f"wrote {out}")
+
+
+@app.command("export-lhotse")
+def export_lhotse(
+    manifest: Path = typer.Argument(..., help="Manifest (JSONL)."),
+    out: Path = typer.Argument(..., help="CutSet to write (.jsonl.gz)."),
+) -> None:
+    """Write a Lhotse CutSet (recordings + supervisions; metadata in supervision.custom). Needs lhotse."""
+    from selfspeech.data.exchange import write_lhotse
+
+    try:
+        write_lhotse(read_manifest(manifest), out)
+    except (ManifestError, ValueError, ImportError, OSError) as e:
+        fail(str(e))
+    console.print(f"wrote {out}")
+
+
+@app.command("import-lhotse")
+def import_lhotse(
+    cuts: Path = typer.Argument(..., help="Lhotse CutSet (.jsonl.gz), one supervision per cut."),
+    out: Path = typer.Argument(..., help="Manifest to write (JSONL)."),
+) -> None:
+    """Import a Lhotse CutSet into a manifest (text, speaker, gender, language, custom fields). Needs lhotse."""
+    from selfspeech.data.exchange import read_lhotse
+
+    try:
+        n = write_manifest(out, read_lhotse(cuts))
+    except (ValueError, ImportError, OSError) as e:
+        fail(str(e))
+    console.print(f"wrote {n} utterances to {out}")
+
+
+@app.command("import-hf")
+def import_hf(
+    dataset: Path = typer.Argument(..., help="A Hugging Face dataset saved with save_to_disk (a Dataset, or a DatasetDict with --split)."),
+    out: Path = typer.Argument(..., help="Manifest to write (JSONL)."),
+    audio_dir: Path = typer.Option(None, help="Where decoded audio is written as FLAC (default: OUT's folder/audio)."),
+    split: str = typer.Option(None, help="Split of a DatasetDict, e.g. train."),
+    audio: str = typer.Option("audio", help="Audio column."),
+    text: str = typer.Option("text", help="Transcript column ('' for none)."),
+    speaker: str = typer.Option("speaker", help="Speaker column ('' for none)."),
+    id_column: str = typer.Option(None, help="Utterance id column (default: row numbers)."),
+) -> None:
+    """Import a Hugging Face `datasets` audio dataset (decoded arrays or file paths). Needs datasets."""
+    try:
+        import datasets
+    except ImportError:
+        fail("needs the datasets package: pip install 'selfspeech[exchange]'")
+    from selfspeech.data.exchange import from_hf_dataset
+
+    try:
+        ds = datasets.load_from_disk(str(dataset))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                fail(f"{dataset} is a DatasetDict: give --split, one of {list(ds)}")
+            ds = ds[split]
+        n = write_manifest(out, from_hf_dataset(ds, audio_dir or out.parent / "audio", audio, text or None,
+                                                speaker or None, id_column))
+    except (ValueError, OSError, FileNotFoundError) as e:
+        fail(str(e))
+    console.print(f"wrote {n} utterances to {out}")
+
+
 @app.command("select")
 def select_cmd(
     manifest: Path = typer.Argument(..., help="Input manifest (JSONL)."),

@@ -90,18 +90,28 @@ def cosine_momentum(progress: float, base: float = 0.996, final: float = 1.0) ->
 
 
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """In place: teacher <- m * teacher + (1 - m) * student, parameters and float buffers (BN statistics)."""
+    """In place: teacher <- m * teacher + (1 - m) * student, parameters only.
+
+    As in DINO's code, the teacher runs in training mode (batch-norm on batch
+    statistics) and its running statistics come from its own forward passes;
+    a teacher in inference mode with EMA'd running statistics lags the
+    student's activations and, in our first run, drifted to uniform outputs.
+    """
     with torch.no_grad():
         for pt, ps in zip(teacher.parameters(), student.parameters()):
             pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
-        for bt, bs in zip(teacher.buffers(), student.buffers()):
-            if bt.dtype.is_floating_point:
-                bt.mul_(momentum).add_(bs, alpha=1 - momentum)
-            else:
-                bt.copy_(bs)
 
 
-def prototype_entropy(teacher: list[torch.Tensor], center: torch.Tensor, t_teacher: float) -> float:
-    """Entropy (nats) of the batch-mean teacher distribution: log(K) is uniform, near 0 is collapse."""
-    p = torch.cat([torch.softmax((t - center) / t_teacher, -1) for t in teacher]).mean(0)
-    return float(-(p * p.clamp(min=1e-12).log()).sum())
+def prototype_entropy(teacher: list[torch.Tensor], center: torch.Tensor, t_teacher: float) -> tuple[float, float]:
+    """DINO's two collapse monitors (Caron et al. 2021, sec. 5.3), in nats.
+
+    Returns (entropy of the batch-mean teacher distribution, mean per-sample
+    entropy). Collapse onto one prototype: both near 0. Collapse to uniform:
+    the per-sample entropy reaches log K. Their difference (a KL) is what the
+    targets tell the student; it should grow.
+    """
+    q = torch.cat([torch.softmax((t - center) / t_teacher, -1) for t in teacher])
+    p = q.mean(0)
+    mean_h = float(-(p * p.clamp(min=1e-12).log()).sum())
+    sample_h = float(-(q * q.clamp(min=1e-12).log()).sum(-1).mean())
+    return mean_h, sample_h

@@ -44,6 +44,7 @@ class LoopConfig:
     ckpt_every: int = 100
     eval_every: int = 0             # 0: evaluate only at the end
     patience: int | None = None     # stop after this many evaluations without improvement
+    max_bad_steps: int = 5          # non-finite loss/gradient: skip the update; stop after this many in a row
     tensorboard: bool = False
 
     def __post_init__(self):
@@ -108,7 +109,8 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
         (d / RUN_CONFIG).write_text(json.dumps(run_config, indent=1) + "\n")
 
     optimizer = make_optimizer(module, cfg)
-    state = {"step": 0, "seconds": 0.0, "best": None, "best_step": None, "bad_evals": 0, "done": False}
+    state = {"step": 0, "seconds": 0.0, "best": None, "best_step": None, "bad_evals": 0, "done": False,
+             "skipped_steps": 0, "bad_in_a_row": 0}
     if resumed is not None:
         from safetensors.torch import load_file
 
@@ -164,10 +166,25 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
                     loss.backward()
                     gnorm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip))
                     lv = float(loss.detach())
-                    if not math.isfinite(gnorm) or not math.isfinite(lv):
-                        raise FloatingPointError(f"step {step}: loss {lv} / grad norm {gnorm}: training "
-                                                 f"diverged; lower the learning rate ({cfg.lr}) or check the input")
-                    optimizer.step()
+                    finite = math.isfinite(gnorm) and math.isfinite(lv)
+                    if finite:
+                        optimizer.step()
+                        state["bad_in_a_row"] = 0
+                    else:
+                        # one bad batch (a corrupt utterance, an overflow) must not cost the run: skip the
+                        # update, count it; a streak means divergence, and the last checkpoint stays the good one
+                        optimizer.zero_grad(set_to_none=True)
+                        state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+                        state["bad_in_a_row"] = state.get("bad_in_a_row", 0) + 1
+                        emit({"event": "nonfinite", "step": step + 1, "loss": repr(lv), "grad_norm": repr(gnorm),
+                              "ids": batch.get("ids") if isinstance(batch, dict) else None,
+                              "skipped_steps": state["skipped_steps"]})
+                        tqdm.write(f"warning (step {step + 1}): loss {lv} / grad norm {gnorm}: update skipped")
+                        if state["bad_in_a_row"] >= cfg.max_bad_steps:
+                            raise FloatingPointError(
+                                f"step {step + 1}: {state['bad_in_a_row']} non-finite losses/gradients in a row: "
+                                f"training diverged; lower the learning rate ({cfg.lr}) or check the input. "
+                                f"The last checkpoint ({last}) holds the weights before the streak")
                     state["step"] = step = step + 1
                     if after_update is not None:
                         with torch.no_grad():

@@ -119,15 +119,6 @@ class SpeakerSSLTask(nn.Module):
         self.speaker_of = speaker_of  # monitoring only, never in the loss
         self.last_cluster: dict = {}
 
-    def teacher_modules(self) -> list[nn.Module]:
-        return [self.teacher_encoder, self.teacher_head] if self.cfg.method == "dino" else []
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for m in self.teacher_modules():
-            m.eval()  # the teacher is never trained: BN uses its EMA'd statistics
-        return self
-
     def export_encoder(self) -> ECAPATDNN:
         return self.teacher_encoder if self.cfg.method == "dino" else self.encoder
 
@@ -158,7 +149,8 @@ class SpeakerSSLTask(nn.Module):
             pos = teacher
             targets = teacher if rows is None else [self.ssps.apply(i, t, rows) for i, t in enumerate(teacher)]
             loss = dino_loss(student, targets, self.center, cfg.t_student, cfg.t_teacher)
-            rec["teacher_entropy"] = round(prototype_entropy(teacher, self.center, cfg.t_teacher), 4)
+            mean_h, sample_h = prototype_entropy(teacher, self.center, cfg.t_teacher)
+            rec.update(teacher_entropy=round(mean_h, 4), teacher_sample_entropy=round(sample_h, 4))
             with torch.no_grad():
                 update_center(self.center, teacher, cfg.center_momentum)
         if self.ssps is not None:

@@ -1,0 +1,175 @@
+"""``selfspeech sv train|embed|score``: self-supervised speaker verification."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from selfspeech.commands.data import console, fail
+from selfspeech.commands.ssl import _read_config
+
+app = typer.Typer(no_args_is_help=True, help="Self-supervised speaker verification: ECAPA-TDNN trained with "
+                  "SimCLR or DINO (optionally SSPS) on unlabelled audio; embeddings; EER/minDCF scoring.")
+
+
+@app.command("train")
+def train(
+    config: Path = typer.Argument(None, help="YAML/JSON with SpeakerSSLConfig keys: method, ecapa {preset|fields}, augment, ssps {k, m, start, queue, ref_seconds}, segment_seconds, batch_size, loop..."),
+    manifest: Path = typer.Option(..., "--manifest", help="Unlabelled audio (JSONL manifest). Speaker fields, if any, are only used to monitor SSPS."),
+    out: Path = typer.Option(..., help="Output folder: encoder/ (for `sv embed` and Pseudo2Real-SC), best/ (whole task), log.jsonl. Rerun to resume."),
+    method: str = typer.Option(None, help="simclr | dino (overrides the config)."),
+    ssps: bool = typer.Option(None, "--ssps/--no-ssps", help="Turn SSPS pseudo-positives on (config's ssps or defaults) or off."),
+    steps: int = typer.Option(None, help="Maximum optimizer steps (overrides loop.max_steps)."),
+    budget_seconds: float = typer.Option(None, help="Stop after this much training time instead."),
+) -> None:
+    """Train a speaker encoder without speaker labels.
+
+    simclr: NT-Xent between two augmented 2-s segments of each utterance.
+    dino: 2 global + 4 local crops, EMA teacher with centring and sharpening.
+    --ssps: after ssps.start of the budget, positives come from other utterances
+    of the same k-means cluster of a reference-embedding queue (Lepage & Dehak 2025).
+    Augmentation: noise (white, coloured, babble from other utterances),
+    simulated rooms (pyroomacoustics), gain and speed.
+
+    Example: selfspeech sv train recipes/speechocean762/sv/simclr_ssps.yaml --manifest train.jsonl --out runs/sv
+    """
+    from selfspeech.train.speaker import SpeakerSSLConfig, train_speaker
+
+    d = _read_config(config)
+    if method:
+        d["method"] = method
+    if ssps is not None:
+        d["ssps"] = (d.get("ssps") or {}) if ssps else None
+    loop = dict(d.get("loop") or {})
+    if steps:
+        loop["max_steps"] = steps
+    if budget_seconds:
+        loop["budget_seconds"] = budget_seconds
+    d["loop"] = loop
+    if not manifest.is_file():
+        fail(f"{manifest}: manifest not found")
+    try:
+        summary = train_speaker(manifest, out, SpeakerSSLConfig.from_dict(d))
+    except (ValueError, TypeError) as e:
+        fail(str(e))
+    console.print_json(json.dumps(summary))
+
+
+@app.command("embed")
+def embed(
+    model: Path = typer.Argument(..., help="A `sv train` output folder (or its encoder/ subfolder); or 'melstats' for the baseline."),
+    manifest: Path = typer.Argument(..., help="Utterances to embed (JSONL manifest)."),
+    out: Path = typer.Option(..., help="Folder for utterances.npz, speakers.npz (ids + emb, no pickle) and summary.json."),
+    on_error: str = typer.Option("skip", help="An unreadable or non-finite utterance: skip (counted, listed in summary.json) or raise."),
+    plot: bool = typer.Option(True, help="Also draw a 2-D projection of the embeddings, coloured by speaker (PNG)."),
+) -> None:
+    """Per-utterance and per-speaker embeddings (speaker = mean of L2-normalised utterance embeddings).
+
+    One utterance in memory at a time. These files feed `sv score` and
+    Pseudo2Real-SC (recipe clusters.extractor: the model folder).
+    """
+    import numpy as np
+    from tqdm import tqdm
+
+    from selfspeech.adapt.sc import get_extractor
+    from selfspeech.audio.io import load_item
+    from selfspeech.cluster.speakers import save_embeddings, speaker_means
+    from selfspeech.data.manifest import read_manifest
+
+    if on_error not in ("skip", "raise"):
+        fail(f"--on-error {on_error!r}: choose skip or raise")
+    if not manifest.is_file():
+        fail(f"{manifest}: manifest not found")
+    try:
+        ex = get_extractor(str(model))
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    items, emb, skipped = list(read_manifest(manifest)), {}, []
+    for it in tqdm(items, desc="embed", unit="utt"):
+        try:
+            e = ex.embed(load_item(it))
+            if not np.isfinite(e).all():
+                raise ValueError("non-finite embedding (NaN/inf in the audio?)")
+            emb[it["id"]] = e
+        except Exception as err:  # noqa: BLE001 - every failure is reported with its utterance
+            if on_error == "raise":
+                fail(f"utterance {it.get('id')!r} ({it.get('audio_filepath')}): {err}")
+            skipped.append({"id": it.get("id"), "reason": str(err)})
+    if not emb:
+        fail(f"no utterance could be embedded ({len(skipped)} skipped; first: {skipped[:1]})")
+    out.mkdir(parents=True, exist_ok=True)
+    save_embeddings(out / "utterances.npz", emb)
+    kept = [it for it in items if it["id"] in emb and it.get("speaker") not in (None, "")]
+    spk = speaker_means(kept, emb) if kept else {}
+    if spk:
+        save_embeddings(out / "speakers.npz", spk)
+    if plot and spk:
+        from selfspeech.eval.sv import embedding_plot
+
+        embedding_plot(emb, {it["id"]: str(it["speaker"]) for it in kept}, out / "embeddings.png")
+    summary = {"model": str(model), "utterances": len(emb), "speakers": len(spk), "skipped": skipped}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    console.print(f"wrote {out}: {len(emb)} utterance and {len(spk)} speaker embeddings; {len(skipped)} skipped")
+
+
+@app.command("score")
+def score(
+    embeddings: Path = typer.Argument(..., help="utterances.npz from `sv embed`."),
+    out: Path = typer.Option(..., help="Folder for scores.txt, metrics.json, det.png and report.md."),
+    trials: Path = typer.Option(None, help="Trial list: 'enrol test target|nontarget' per line."),
+    manifest: Path = typer.Option(None, help="Instead of --trials: build trials from this manifest's speakers."),
+    n_trials: int = typer.Option(None, help="With --manifest: number of trials (default: every pair)."),
+    on_unknown: str = typer.Option("raise", help="Trial lines naming an utterance without embedding: raise or skip (counted)."),
+    cohort: Path = typer.Option(None, help="utterances.npz of impostor speakers (not in the trials) for adaptive S-norm."),
+    top_n: int = typer.Option(300, help="AS-norm cohort size (closest impostors)."),
+    p_target: float = typer.Option(0.01, help="minDCF prior of a target trial."),
+) -> None:
+    """Cosine scoring, EER and minDCF (normalised; C_miss = C_fa = 1), DET curve.
+
+    EER: the interpolated crossing of the miss and false-alarm rates over all
+    distinct thresholds (accept iff score >= t); within 1/n_target of Kaldi's
+    compute-eer. Optional adaptive symmetric score normalisation.
+    """
+    import numpy as np
+
+    from selfspeech.cluster.speakers import load_embeddings
+    from selfspeech.data.manifest import read_manifest
+    from selfspeech.eval.sv import as_norm, cosine_scores, det_plot, eer_mindcf, make_trials, metrics_table, read_trials
+
+    if on_unknown not in ("raise", "skip"):
+        fail(f"--on-unknown {on_unknown!r}: choose raise or skip")
+    try:
+        emb = load_embeddings(embeddings)
+        skipped = 0
+        if trials is not None:
+            tr, skipped = read_trials(trials, known_ids=emb, on_unknown=on_unknown)
+        elif manifest is not None:
+            tr = make_trials({it["id"]: str(it["speaker"]) for it in read_manifest(manifest) if it["id"] in emb},
+                             n_trials)
+        else:
+            fail("give --trials FILE or --manifest M (trials built from its speakers)")
+        labels = np.array([t.target for t in tr])
+        s = cosine_scores(emb, tr)
+        rows = {"cosine": eer_mindcf(s, labels, p_target=p_target)}
+        curves = {"cosine": (s, labels)}
+        if cohort is not None:
+            s = as_norm(s, tr, emb, load_embeddings(cohort), top_n=top_n)
+            rows["as-norm"] = eer_mindcf(s, labels, p_target=p_target)
+            curves["as-norm"] = (s, labels)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "scores.txt", "w", encoding="utf-8") as f:
+        for t, x in zip(tr, s):
+            f.write(f"{t.enrol} {t.test} {x:.6f} {'target' if t.target else 'nontarget'}\n")
+    import dataclasses
+
+    metrics = {k: dataclasses.asdict(v) for k, v in rows.items()} | {"trials": len(tr), "skipped_trials": skipped}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    det_plot(curves, out / "det.png")
+    (out / "report.md").write_text(f"# Speaker verification: {embeddings}\n\n{len(tr)} trials "
+                                   f"({int(labels.sum())} target), {skipped} trial line(s) skipped.\n\n"
+                                   f"{metrics_table(rows)}\n\n![DET](det.png)\n")
+    for k, m in rows.items():
+        console.print(f"{k}: EER {100 * m.eer:.2f}%  minDCF {m.mindcf:.4f}  ({len(tr)} trials)")
