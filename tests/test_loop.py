@@ -57,3 +57,22 @@ def test_a_streak_of_nonfinite_steps_stops_with_the_good_checkpoint(tmp_path):
     st = json.loads((tmp_path / "run" / "last" / STATE_JSON).read_text())["state"]
     # the checkpoint of step 6 was written mid-streak: its weights are still those of step 4
     assert st["step"] == 6 and st["skipped_steps"] == 2 and torch.equal(saved["weight"], good)
+
+
+def test_mlflow_run_in_sqlite_is_written_and_read_back(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _run(tmp_path, bad_steps=set(), tracking=("mlflow", "tensorboard"))
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run((tmp_path / "mlflow_run_id").read_text().strip())
+    hist = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in hist] == list(range(1, 9)) and run.data.params["t"] == "1"
+    logged = [json.loads(x)["loss"] for x in open(tmp_path / "log.jsonl") if '"loss"' in x]
+    assert [m.value for m in hist] == pytest.approx(logged)               # the same numbers as the JSONL log
+    assert run.info.status == "FINISHED" and any((tmp_path / "tensorboard").iterdir())
+
+
+def test_unknown_tracking_backend_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="tracking.*wandb"):
+        _run(tmp_path, bad_steps=set(), tracking=("wandb",))
+    assert not (tmp_path / "last").exists()

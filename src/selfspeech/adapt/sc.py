@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 
 from selfspeech.adapt import prepare as P
 from selfspeech.arith.task_vector import TaskVector, apply_to_dir, diff_dirs
-from selfspeech.cluster.speakers import MelStatsExtractor, embed_manifest, kmeans_clusters, random_clusters, speaker_means
+from selfspeech.cluster.speakers import (MelStatsExtractor, embed_manifest, kmeans_clusters, load_embeddings,
+                                        random_clusters, save_embeddings, speaker_means)
 from selfspeech.data.manifest import read_manifest, write_manifest
 
 
@@ -54,12 +54,10 @@ def run_sc(recipe, S, parts, ps, tp, lam, scope, ft, decode, progress) -> tuple[
     def embed(d: Path) -> str:
         ex = get_extractor(spec.extractor)
         emb = embed_manifest([it for n in names for it in items[n]], ex, progress)
-        np.savez(d / "utt_emb.npz", ids=np.array(list(emb)), emb=np.stack(list(emb.values())))
-        return str(d / "utt_emb.npz")
+        return str(save_embeddings(d / "utt_emb.npz", emb))
 
     emb_path = S.run("sc_embed", {"extractor": extractor_fingerprint(spec.extractor)}, embed, deps=("data",))
-    z = np.load(emb_path)
-    utt_emb = dict(zip(z["ids"].tolist(), z["emb"]))
+    utt_emb = load_embeddings(emb_path)
     every = [it for n in names for it in items[n]]
     vecs = speaker_means(every, utt_emb) if spec.level == "speaker" else utt_emb
     src_keys = {_key(it, spec.level) for it in items["source_train"]}

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from selfspeech.train import checkpoint as ckpt
+from selfspeech.train.tracking import make_trackers
 
 RUN_CONFIG = "run_config.json"
 
@@ -45,11 +46,14 @@ class LoopConfig:
     eval_every: int = 0             # 0: evaluate only at the end
     patience: int | None = None     # stop after this many evaluations without improvement
     max_bad_steps: int = 5          # non-finite loss/gradient: skip the update; stop after this many in a row
-    tensorboard: bool = False
+    tensorboard: bool = False       # shorthand for tracking: [tensorboard]
+    tracking: tuple = ()            # extra backends mirroring the JSONL log: tensorboard, mlflow (train/tracking.py)
 
     def __post_init__(self):
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"schedule {self.schedule!r}: choose linear, cosine or constant")
+        object.__setattr__(self, "tracking", tuple(self.tracking) + (("tensorboard",) if self.tensorboard
+                                                                     and "tensorboard" not in self.tracking else ()))
 
 
 def lr_at(progress: float, cfg: LoopConfig) -> float:
@@ -123,14 +127,7 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
     else:
         log_path.unlink(missing_ok=True)
         torch.manual_seed(cfg.seed)
-    tb = None
-    if cfg.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:
-            print("tensorboard not installed (pip install 'selfspeech[tensorboard]'): JSONL log only")
+    trackers = make_trackers(cfg.tracking, out, run_config)
 
     def frac_at(step: int, seconds: float) -> float:
         p = step / cfg.max_steps
@@ -195,10 +192,8 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
                            **rec}
                     if step % cfg.log_every == 0 or step == 1:
                         emit(rec)
-                        if tb is not None:
-                            for k, v in rec.items():
-                                if isinstance(v, (int, float)) and k != "step":
-                                    tb.add_scalar(k, v, step)
+                        for t in trackers:
+                            t.log(rec)
                         for w in (warnings(rec) if warnings else []):
                             emit({"event": "warning", "step": step, "message": w})
                             tqdm.write(f"warning (step {step}): {w}")
@@ -215,6 +210,8 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
                             state.update(best=ev["metric"], best_step=step)
                             ckpt.write_dir(best, write)
                         emit({"event": "eval", "step": step, **ev, "improved": better})
+                        for t in trackers:
+                            t.log({"step": step, **{f"eval_{k}": v for k, v in ev.items()}})
                         if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
                             at_end = True
                     elif evaluate is None and at_end:
@@ -229,8 +226,8 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
                         break
         finally:
             bar.close()
-            if tb is not None:
-                tb.close()
+            for t in trackers:
+                t.close()
     state["seconds_this_session"] = round(time.perf_counter() - t_session, 2)
     return state
 
