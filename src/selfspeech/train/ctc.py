@@ -24,6 +24,7 @@ from selfspeech.data.manifest import read_manifest, write_manifest
 from selfspeech.models.ssl import EncoderConfig, SpeechEncoder, load_state, read_config, save_encoder
 from selfspeech.objectives.masking import span_mask
 from selfspeech.text.phones import Lexicon, Vocabulary
+from selfspeech.train import distributed as D
 from selfspeech.train.checkpoint import write_json
 from selfspeech.train.loop import LoopConfig, train_loop
 from selfspeech.train.sampler import BucketBatchSampler
@@ -164,6 +165,7 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
                  progress: bool = True) -> dict:
     """Fine-tune ``init`` (an ``ssl_encoder`` directory, or None for scratch) with CTC; best model in ``out_dir/best``."""
     out = Path(out_dir)
+    env = D.init_from_env()  # torchrun: data parallel over its processes
     loop_cfg = LoopConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.loop.items()})
     torch.manual_seed(loop_cfg.seed)
     model, enc, vocab, lexicon = _model_and_vocab(cfg, init)
@@ -173,7 +175,8 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
         raise ValueError(f"no usable utterance left (train skipped {skip_train}, dev skipped {skip_dev})")
     data = AudioDataset(train, enc.frontend, enc.n_mels)
     dev_data = AudioDataset(dev, enc.frontend, enc.n_mels)
-    sampler = BucketBatchSampler(data.durations(), max_batch_seconds=cfg.max_batch_seconds, seed=loop_cfg.seed)
+    sampler = D.shard(BucketBatchSampler(data.durations(), max_batch_seconds=cfg.max_batch_seconds,
+                                         seed=loop_cfg.seed))
 
     def collate(idx, rng):
         b = data.collate(idx, rng)
@@ -214,6 +217,8 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
                        {"ctc": cfg.to_dict(), "init": str(init) if init else None, "train": str(train_manifest),
                         "dev": str(dev_manifest)},
                        evaluate=evaluate, progress=progress, desc="finetune-ctc")
+    if not env.main:
+        return {}
     summary = {"best_dir": str(out / "best"), "best_dev_error_rate": state["best"], "best_step": state["best_step"],
                "steps": state["step"], "train_seconds": round(state["seconds"], 1), "n_train": len(train),
                "n_dev": len(dev), "skipped": {"train": skip_train, "dev": skip_dev}, "targets": cfg.targets}

@@ -14,6 +14,7 @@ used. A time budget is not bit-reproducible, a step budget is.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -25,6 +26,7 @@ from typing import Callable
 import torch
 
 from selfspeech.train import checkpoint as ckpt
+from selfspeech.train import distributed as D
 from selfspeech.train.tracking import make_trackers
 
 RUN_CONFIG = "run_config.json"
@@ -112,6 +114,8 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
         write_model(d)
         (d / RUN_CONFIG).write_text(json.dumps(run_config, indent=1) + "\n")
 
+    env = D.current()
+    main = env.main  # rank 0 writes logs and checkpoints; one process: always
     optimizer = make_optimizer(module, cfg)
     state = {"step": 0, "seconds": 0.0, "best": None, "best_step": None, "bad_evals": 0, "done": False,
              "skipped_steps": 0, "bad_in_a_row": 0}
@@ -121,13 +125,18 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
         module.load_state_dict(load_file(str(resumed / "model.safetensors")))
         state = ckpt.load_checkpoint(resumed, optimizer)
         sampler.load_state_dict(state["sampler"])
-        ckpt.truncate_log(log_path, state["step"])
+        if main:
+            ckpt.truncate_log(log_path, state["step"])
         if state["done"]:
             return state
     else:
-        log_path.unlink(missing_ok=True)
-        torch.manual_seed(cfg.seed)
-    trackers = make_trackers(cfg.tracking, out, run_config)
+        if main:
+            log_path.unlink(missing_ok=True)
+        torch.manual_seed(cfg.seed + env.rank)  # per-rank randomness (masks, augmentation) in data parallel
+    D.broadcast_module(module)
+    D.barrier()  # nobody starts while rank 0 may still be truncating the log
+    trackers = make_trackers(cfg.tracking, out, run_config) if main else []
+    trainable = [p for p in module.parameters() if p.requires_grad]
 
     def frac_at(step: int, seconds: float) -> float:
         p = step / cfg.max_steps
@@ -140,13 +149,14 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
 
     total = cfg.max_steps if not cfg.budget_seconds else None
     bar = tqdm(total=total if total else 100, initial=state["step"] if total else int(100 * frac()),
-               disable=not progress, desc=desc, unit="step" if total else "%", dynamic_ncols=True)
+               disable=not progress or not main, desc=desc, unit="step" if total else "%", dynamic_ncols=True)
     module.train()
     t_session = time.perf_counter()
-    with open(log_path, "a", encoding="utf-8") as logf:
+    with open(log_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as logf:
         def emit(rec: dict) -> None:
-            logf.write(json.dumps(rec) + "\n")
-            logf.flush()
+            if main:
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
 
         emit({"event": "resume" if resumed else "start", "step": state["step"], "config": run_config})
         try:
@@ -161,8 +171,8 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
                     loss, rec = loss_fn(batch, step)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    lv = float(D.average_gradients(trainable, loss))  # no-op for one process
                     gnorm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip))
-                    lv = float(loss.detach())
                     finite = math.isfinite(gnorm) and math.isfinite(lv)
                     if finite:
                         optimizer.step()
@@ -185,8 +195,9 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
                     state["step"] = step = step + 1
                     if after_update is not None:
                         with torch.no_grad():
-                            after_update(step, frac_at(step, state["seconds"] + time.perf_counter() - t0))
-                    state["seconds"] += time.perf_counter() - t0
+                            after_update(step, frac_at(step, D.all_max(state["seconds"] + time.perf_counter() - t0)))
+                    # every rank counts the slowest rank's time, so all stop at the same step
+                    state["seconds"] = D.all_max(state["seconds"] + time.perf_counter() - t0)
                     rec = {"step": step, "loss": round(lv, 5), "lr": lr, "grad_norm": round(gnorm, 4),
                            "batch": len(idx), "seconds": round(state["seconds"], 2), "progress": round(frac(), 4),
                            **rec}
@@ -201,25 +212,34 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
                     bar.set_postfix(loss=f"{lv:.3f}", lr=f"{lr:.1e}", refresh=False)
                     at_end = frac() >= 1.0 or step >= cfg.max_steps
                     if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or at_end):
-                        module.eval()
-                        ev = evaluate()
-                        module.train()
-                        better = state["best"] is None or ev["metric"] < state["best"]
+                        better = stop = False
+                        if main:  # the dev set is scored once, by rank 0
+                            module.eval()
+                            ev = evaluate()
+                            module.train()
+                            better = state["best"] is None or ev["metric"] < state["best"]
+                            if better:
+                                ckpt.write_dir(best, write)
+                            emit({"event": "eval", "step": step, **ev, "improved": better})
+                            for t in trackers:
+                                t.log({"step": step, **{f"eval_{k}": v for k, v in ev.items()}})
+                            state["best_value_now"] = ev["metric"]
+                        better, = D.broadcast_flags(better)
                         state["bad_evals"] = 0 if better else state["bad_evals"] + 1
                         if better:
-                            state.update(best=ev["metric"], best_step=step)
-                            ckpt.write_dir(best, write)
-                        emit({"event": "eval", "step": step, **ev, "improved": better})
-                        for t in trackers:
-                            t.log({"step": step, **{f"eval_{k}": v for k, v in ev.items()}})
-                        if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
-                            at_end = True
+                            state.update(best=state.pop("best_value_now", state["best"]), best_step=step)
+                        state.pop("best_value_now", None)
+                        stop = cfg.patience is not None and state["bad_evals"] >= cfg.patience
+                        at_end = at_end or stop
                     elif evaluate is None and at_end:
                         state["best_step"] = step
-                        ckpt.write_dir(best, write)
+                        if main:
+                            ckpt.write_dir(best, write)
                     if at_end or step % cfg.ckpt_every == 0:
                         state.update(done=at_end, sampler=sampler.state_dict())
-                        ckpt.save_checkpoint(last, write, optimizer, state)
+                        if main:
+                            ckpt.save_checkpoint(last, write, optimizer, state)
+                        D.barrier()
                     if on_step is not None:
                         on_step(rec)
                     if at_end:

@@ -24,6 +24,7 @@ from selfspeech.data.manifest import read_manifest
 from selfspeech.models.ssl import EncoderConfig, save_encoder
 from selfspeech.objectives.losses import weighted_sum
 from selfspeech.objectives.tasks import build_task
+from selfspeech.train import distributed as D
 from selfspeech.train.checkpoint import write_json
 from selfspeech.train.loop import LoopConfig, train_loop
 from selfspeech.train.sampler import BucketBatchSampler, GroupResampledBatchSampler
@@ -72,6 +73,7 @@ def min_seconds(enc: EncoderConfig, task) -> float:
 def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = PretrainConfig(),
              progress: bool = True) -> dict:
     out = Path(out_dir)
+    env = D.init_from_env()  # torchrun: data parallel over its processes
     enc_cfg, loop_cfg = cfg.encoder_config(), cfg.loop_config()
     torch.manual_seed(loop_cfg.seed)  # the same initial weights on every (re)start
     task = build_task(cfg.objective, enc_cfg, cfg.task)
@@ -92,6 +94,8 @@ def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
     else:
         sampler = BucketBatchSampler(data.durations(), max_batch_seconds=cfg.max_batch_seconds, seed=loop_cfg.seed)
 
+    sampler = D.shard(sampler)
+
     def loss_fn(batch: dict, step: int):
         terms = task(batch["x"], batch["lengths"], step)
         mon = terms.pop("monitor")
@@ -109,6 +113,8 @@ def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
     state = train_loop(task, loss_fn, sampler, data.collate, loop_cfg, out, write_model,
                        {"pretrain": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items)},
                        warnings=warn, progress=progress, desc=f"pretrain {cfg.objective}")
+    if not env.main:
+        return {}
     save_encoder(task.encoder, enc_cfg, out / "encoder", kind="ssl_encoder",
                  extra={"objective": cfg.objective, "steps": state["step"]})
     summary = {"objective": cfg.objective, "steps": state["step"], "train_seconds": round(state["seconds"], 1),

@@ -37,6 +37,7 @@ from selfspeech.models.ssl import save_encoder
 from selfspeech.objectives.speaker import (DINOHead, Projector, cosine_momentum, dino_loss, ema_update,
                                            nt_xent, prototype_entropy, update_center)
 from selfspeech.objectives.ssps import SSPSConfig, SSPSQueues
+from selfspeech.train import distributed as D
 from selfspeech.train.checkpoint import write_json
 from selfspeech.train.loop import LoopConfig, train_loop
 from selfspeech.train.sampler import BucketBatchSampler
@@ -151,14 +152,15 @@ class SpeakerSSLTask(nn.Module):
             loss = dino_loss(student, targets, self.center, cfg.t_student, cfg.t_teacher)
             mean_h, sample_h = prototype_entropy(teacher, self.center, cfg.t_teacher)
             rec.update(teacher_entropy=round(mean_h, 4), teacher_sample_entropy=round(sample_h, 4))
-            with torch.no_grad():
-                update_center(self.center, teacher, cfg.center_momentum)
+            with torch.no_grad():  # the centre follows the global batch (all ranks) in data parallel
+                update_center(self.center, [D.gather_cat(torch.cat(teacher))], cfg.center_momentum)
         if self.ssps is not None:
-            with torch.no_grad():
-                self.ssps.push_pos(idx, pos)
+            with torch.no_grad():  # queues hold every rank's entries: identical on all ranks
+                all_idx = D.gather_cat(idx)
+                self.ssps.push_pos(all_idx, [D.gather_cat(z) for z in pos])
                 if bool(self.fill_ref) and batch.get("ref") is not None:
                     self.encoder.eval()  # clean reference embeddings, BN in inference mode
-                    self.ssps.push_ref(idx, self.encoder(batch["ref"]))
+                    self.ssps.push_ref(all_idx, D.gather_cat(self.encoder(batch["ref"])))
                     self.encoder.train()
         rec.update(self.last_cluster)
         self.last_cluster = {}
@@ -182,6 +184,7 @@ class SpeakerSSLTask(nn.Module):
             self.activated_at.fill_(step)
         if bool(self.ssps.active) and (step - int(self.activated_at)) % steps_per_epoch == 0:
             stats = self.ssps.cluster(seed + step)
+            D.broadcast_module(self.ssps)  # rank 0's clustering everywhere
             self.last_cluster = {f"kmeans_{k}": v for k, v in stats.items()}
 
 
@@ -234,6 +237,7 @@ def build_augmenter(cfg: SpeakerSSLConfig, data: AudioDataset, seed: int) -> Aug
 def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConfig = SpeakerSSLConfig(),
                   progress: bool = True) -> dict:
     out = Path(out_dir)
+    env = D.init_from_env()  # torchrun: data parallel over its processes
     loop_cfg = cfg.loop_config()
     items = list(read_manifest(manifest))
     if len(items) < 2:
@@ -253,7 +257,8 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
     # equal-length views: batches of batch_size utterances, every epoch reshuffled
     sampler = BucketBatchSampler([1.0] * len(items), batch_size=cfg.batch_size, seed=loop_cfg.seed, num_buckets=1,
                                  drop_last=True)
-    steps_per_epoch = len(items) // cfg.batch_size
+    steps_per_epoch = len(items) // cfg.batch_size // env.world
+    sampler = D.shard(sampler)
     collate = ViewCollator(data, cfg, build_augmenter(cfg, data, loop_cfg.seed), task.ecfg.n_mels,
                            with_ref=cfg.ssps is not None)
 
@@ -269,6 +274,8 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
                        after_update=lambda step, p: task.after_update(step, p, steps_per_epoch, loop_cfg.seed))
     from selfspeech.train.checkpoint import write_dir
 
+    if not env.main:
+        return {}
     write_dir(out / "encoder", lambda d: save_speaker_encoder(
         task.export_encoder(), d, extra={"method": cfg.method, "ssps": cfg.ssps, "steps": state["step"]}))
     summary = {"method": cfg.method, "ssps": cfg.ssps, "steps": state["step"],
