@@ -152,3 +152,33 @@ def test_cli_unknown_teacher_and_missing_manifest(tmp_path):
     assert r.exit_code == 2 and "whisper-huge-nope" in r.output and "whisper-base" in r.output
     r = CliRunner().invoke(app, ["label", "--in", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "l.jsonl")])
     assert r.exit_code == 2 and "manifest not found" in r.output
+
+
+@pytest.mark.slow
+@needs_shared()
+def test_ray_labelling_matches_the_plain_path(tmp_path):
+    """A local Ray run (2 actors, 1 CPU each) writes the records the single-process path writes; resumable."""
+    pytest.importorskip("ray")
+    from selfspeech.data.kaldi import iter_kaldi_dir
+    from selfspeech.label.ray_label import TeacherSpec, label_with_ray
+    from selfspeech.label.teacher import load_teacher
+
+    items = [i for i in iter_kaldi_dir(SO762) if i["age_group"] == "child"][:12]
+    items.append({"id": "broken", "audio_filepath": str(tmp_path / "missing.flac"), "duration": 1.0})
+    m = tmp_path / "m.jsonl"
+    write_manifest(m, items)
+    plain = tmp_path / "plain.jsonl"
+    label_manifest(m, plain, load_teacher("whisper-tiny.en", cpu_threads=1), "whisper-tiny.en", batch_size=4,
+                   progress=False)
+    ray_out = tmp_path / "ray.jsonl"
+    first_ok = next(r for r in map(json.loads, plain.read_text().splitlines()) if r["status"] == "ok")
+    write_manifest(ray_out, [first_ok])                                           # one already done: resumed
+    st = label_with_ray(m, ray_out, TeacherSpec("whisper-tiny.en", cpu_threads=1), batch_size=4, concurrency=2,
+                        progress=False)
+    assert st.already_done == 1 and st.labelled == 11 and st.failed == 1       # the missing file: failed, counted
+
+    def content(p):
+        return {r["id"]: {k: v for k, v in r.items() if k != "decode_seconds"}
+                for r in map(json.loads, p.read_text().splitlines())}
+
+    assert content(ray_out) == content(plain)

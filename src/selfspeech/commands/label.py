@@ -25,6 +25,8 @@ def label(
     min_avg_logprob: float = typer.Option(-1.0, help="Flag labels whose mean token log-prob is below this."),
     max_no_speech_prob: float = typer.Option(0.6, help="Flag labels whose no-speech probability is above this."),
     limit: int = typer.Option(None, help="Label only the first N utterances."),
+    ray_actors: int = typer.Option(0, "--ray", help="Decode with N Ray actors (pip install 'selfspeech\\[ray]'; RAY_ADDRESS joins a cluster); the same records as one process."),
+    threads: int = typer.Option(0, help="CPU threads per teacher (0 = CTranslate2's default; with --ray: 1 if 0)."),
 ) -> None:
     """Pseudo-label every utterance of a manifest with a teacher.
 
@@ -43,11 +45,25 @@ def label(
 
     if not in_path.is_file():
         fail(f"{in_path}: manifest not found")
+    options = DecodeOptions(language=language, beam_size=beam_size, window_s=window)
+    filters = FilterConfig(max_compression_ratio, min_avg_logprob, max_no_speech_prob)
+    if ray_actors > 0:
+        import dataclasses
+
+        from selfspeech.label.ray_label import TeacherSpec, label_with_ray
+
+        spec = TeacherSpec(teacher, backend, compute_type, threads or 1, dataclasses.asdict(options))
+        try:
+            spec.load()  # fail here, clearly, rather than inside a remote actor
+            stats = label_with_ray(in_path, out_path, spec, batch_size, ray_actors, filters, limit)
+        except (ValueError, FileNotFoundError, ModelError, ImportError, ManifestError) as e:
+            fail(f"teacher {teacher!r}: {e}")
+        console.print_json(json.dumps(stats.as_dict()))
+        return
     try:
-        t = load_teacher(teacher, backend, compute_type, DecodeOptions(language=language, beam_size=beam_size, window_s=window))
+        t = load_teacher(teacher, backend, compute_type, options, cpu_threads=threads)
     except (ValueError, FileNotFoundError, ModelError) as e:
         fail(f"teacher {teacher!r}: {e}")
-    filters = FilterConfig(max_compression_ratio, min_avg_logprob, max_no_speech_prob)
     try:
         stats = label_manifest(in_path, out_path, t, teacher, batch_size, filters, limit)
     except ManifestError as e:

@@ -119,16 +119,15 @@ def _transcribe_isolating(teacher: Teacher, wavs: list[np.ndarray]) -> list[Hypo
         return out
 
 
-def label_manifest(in_path: str | os.PathLike, out_path: str | os.PathLike, teacher: Teacher,
-                   teacher_name: str, batch_size: int = 8, filters: FilterConfig = FilterConfig(),
-                   limit: int | None = None, progress: bool = True) -> LabelStats:
-    """Label every utterance of ``in_path`` not yet in ``out_path``; returns counts and timing."""
-    from tqdm import tqdm
+def plan_batches(in_path: Path, done: set[str], batch_size: int, stats: "LabelStats",
+                 limit: int | None = None) -> Iterator[list[dict]]:
+    """The batches still to label, in the order the plain path decodes them.
 
-    in_path, out_path = Path(in_path), Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = recover_done_ids(out_path)
-    stats = LabelStats()
+    Items are read in chunks of ``CHUNK`` and sorted by duration inside a chunk
+    (a batch's padding follows its longest item), so any runner that decodes
+    these batches (one process, Ray actors) gets the same windows and texts.
+    Duplicate ids and ids already in the output are counted in ``stats``.
+    """
     ids_seen: set[str] = set()
 
     def pending() -> Iterator[dict]:
@@ -145,42 +144,67 @@ def label_manifest(in_path: str | os.PathLike, out_path: str | os.PathLike, teac
                 continue
             yield item
 
+    for chunk in _chunks(pending(), CHUNK):
+        chunk.sort(key=lambda it: float(it.get("duration") or 0.0))
+        for i in range(0, len(chunk), batch_size):
+            yield chunk[i:i + batch_size]
+
+
+def label_batch(teacher: Teacher, teacher_name: str, batch: list[dict], filters: FilterConfig) -> list[dict]:
+    """Output records of one batch: unreadable audio and decoder failures become ``failed`` records."""
+    recs, ok_items, wavs = [], [], []
+    for item in batch:
+        try:
+            wavs.append(load_item(item))
+            ok_items.append(item)
+        except AudioError as e:
+            recs.append(_record(item, teacher_name, None, str(e), 0.0, filters))
+    if wavs:
+        for item, wav, hyp in zip(ok_items, wavs, _transcribe_isolating(teacher, wavs)):
+            dur = len(wav) / 16_000
+            if isinstance(hyp, Exception):
+                recs.append(_record(item, teacher_name, None, f"{type(hyp).__name__}: {hyp}", dur, filters))
+            else:
+                recs.append(_record(item, teacher_name, hyp, None, dur, filters))
+    return recs
+
+
+def write_records(out, recs: list[dict], stats: "LabelStats") -> None:
+    """Append records durably (fsync: a kill loses at most the batch being written) and count them."""
+    out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    out.flush()
+    os.fsync(out.fileno())
+    for r in recs:
+        stats.failed += r["status"] == "failed"
+        stats.labelled += r["status"] == "ok"
+        if r["status"] == "ok":
+            stats.audio_seconds += r["duration"]
+        stats.flags.update(f for f in r["flags"] if f != "failed")
+
+
+def label_manifest(in_path: str | os.PathLike, out_path: str | os.PathLike, teacher: Teacher,
+                   teacher_name: str, batch_size: int = 8, filters: FilterConfig = FilterConfig(),
+                   limit: int | None = None, progress: bool = True) -> LabelStats:
+    """Label every utterance of ``in_path`` not yet in ``out_path``; returns counts and timing."""
+    from tqdm import tqdm
+
+    in_path, out_path = Path(in_path), Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done = recover_done_ids(out_path)
+    stats = LabelStats()
     n_in = sum(1 for _ in read_manifest(in_path))
     n_in = min(n_in, limit) if limit is not None else n_in
     bar = tqdm(total=max(n_in - len(done), 0), desc=f"label {teacher_name}", unit="utt", disable=not progress,
                dynamic_ncols=True)
     t_start = time.perf_counter()
     with open(out_path, "a", encoding="utf-8") as out:
-        for chunk in _chunks(pending(), CHUNK):
-            chunk.sort(key=lambda it: float(it.get("duration") or 0.0))
-            for i in range(0, len(chunk), batch_size):
-                batch = chunk[i:i + batch_size]
-                recs, ok_items, wavs = [], [], []
-                for item in batch:
-                    try:
-                        wavs.append(load_item(item))
-                        ok_items.append(item)
-                    except AudioError as e:
-                        recs.append(_record(item, teacher_name, None, str(e), 0.0, filters))
-                if wavs:
-                    for item, wav, hyp in zip(ok_items, wavs, _transcribe_isolating(teacher, wavs)):
-                        dur = len(wav) / 16_000
-                        if isinstance(hyp, Exception):
-                            recs.append(_record(item, teacher_name, None, f"{type(hyp).__name__}: {hyp}", dur, filters))
-                        else:
-                            stats.audio_seconds += dur
-                            recs.append(_record(item, teacher_name, hyp, None, dur, filters))
-                out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-                out.flush()
-                os.fsync(out.fileno())
-                for r in recs:
-                    stats.failed += r["status"] == "failed"
-                    stats.labelled += r["status"] == "ok"
-                    stats.flags.update(f for f in r["flags"] if f != "failed")
-                stats.wall_seconds = time.perf_counter() - t_start
-                bar.update(len(recs))
-                if stats.audio_seconds:
-                    bar.set_postfix(rtf=f"{stats.rtf:.3f}", x_realtime=f"{1 / max(stats.rtf, 1e-9):.1f}")
+        for batch in plan_batches(in_path, done, batch_size, stats, limit):
+            recs = label_batch(teacher, teacher_name, batch, filters)
+            write_records(out, recs, stats)
+            stats.wall_seconds = time.perf_counter() - t_start
+            bar.update(len(recs))
+            if stats.audio_seconds:
+                bar.set_postfix(rtf=f"{stats.rtf:.3f}", x_realtime=f"{1 / max(stats.rtf, 1e-9):.1f}")
     bar.close()
     stats.wall_seconds = time.perf_counter() - t_start
     return stats

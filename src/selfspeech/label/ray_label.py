@@ -1,0 +1,100 @@
+"""Teacher labelling at scale on Ray Data: the plain path's batches, decoded by stateful actors.
+
+The driver plans exactly the batches ``label_manifest`` would decode
+(``plan_batches``: same chunking, same duration sort, same batch size, the
+utterances already in the output skipped), so the texts are the same whatever
+the number of actors: a batch's padding, hence Whisper's window, does not
+depend on who decodes it. Each Ray row is one batch; ``map_batches`` runs it
+through :class:`TeacherActor`, which loads the teacher once per actor. The
+driver appends the records as they come back, with fsync, so a killed run
+resumes where it stopped (``recover_done_ids``), as the plain path does.
+
+Use it on one machine (``ray.init(num_cpus=N)``, the default here) or on a
+cluster (``RAY_ADDRESS=...``: ``ray.init()`` joins it). ``ray`` is an optional
+extra, imported only here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from selfspeech.label.filters import FilterConfig
+from selfspeech.label.run import LabelStats, label_batch, plan_batches, recover_done_ids, write_records
+from selfspeech.label.teacher import DecodeOptions
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What an actor needs to build its own teacher (models are not shipped between processes)."""
+
+    name: str
+    backend: str = "faster-whisper"
+    compute_type: str = "int8"
+    cpu_threads: int = 1
+    options: dict = field(default_factory=dict)   # DecodeOptions fields
+
+    def load(self):
+        from selfspeech.label.teacher import load_teacher
+
+        return load_teacher(self.name, self.backend, self.compute_type, DecodeOptions(**self.options),
+                            cpu_threads=self.cpu_threads)
+
+
+class TeacherActor:
+    """Ray actor: one teacher per process, reused for every batch it receives."""
+
+    def __init__(self, spec: dict, filters: dict):
+        self.spec = TeacherSpec(**spec)
+        self.teacher = self.spec.load()
+        self.filters = FilterConfig(**filters)
+
+    def __call__(self, rows: dict) -> dict:
+        out = []
+        for raw in rows["batch"]:
+            recs = label_batch(self.teacher, self.spec.name, json.loads(raw), self.filters)
+            out.append(json.dumps(recs, ensure_ascii=False))
+        return {"records": out}
+
+
+def label_with_ray(in_path: str | os.PathLike, out_path: str | os.PathLike, spec: TeacherSpec,
+                   batch_size: int = 8, concurrency: int = 2, filters: FilterConfig = FilterConfig(),
+                   limit: int | None = None, progress: bool = True) -> LabelStats:
+    """Label ``in_path`` into ``out_path`` with ``concurrency`` Ray actors; same records as the plain path."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("Ray labelling needs ray: pip install 'selfspeech[ray]'") from None
+    from tqdm import tqdm
+
+    in_path, out_path = Path(in_path), Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done = recover_done_ids(out_path)
+    stats = LabelStats()
+    batches = [json.dumps(b, ensure_ascii=False) for b in plan_batches(in_path, done, batch_size, stats, limit)]
+    t_start = time.perf_counter()
+    if batches:
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init()
+            else:
+                ray.init(num_cpus=concurrency * spec.cpu_threads, include_dashboard=False, log_to_driver=False,
+                         logging_level="ERROR")
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # ours below counts utterances
+        ds = ray.data.from_items([{"batch": b} for b in batches], override_num_blocks=len(batches))
+        res = ds.map_batches(TeacherActor, fn_constructor_kwargs={"spec": asdict(spec), "filters": asdict(filters)},
+                             batch_size=1, compute=ray.data.ActorPoolStrategy(size=concurrency),
+                             num_cpus=spec.cpu_threads)
+        bar = tqdm(total=sum(len(json.loads(b)) for b in batches), desc=f"label {spec.name} (ray x{concurrency})",
+                   unit="utt", disable=not progress, dynamic_ncols=True)
+        with open(out_path, "a", encoding="utf-8") as out:
+            for row in res.iter_rows():
+                recs = json.loads(row["records"])
+                write_records(out, recs, stats)
+                bar.update(len(recs))
+        bar.close()
+    stats.wall_seconds = time.perf_counter() - t_start
+    return stats
