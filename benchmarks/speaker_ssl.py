@@ -52,6 +52,10 @@ SYSTEMS = {
     "simclr_ssps_k50": ("simclr", {"k": 50, "m": 0}),
     "simclr_ssps_k200": ("simclr", {"k": 200, "m": 0}),
     "simclr_ssps_k100_m1": ("simclr", {"k": 100, "m": 1}),
+    # closer to the paper's protocol, where SSPS is the last phase on a trained model (sslsv:
+    # start_epoch 100 = the baseline's length) and the positive queue holds ~5% of an epoch
+    # (50k of ~1M utterances): start at 3/4 of the budget, queue of ~half an epoch
+    "simclr_ssps_late": ("simclr", {"k": 100, "m": 0, "start": 0.75, "queue": 1024}),
 }
 KEYS = ("simclr", "simclr_ssps", "dino", "dino_ssps")
 
@@ -187,6 +191,13 @@ def main() -> None:
     best = min(KEYS, key=lambda k: results[k]["clean"]["eer"])
     e = np.load(w / f"emb_{best}.npz", allow_pickle=False)
     embedding_plot(dict(zip(e["ids"].tolist(), e["clean"])), utt2spk, figs / f"embeddings_{best}.png")
+    p2r = {}  # Pseudo2Real-SC with these embeddings vs the baseline extractor (benchmarks/pseudo2real.py runs)
+    for name, f in (("melstats", "pseudo2real.json"), ("ecapa", "pseudo2real_sc_ecapa.json")):
+        if (RESULTS / f).is_file():
+            d = json.loads((RESULTS / f).read_text())
+            p2r[name] = {"extractor": d.get("sc_extractor", "melstats"), "result_file": f,
+                         **{k: d["wer"][k] for k in ("pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random")},
+                         "clusters": d.get("clusters")}
     sv_speed = RESULTS / "sv_metrics_speed.json"
     speed = json.loads(sv_speed.read_text()) if sv_speed.is_file() else {}
     write_result("speaker_ssl", {
@@ -199,8 +210,9 @@ def main() -> None:
         "relative_eer_reduction_ssps": {"simclr": rel("simclr_ssps", "simclr"), "dino": rel("dino_ssps", "dino"),
                                         "simclr_cross": rel("simclr_ssps", "simclr", "cross"),
                                         "dino_cross": rel("dino_ssps", "dino", "cross")},
-        "ssps_sweep": {k: {"k": SYSTEMS[k][1]["k"], "m": SYSTEMS[k][1]["m"], **results[k]}
+        "ssps_sweep": {k: {**SYSTEMS[k][1], **results[k]}
                        for k in results if k in SYSTEMS and SYSTEMS[k][1] is not None},
+        "pseudo2real_sc": p2r,
         "runs": runs, "budget_seconds_per_system": args.budget, "threads": args.threads,
         "ecapa_channels": args.channels, "batch_size": args.batch_size,
         "protocol": {"train_utterances": len(train), "train_speakers": len({i["speaker"] for i in train}),

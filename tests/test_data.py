@@ -162,3 +162,23 @@ def test_speechocean762_imports_as_is(tmp_path):
     assert all(i["text"] and i["duration"] > 0 for i in items)
     probs = [p for p in validate_manifest(None, items=items[:20]) if not isinstance(p, dict)]
     assert probs == []
+
+
+def test_audio_root_keeps_manifest_paths_inside(tmp_path, monkeypatch):
+    from selfspeech.data.manifest import ManifestError, read_manifest
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "secret.wav").write_bytes(b"x")
+    (tmp_path / "corpus" / "link.wav").symlink_to(tmp_path / "secret.wav")
+    m = tmp_path / "corpus" / "m.jsonl"
+    m.write_text('{"id": "ok", "audio_filepath": "a.wav"}\n{"id": "up", "audio_filepath": "../secret.wav"}\n'
+                 '{"id": "abs", "audio_filepath": "/etc/passwd"}\n{"id": "sym", "audio_filepath": "link.wav"}\n')
+    assert len(list(read_manifest(m))) == 4                                   # no root: paths as given
+    with pytest.raises(ManifestError, match="'up'.*outside the audio root"):
+        list(read_manifest(m, audio_root=tmp_path / "corpus"))
+    bad = []
+    kept = list(read_manifest(m, audio_root=tmp_path / "corpus", on_bad_line=bad.append))
+    assert [k["id"] for k in kept] == ["ok"] and len(bad) == 3                # counted, never silently dropped
+    monkeypatch.setenv("SELFSPEECH_AUDIO_ROOT", str(tmp_path / "corpus"))
+    with pytest.raises(ManifestError, match="outside"):
+        list(read_manifest(m))

@@ -27,13 +27,19 @@ class ManifestError(ValueError):
 
 
 def read_manifest(path: str | os.PathLike, resolve_paths: bool = True,
-                  on_bad_line: Callable[[ManifestError], None] | None = None) -> Iterator[dict]:
+                  on_bad_line: Callable[[ManifestError], None] | None = None,
+                  audio_root: str | os.PathLike | None = None) -> Iterator[dict]:
     """Yield one dict per non-empty line of a JSONL manifest.
 
     Raises ManifestError naming ``path:line`` for a line that is not a JSON
     object or lacks ``id``/``audio_filepath``; with ``on_bad_line`` the error
     is handed to it instead and reading goes on (``data validate`` does this).
+    ``audio_root`` (or the environment's ``SELFSPEECH_AUDIO_ROOT``): every audio
+    path must resolve inside it (symlinks and ``..`` included), so a manifest
+    from elsewhere cannot make a job read arbitrary files.
     """
+    audio_root = audio_root or os.environ.get("SELFSPEECH_AUDIO_ROOT")
+    jail = Path(audio_root).resolve() if audio_root else None
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found (create one with `selfspeech data import-kaldi`)")
@@ -52,6 +58,15 @@ def read_manifest(path: str | os.PathLike, resolve_paths: bool = True,
             item["id"] = str(item["id"])
             if resolve_paths and not os.path.isabs(item["audio_filepath"]):
                 item["audio_filepath"] = str(root / item["audio_filepath"])
+            if jail is not None:
+                real = (root / item["audio_filepath"]).resolve()
+                if not real.is_relative_to(jail):
+                    err = ManifestError(f"{path}:{lineno}: utterance {item['id']!r}: audio {item['audio_filepath']!r} "
+                                        f"resolves outside the audio root {jail}")
+                    if on_bad_line is None:
+                        raise err
+                    on_bad_line(err)
+                    continue
             yield item
 
 
