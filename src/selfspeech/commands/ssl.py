@@ -25,6 +25,18 @@ def _read_config(path: Path | None) -> dict:
     return d
 
 
+def apply_overrides(d: dict, manifest: Path, steps: int | None, budget_seconds: float | None) -> dict:
+    """Command-line loop overrides on a config mapping; a missing manifest stops here."""
+    loop = dict(d.get("loop") or {})
+    if steps:
+        loop["max_steps"] = steps
+    if budget_seconds:
+        loop["budget_seconds"] = budget_seconds
+    if not manifest.is_file():
+        fail(f"{manifest}: manifest not found")
+    return {**d, "loop": loop}
+
+
 def pretrain(
     config: Path = typer.Argument(None, help="YAML/JSON with PretrainConfig keys: objective, encoder {preset|fields}, task, loop, max_batch_seconds, crop_seconds, group_field, group_alpha."),
     manifest: Path = typer.Option(..., "--manifest", help="Unlabelled audio (JSONL manifest; text is ignored)."),
@@ -49,14 +61,7 @@ def pretrain(
     d = _read_config(config)
     if objective:
         d["objective"] = objective
-    loop = dict(d.get("loop") or {})
-    if steps:
-        loop["max_steps"] = steps
-    if budget_seconds:
-        loop["budget_seconds"] = budget_seconds
-    d["loop"] = loop
-    if not manifest.is_file():
-        fail(f"{manifest}: manifest not found")
+    d = apply_overrides(d, manifest, steps, budget_seconds)
     try:
         cfg = PretrainConfig.from_dict(d)
         summary = run(manifest, out, cfg)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from selfspeech.commands.data import console, fail
-from selfspeech.commands.ssl import _read_config
+from selfspeech.commands.ssl import _read_config, apply_overrides
 
 app = typer.Typer(no_args_is_help=True, help="Self-supervised speaker verification: ECAPA-TDNN trained with "
                   "SimCLR or DINO (optionally SSPS) on unlabelled audio; embeddings; EER/minDCF scoring.")
@@ -41,14 +41,7 @@ def train(
         d["method"] = method
     if ssps is not None:
         d["ssps"] = (d.get("ssps") or {}) if ssps else None
-    loop = dict(d.get("loop") or {})
-    if steps:
-        loop["max_steps"] = steps
-    if budget_seconds:
-        loop["budget_seconds"] = budget_seconds
-    d["loop"] = loop
-    if not manifest.is_file():
-        fail(f"{manifest}: manifest not found")
+    d = apply_overrides(d, manifest, steps, budget_seconds)
     try:
         summary = train_speaker(manifest, out, SpeakerSSLConfig.from_dict(d))
     except (ValueError, TypeError) as e:

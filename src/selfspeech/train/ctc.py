@@ -26,7 +26,7 @@ from selfspeech.objectives.masking import span_mask
 from selfspeech.text.phones import Lexicon, Vocabulary
 from selfspeech.train import distributed as D
 from selfspeech.train.checkpoint import write_json
-from selfspeech.train.loop import LoopConfig, train_loop
+from selfspeech.train.loop import loop_config, train_loop
 from selfspeech.train.sampler import BucketBatchSampler
 
 
@@ -166,7 +166,7 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
     """Fine-tune ``init`` (an ``ssl_encoder`` directory, or None for scratch) with CTC; best model in ``out_dir/best``."""
     out = Path(out_dir)
     env = D.init_from_env()  # torchrun: data parallel over its processes
-    loop_cfg = LoopConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.loop.items()})
+    loop_cfg = loop_config(cfg.loop)
     torch.manual_seed(loop_cfg.seed)
     model, enc, vocab, lexicon = _model_and_vocab(cfg, init)
     train, skip_train = prepare_items(train_manifest, vocab, lexicon, enc)

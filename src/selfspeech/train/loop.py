@@ -58,6 +58,22 @@ class LoopConfig:
                                                                      and "tensorboard" not in self.tracking else ()))
 
 
+def loop_config(d: dict) -> LoopConfig:
+    """A LoopConfig from a YAML/JSON mapping (lists become the tuples the dataclass holds)."""
+    return LoopConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def strict_from_dict(cls, d: dict, what: str):
+    """``cls(**d)`` for a config dataclass, refusing unknown keys with the list of known ones."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} config key(s) {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+
 def lr_at(progress: float, cfg: LoopConfig) -> float:
     """Learning rate at ``progress`` in [0, 1] of the budget."""
     w = cfg.warmup_fraction

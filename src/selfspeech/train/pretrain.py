@@ -26,7 +26,7 @@ from selfspeech.objectives.losses import weighted_sum
 from selfspeech.objectives.tasks import build_task
 from selfspeech.train import distributed as D
 from selfspeech.train.checkpoint import write_json
-from selfspeech.train.loop import LoopConfig, train_loop
+from selfspeech.train.loop import LoopConfig, loop_config, strict_from_dict, train_loop
 from selfspeech.train.sampler import BucketBatchSampler, GroupResampledBatchSampler
 
 
@@ -48,19 +48,14 @@ class PretrainConfig:
         return EncoderConfig.preset(preset, **kw) if preset else EncoderConfig(**kw)
 
     def loop_config(self) -> LoopConfig:
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in self.loop.items()}
-        return LoopConfig(**kw)
+        return loop_config(self.loop)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "PretrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown pretraining config key(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "pretraining")
 
 
 def min_seconds(enc: EncoderConfig, task) -> float:

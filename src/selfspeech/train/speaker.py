@@ -39,7 +39,7 @@ from selfspeech.objectives.speaker import (DINOHead, Projector, cosine_momentum,
 from selfspeech.objectives.ssps import SSPSConfig, SSPSQueues
 from selfspeech.train import distributed as D
 from selfspeech.train.checkpoint import write_json
-from selfspeech.train.loop import LoopConfig, train_loop
+from selfspeech.train.loop import LoopConfig, loop_config, strict_from_dict, train_loop
 from selfspeech.train.sampler import BucketBatchSampler
 
 METHODS = ("simclr", "dino")
@@ -81,18 +81,14 @@ class SpeakerSSLConfig:
         return None if self.ssps is None else SSPSConfig(**self.ssps)
 
     def loop_config(self) -> LoopConfig:
-        return LoopConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.loop.items()})
+        return loop_config(self.loop)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "SpeakerSSLConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown speaker-SSL config key(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "speaker-SSL")
 
 
 class SpeakerSSLTask(nn.Module):
