@@ -106,24 +106,33 @@ def embed_all(extractor, items: list[dict], noisy: dict[str, np.ndarray]) -> tup
     return clean, cross
 
 
-def evaluate(name: str, extractor, items, noisy, trials, labels, work: Path) -> dict:
-    cache = work / f"metrics_{name}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    clean, cross = embed_all(extractor, items, noisy)
-    np.savez(work / f"emb_{name}.npz", ids=np.array(list(clean)), clean=np.stack(list(clean.values())),
-             cross=np.stack([cross[k] for k in clean]))
-    s_clean = cosine_scores(clean, trials)
-    # cross-condition: enrolment clean, test degraded
-    both = {**{k: v for k, v in clean.items()}, **{k + "#deg": v for k, v in cross.items()}}
-    from selfspeech.eval.sv import Trial
+def evaluate(name: str, extractor, items, noisy, trials, labels, work: Path, cohort_items: list[dict]) -> dict:
+    """EER/minDCF on clean and cross-condition trials, raw cosine and AS-norm; cached per system."""
+    from selfspeech.eval.sv import Trial, as_norm
 
-    s_cross = cosine_scores(both, [Trial(t.enrol, t.test + "#deg", t.target) for t in trials])
-    out = {}
-    for cond, s in (("clean", s_clean), ("cross", s_cross)):
-        m = eer_mindcf(s, labels)
-        out[cond] = {"eer": m.eer, "mindcf": m.mindcf}
-    np.save(work / f"scores_{name}.npy", np.stack([s_clean, s_cross]))
+    cache = work / f"metrics_{name}.json"
+    out = json.loads(cache.read_text()) if cache.is_file() else {}
+    if "clean" not in out:
+        clean, cross = embed_all(extractor, items, noisy)
+        np.savez(work / f"emb_{name}.npz", ids=np.array(list(clean)), clean=np.stack(list(clean.values())),
+                 cross=np.stack([cross[k] for k in clean]))
+    e = np.load(work / f"emb_{name}.npz", allow_pickle=False)
+    ids = e["ids"].tolist()
+    clean, cross = dict(zip(ids, e["clean"])), dict(zip(ids, e["cross"]))
+    both = {**clean, **{k + "#deg": v for k, v in cross.items()}}
+    cross_trials = [Trial(t.enrol, t.test + "#deg", t.target) for t in trials]  # enrolment clean, test degraded
+    scores = {"clean": cosine_scores(clean, trials), "cross": cosine_scores(both, cross_trials)}
+    if "clean_asnorm" not in out:
+        # adaptive S-norm (top 100) against unlabelled training utterances: impostors by construction,
+        # since evaluation speakers are disjoint; no label is used
+        cohort = np.stack([extractor.embed(load_item(it)) for it in cohort_items])
+        scores["clean_asnorm"] = as_norm(scores["clean"], trials, clean, cohort, top_n=100)
+        scores["cross_asnorm"] = as_norm(scores["cross"], cross_trials, both, cohort, top_n=100)
+    for cond, s in scores.items():
+        if cond not in out:
+            m = eer_mindcf(s, labels)
+            out[cond] = {"eer": m.eer, "mindcf": m.mindcf}
+    np.save(work / f"scores_{name}.npy", np.stack([scores["clean"], scores["cross"]]))
     cache.write_text(json.dumps(out, indent=1) + "\n")
     return out
 
@@ -160,7 +169,11 @@ def main() -> None:
     print(f"train {len(train)} utts / {len({i['speaker'] for i in train})} spk; eval {len(evals)} utts / "
           f"{len(utt2spk and set(utt2spk.values()))} spk; {len(trials)} trials ({labels.sum()} target)", flush=True)
 
-    results, runs = {"melstats": evaluate("melstats", MelStatsExtractor(), evals, noisy, trials, labels, w)}, {}
+    import random
+
+    cohort_items = random.Random(args.seed).sample(train, 300)
+    results = {"melstats": evaluate("melstats", MelStatsExtractor(), evals, noisy, trials, labels, w, cohort_items)}
+    runs = {}
     for name in args.systems:
         method, ssps = SYSTEMS[name]
         run = w / f"sv_{name}"
@@ -169,7 +182,7 @@ def main() -> None:
         cfg = system_config(method, ssps, args)
         print(f"== train {name} ({args.budget:.0f} s)", flush=True)
         runs[name] = train_speaker(w / "train.jsonl", run, cfg)
-        results[name] = evaluate(name, SpeakerEncoder.load(run), evals, noisy, trials, labels, w)
+        results[name] = evaluate(name, SpeakerEncoder.load(run), evals, noisy, trials, labels, w, cohort_items)
         print(f"   {name}: EER clean {results[name]['clean']['eer']:.4f} cross {results[name]['cross']['eer']:.4f}",
               flush=True)
     if not all((w / f"metrics_{k}.json").is_file() for k in KEYS):
@@ -207,6 +220,8 @@ def main() -> None:
         "eer_10m_trials_seconds": speed.get("eer_10m_trials_seconds"),
         "cross_condition": {k: results[k]["cross"] for k in results},
         "clean": {k: results[k]["clean"] for k in results},
+        "clean_asnorm": {k: results[k].get("clean_asnorm") for k in results},
+        "cross_condition_asnorm": {k: results[k].get("cross_asnorm") for k in results},
         "relative_eer_reduction_ssps": {"simclr": rel("simclr_ssps", "simclr"), "dino": rel("dino_ssps", "dino"),
                                         "simclr_cross": rel("simclr_ssps", "simclr", "cross"),
                                         "dino_cross": rel("dino_ssps", "dino", "cross")},
