@@ -38,9 +38,13 @@ def age_group(age: int) -> str:
 def _read_table(path: Path, min_fields: int = 2, rest_joined: bool = False) -> dict[str, str | list[str]]:
     """Read a Kaldi table ``key value...``; duplicate keys and short lines are errors."""
     out: dict[str, str | list[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise KaldiError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start}); "
+                                 "convert the file to UTF-8 (e.g. iconv -f GB18030 -t UTF-8)") from None
             if not line.strip():
                 continue
             if rest_joined:

@@ -81,6 +81,11 @@ def parse_line(line: str, path: str | os.PathLike, lineno: int, required: tuple[
     missing = [k for k in required if k not in item]
     if missing:
         raise ManifestError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+    if "audio_filepath" in item and (not isinstance(item["audio_filepath"], str) or not item["audio_filepath"]):
+        raise ManifestError(f"{path}:{lineno}: audio_filepath must be a non-empty string, got "
+                            f"{item['audio_filepath']!r}")
+    if "id" in item and (not isinstance(item["id"], (str, int)) or isinstance(item["id"], bool) or item["id"] == ""):
+        raise ManifestError(f"{path}:{lineno}: id must be a non-empty string (or integer), got {item['id']!r}")
     return item
 
 

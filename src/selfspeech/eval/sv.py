@@ -311,8 +311,12 @@ def read_trials(path: str | os.PathLike, known_ids: Container[str] | None = None
     if on_unknown not in ("raise", "skip"):
         raise ValueError(f"on_unknown must be 'raise' or 'skip', got {on_unknown!r}")
     trials, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
             fields = line.split()
             if not fields:
                 continue

@@ -41,7 +41,10 @@ def get_normalizer(name: str = "whisper_english") -> Normalizer:
     if name == "whisper_english":
         from whisper_normalizer.english import EnglishTextNormalizer
 
-        return Normalizer(name, EnglishTextNormalizer())
+        whisper = EnglishTextNormalizer()
+        # NFKC first: Whisper's normaliser lower-cases before its own NFKC step, so compatibility
+        # letters (math bold, full-width) would come out upper-case (found by fuzzing)
+        return Normalizer(name, lambda t: whisper(unicodedata.normalize("NFKC", t)))
     if name == "basic":
         return Normalizer(name, _basic)
     if name == "none":
