@@ -103,7 +103,7 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_whisper_dir, monkeypatch):
     monkeypatch.setattr(teacher_mod, "load_teacher", lambda *a, **k: WordTeacher())
 
     m = _corpus(tmp_path)
-    recipe = recipe_from_dict({
+    spec = {
         "name": "tiny",
         "data": {"manifest": str(m), "source_parts": {"train": 4, "dev": 2, "sim": 2},
                  "target_parts": {"adapt": 3, "eval": 3}, "dev_fraction": 0.34},
@@ -113,7 +113,8 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_whisper_dir, monkeypatch):
         "lambda": {"grid": [0.0, 1.0], "oracle_sweep": False, "scopes": ["all", "encoder"]},
         "clusters": {"k": 2, "min_size": 1},
         "systems": ["teacher", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random"],
-    }, root=tmp_path)
+    }
+    recipe = recipe_from_dict(spec, root=tmp_path)
     logs = []
     res = run_pseudo2real(recipe, tmp_path / "run", log=logs.append, progress=False)
     assert set(res["hyps"]) == {"teacher", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random"}
@@ -140,6 +141,12 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_whisper_dir, monkeypatch):
     logs.clear()
     res2 = run_pseudo2real(recipe, tmp_path / "run", log=logs.append, progress=False)
     assert all(res2["cached"].values()) and res2["hyps"] == res["hyps"]
+    # other clusters (here: utterance level) redo every SC stage that reads them, and nothing else
+    recipe3 = recipe_from_dict({**spec, "clusters": {"k": 2, "min_size": 1, "level": "utterance"}}, root=tmp_path)
+    res3 = run_pseudo2real(recipe3, tmp_path / "run", log=logs.append, progress=False)
+    sc = {k: v for k, v in res3["cached"].items() if k.startswith(("ft_sc_", "decode_sc_", "sc_clusters"))}
+    assert sc and not any(sc.values()), sc
+    assert res3["cached"]["ft_target_pseudo"] and res3["cached"]["sc_embed"]
 
 
 def test_pipeline_stops_clearly_when_teacher_gives_nothing(tmp_path, tiny_whisper_dir, monkeypatch):

@@ -90,8 +90,10 @@ def run_sc(recipe, S, parts, ps, tp, lam, scope, ft, decode, progress) -> tuple[
             keep = {it["id"] for it in items["source_train"] if labels[_key(it, spec.level)] == c} & paired
             real = P.subset(parts["source_train"], keep, parts_dir / f"c{c}_real.jsonl")
             pseudo = P.subset(ps["source_train"]["path"], keep, parts_dir / f"c{c}_pseudo.jsonl")
-            r = ft(f"sc_{kind}_c{c}_real", real, parts["source_dev"])
-            p = ft(f"sc_{kind}_c{c}_pseudo", pseudo, ps["source_dev"]["path"])
+            # the subsets are rewritten at the same paths when the clusters change: the stages must
+            # depend on the clustering, or a new extractor would reuse the old clusters' models
+            r = ft(f"sc_{kind}_c{c}_real", real, parts["source_dev"], deps=("pseudo", "sc_clusters"))
+            p = ft(f"sc_{kind}_c{c}_pseudo", pseudo, ps["source_dev"]["path"], deps=("pseudo", "sc_clusters"))
             tname = f"sc_{kind}_c{c}_tau"
             tpath = S.run(tname, {}, lambda d, r=r, p=p: str(diff_dirs(r, p).save(d / "tau.safetensors")),
                           deps=(f"ft_sc_{kind}_c{c}_real", f"ft_sc_{kind}_c{c}_pseudo"))
@@ -105,7 +107,7 @@ def run_sc(recipe, S, parts, ps, tp, lam, scope, ft, decode, progress) -> tuple[
                 continue
             sub = parts_dir / f"c{c}_eval.jsonl"
             write_manifest(sub, ev)
-            h = decode(f"sc_{kind}_c{c}", mdir, str(sub), (mname,))
+            h = decode(f"sc_{kind}_c{c}", mdir, str(sub), (mname, "sc_clusters"))
             out_hyps += [json.loads(line) for line in open(h, encoding="utf-8")]
         merged = S.root / f"sc_{kind}_hyp.jsonl"
         write_manifest(merged, out_hyps)
