@@ -72,7 +72,10 @@ def system_config(method: str, ssps: dict | None, args):
     d["ecapa"] = {**d["ecapa"], "channels": args.channels}
     d["batch_size"] = args.batch_size
     d["rir_pool"] = str(ROOT / "runs" / "rir_pool_train.npz")
-    d["loop"] = {**d["loop"], "budget_seconds": args.budget, "seed": args.seed}
+    if args.max_steps:  # step-matched: the same number of updates (the paper's equal-epoch protocol)
+        d["loop"] = {**d["loop"], "max_steps": args.max_steps, "seed": args.seed}
+    else:
+        d["loop"] = {**d["loop"], "budget_seconds": args.budget, "seed": args.seed}
     return SpeakerSSLConfig.from_dict(d)
 
 
@@ -143,6 +146,10 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=128, help="ECAPA-TDNN channels C")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--systems", nargs="*", default=list(SYSTEMS))
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="train every system for this many steps instead of --budget seconds (equal updates; "
+                         "time budgets on a shared VM gave up to 1.8x different step counts)")
+    ap.add_argument("--result-name", default="speaker_ssl")
     ap.add_argument("--no-train", action="store_true", help="only assemble systems already trained")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -180,11 +187,18 @@ def main() -> None:
         if args.no_train and not (run / "summary.json").is_file():
             continue
         cfg = system_config(method, ssps, args)
-        print(f"== train {name} ({args.budget:.0f} s)", flush=True)
+        print(f"== train {name} ({f'{args.max_steps} steps' if args.max_steps else f'{args.budget:.0f} s'})",
+              flush=True)
         runs[name] = train_speaker(w / "train.jsonl", run, cfg)
         results[name] = evaluate(name, SpeakerEncoder.load(run), evals, noisy, trials, labels, w, cohort_items)
         print(f"   {name}: EER clean {results[name]['clean']['eer']:.4f} cross {results[name]['cross']['eer']:.4f}",
               flush=True)
+    if args.max_steps:  # a partial comparison (e.g. the SimCLR pair): its own result file
+        write_result(args.result_name, {
+            "protocol": f"{args.max_steps} optimizer steps per system", "eer": {k: v["clean"]["eer"] for k, v in results.items()},
+            "mindcf": {k: v["clean"]["mindcf"] for k, v in results.items()}, "conditions": results,
+            "runs": runs, "trials": len(trials), "target_trials": int(labels.sum()), "ecapa_channels": args.channels})
+        return
     if not all((w / f"metrics_{k}.json").is_file() for k in KEYS):
         print("not every main system is trained yet: no result file written")
         return
@@ -229,6 +243,7 @@ def main() -> None:
                        for k in results if k in SYSTEMS and SYSTEMS[k][1] is not None},
         "pseudo2real_sc": p2r,
         "runs": runs, "budget_seconds_per_system": args.budget, "threads": args.threads,
+        "steps_per_system": {k: v.get("steps") for k, v in runs.items()},
         "ecapa_channels": args.channels, "batch_size": args.batch_size,
         "protocol": {"train_utterances": len(train), "train_speakers": len({i["speaker"] for i in train}),
                      "eval_utterances": len(evals), "eval_speakers": len(set(utt2spk.values())),
