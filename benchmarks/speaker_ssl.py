@@ -194,6 +194,10 @@ def main() -> None:
         print(f"   {name}: EER clean {results[name]['clean']['eer']:.4f} cross {results[name]['cross']['eer']:.4f}",
               flush=True)
     if args.max_steps:  # a partial comparison (e.g. the SimCLR pair): its own result file
+        for name in SYSTEMS:  # what other processes trained in this work folder
+            if name not in results and (w / f"metrics_{name}.json").is_file():
+                results[name] = json.loads((w / f"metrics_{name}.json").read_text())
+                runs[name] = json.loads((w / f"sv_{name}" / "summary.json").read_text())
         write_result(args.result_name, {
             "protocol": f"{args.max_steps} optimizer steps per system", "eer": {k: v["clean"]["eer"] for k, v in results.items()},
             "mindcf": {k: v["clean"]["mindcf"] for k, v in results.items()}, "conditions": results,
