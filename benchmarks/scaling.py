@@ -15,15 +15,20 @@ Usage: python benchmarks/scaling.py [--steps 30] [--utterances 96] [--repeats 3]
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
+
+# one OpenMP thread in this process too, as in the 1-CPU Ray actors and torchrun workers: CTranslate2's
+# int8 kernels depend on the thread count, and the labelling comparison needs the same numerics
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SO762, median, write_result  # noqa: E402

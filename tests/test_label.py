@@ -161,15 +161,22 @@ def test_ray_labelling_matches_the_plain_path(tmp_path):
     pytest.importorskip("ray")
     from selfspeech.data.kaldi import iter_kaldi_dir
     from selfspeech.label.ray_label import TeacherSpec, label_with_ray
-    from selfspeech.label.teacher import load_teacher
 
     items = [i for i in iter_kaldi_dir(SO762) if i["age_group"] == "child"][:12]
     items.append({"id": "broken", "audio_filepath": str(tmp_path / "missing.flac"), "duration": 1.0})
     m = tmp_path / "m.jsonl"
     write_manifest(m, items)
     plain = tmp_path / "plain.jsonl"
-    label_manifest(m, plain, load_teacher("whisper-tiny.en", cpu_threads=1), "whisper-tiny.en", batch_size=4,
-                   progress=False)
+    # the single-process path as a user runs it, with the threading of a 1-CPU Ray actor: CTranslate2's
+    # int8 kernels depend on the OpenMP thread count, and with them a transcript can change
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "selfspeech.cli", "label", "--teacher", "whisper-tiny.en", "--in", str(m),
+                        "--out", str(plain), "--batch-size", "4", "--threads", "1"],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     ray_out = tmp_path / "ray.jsonl"
     spec = TeacherSpec("whisper-tiny.en", cpu_threads=1)
     st = label_with_ray(m, ray_out, spec, batch_size=4, concurrency=2, progress=False)

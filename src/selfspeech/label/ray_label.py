@@ -4,7 +4,10 @@ The driver plans exactly the batches ``label_manifest`` would decode
 (``plan_batches``: same chunking, same duration sort, same batch size, the
 utterances already in the output skipped), so the texts are the same whatever
 the number of actors: a batch's padding, hence Whisper's window, does not
-depend on who decodes it. Each Ray row is one batch; ``map_batches`` runs it
+depend on who decodes it. Identical means under the same threading: a Ray
+actor with 1 CPU runs with OMP_NUM_THREADS=1, and CTranslate2's int8 kernels
+(hence an occasional transcript) change with the OpenMP thread count, so
+compare with ``OMP_NUM_THREADS=1 selfspeech label --threads 1``. Each Ray row is one batch; ``map_batches`` runs it
 through :class:`TeacherActor`, which loads the teacher once per actor. The
 driver appends the records as they come back, with fsync, so a killed run
 resumes where it stopped (``recover_done_ids``), as the plain path does.
