@@ -411,7 +411,7 @@ def as_norm(scores, trials: Sequence[Trial], emb: Mapping[str, np.ndarray],
 
 # ----------------------------------------------------------------------------- plots and tables
 
-_DET_TICKS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
+_DET_TICKS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9)
 
 
 def det_plot(results: Mapping[str, tuple], path: str | os.PathLike, title: str = "DET") -> Path:
@@ -425,7 +425,10 @@ def det_plot(results: Mapping[str, tuple], path: str | os.PathLike, title: str =
     from matplotlib.figure import Figure
     from scipy.stats import norm
 
-    lo, hi = 5e-5, 0.5
+    eers = {name: eer_mindcf(scores, labels).eer for name, (scores, labels) in results.items()}
+    # the window follows the systems: weak ones (EER 20-50%) need the upper range, strong ones the lower
+    lo = float(np.clip(min(eers.values()) / 50, 5e-5, 0.01))
+    hi = float(np.clip(max(eers.values()) * 1.8, 0.5, 0.95))
 
     def z(p):
         return norm.ppf(np.clip(p, lo, 1 - lo))
@@ -433,7 +436,7 @@ def det_plot(results: Mapping[str, tuple], path: str | os.PathLike, title: str =
     fig = Figure(figsize=(5.5, 5.5), layout="constrained")
     ax = fig.add_subplot()
     for name, (scores, labels) in results.items():
-        eer = eer_mindcf(scores, labels).eer
+        eer = eers[name]
         pfa, pmiss = det_curve(scores, labels)
         line, = ax.plot(z(pfa), z(pmiss), label=f"{name} (EER {100 * eer:.2f}%)")
         ax.plot(z(eer), z(eer), "o", color=line.get_color())
