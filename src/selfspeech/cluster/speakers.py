@@ -43,11 +43,28 @@ class MelStatsExtractor:
         return np.concatenate([m.mean(1), m.std(1)]).astype(np.float32)
 
 
-def embed_manifest(items: Iterable[dict], extractor: SpeakerEmbedder, progress: bool = False) -> dict[str, np.ndarray]:
-    """utterance id -> embedding, one utterance in memory at a time."""
+def embed_manifest(items: Iterable[dict], extractor: SpeakerEmbedder, progress: bool = False,
+                   skipped: list[dict] | None = None) -> dict[str, np.ndarray]:
+    """utterance id -> embedding, one utterance in memory at a time.
+
+    An unreadable utterance or a non-finite embedding raises, naming the
+    utterance; with a ``skipped`` list it is appended there ({id, reason}) instead.
+    """
     from tqdm import tqdm
 
-    return {it["id"]: extractor.embed(load_item(it)) for it in tqdm(list(items), desc="embed", disable=not progress)}
+    out = {}
+    for it in tqdm(list(items), desc="embed", unit="utt", disable=not progress):
+        try:
+            e = extractor.embed(load_item(it))
+            if not np.isfinite(e).all():
+                raise ValueError("non-finite embedding (NaN/inf in the audio?)")
+        except Exception as err:  # noqa: BLE001 - every failure is reported with its utterance
+            if skipped is None:
+                raise ValueError(f"utterance {it.get('id')!r} ({it.get('audio_filepath')}): {err}") from err
+            skipped.append({"id": it.get("id"), "reason": str(err)})
+            continue
+        out[it["id"]] = e
+    return out
 
 
 def speaker_means(items: Iterable[dict], utt_emb: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

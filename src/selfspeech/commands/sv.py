@@ -62,12 +62,8 @@ def embed(
     One utterance in memory at a time. These files feed `sv score` and
     Pseudo2Real-SC (recipe clusters.extractor: the model folder).
     """
-    import numpy as np
-    from tqdm import tqdm
-
     from selfspeech.adapt.sc import get_extractor
-    from selfspeech.audio.io import load_item
-    from selfspeech.cluster.speakers import save_embeddings, speaker_means
+    from selfspeech.cluster.speakers import embed_manifest, save_embeddings, speaker_means
     from selfspeech.data.manifest import read_manifest
 
     if on_error not in ("skip", "raise"):
@@ -78,17 +74,11 @@ def embed(
         ex = get_extractor(str(model))
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    items, emb, skipped = list(read_manifest(manifest)), {}, []
-    for it in tqdm(items, desc="embed", unit="utt"):
-        try:
-            e = ex.embed(load_item(it))
-            if not np.isfinite(e).all():
-                raise ValueError("non-finite embedding (NaN/inf in the audio?)")
-            emb[it["id"]] = e
-        except Exception as err:  # noqa: BLE001 - every failure is reported with its utterance
-            if on_error == "raise":
-                fail(f"utterance {it.get('id')!r} ({it.get('audio_filepath')}): {err}")
-            skipped.append({"id": it.get("id"), "reason": str(err)})
+    items, skipped = list(read_manifest(manifest)), []
+    try:
+        emb = embed_manifest(items, ex, progress=True, skipped=skipped if on_error == "skip" else None)
+    except ValueError as e:
+        fail(str(e))
     if not emb:
         fail(f"no utterance could be embedded ({len(skipped)} skipped; first: {skipped[:1]})")
     out.mkdir(parents=True, exist_ok=True)

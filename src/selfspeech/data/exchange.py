@@ -191,31 +191,27 @@ def from_hf_dataset(ds, audio_dir: str | os.PathLike, audio: str = "audio", text
         uid = str(row[id_column]) if id_column else f"utt{i:07d}"
         a = row[audio]
         path = a if isinstance(a, str) else (a.get("path") if isinstance(a, dict) else None)
-        if isinstance(a, dict) and (a.get("array") is not None or a.get("bytes")):
-            out.mkdir(parents=True, exist_ok=True)
-            path = str(out / f"{uid}.flac")
-            if a.get("array") is not None:
-                wav, sr = np.asarray(a["array"], dtype=np.float32), int(a["sampling_rate"])
-            else:  # Audio(decode=False): encoded bytes
-                import io
+        wav = None
+        if isinstance(a, dict) and a.get("array") is not None:
+            wav, sr = np.asarray(a["array"], dtype=np.float32), int(a["sampling_rate"])
+        elif isinstance(a, dict) and a.get("bytes"):  # Audio(decode=False): encoded bytes
+            import io
 
-                wav, sr = sf.read(io.BytesIO(a["bytes"]), dtype="float32")
-            if not Path(path).is_file():
-                sf.write(path, wav, sr)
-            dur = len(wav) / sr
-        elif path and Path(path).is_file():
-            dur = sf.info(path).duration
+            wav, sr = sf.read(io.BytesIO(a["bytes"]), dtype="float32")
         elif hasattr(a, "get_all_samples"):  # datasets >= 4 decodes lazily with torchcodec
             s = a.get_all_samples()
+            wav, sr = s.data.numpy().mean(0).astype(np.float32), int(s.sample_rate)
+        elif not (path and Path(path).is_file()):
+            raise ValueError(f"row {i} ({uid}): column {audio!r} has neither a decoded array nor a readable file "
+                             f"({str(a)[:80]})")
+        if wav is not None:  # decoded in memory: written once as FLAC, then used like any file
             out.mkdir(parents=True, exist_ok=True)
-            path, sr = str(out / f"{uid}.flac"), int(s.sample_rate)
-            wav = s.data.numpy().mean(0).astype(np.float32)
+            path = str(out / f"{uid}.flac")
             if not Path(path).is_file():
                 sf.write(path, wav, sr)
             dur = len(wav) / sr
         else:
-            raise ValueError(f"row {i} ({uid}): column {audio!r} has neither a decoded array nor a readable file "
-                             f"({str(a)[:80]})")
+            dur = sf.info(path).duration
         item = {"id": uid, "audio_filepath": path, "duration": round(dur, 4)}
         if text:
             item["text"] = row[text]

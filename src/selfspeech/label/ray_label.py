@@ -76,7 +76,8 @@ def label_with_ray(in_path: str | os.PathLike, out_path: str | os.PathLike, spec
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = recover_done_ids(out_path)
     stats = LabelStats()
-    batches = [json.dumps(b, ensure_ascii=False) for b in plan_batches(in_path, done, batch_size, stats, limit)]
+    planned = list(plan_batches(in_path, done, batch_size, stats, limit))
+    batches = [json.dumps(b, ensure_ascii=False) for b in planned]
     t_start = time.perf_counter()
     if batches:
         if not ray.is_initialized():
@@ -91,7 +92,7 @@ def label_with_ray(in_path: str | os.PathLike, out_path: str | os.PathLike, spec
         res = ds.map_batches(TeacherActor, fn_constructor_kwargs={"spec": asdict(spec), "filters": asdict(filters)},
                              batch_size=1, compute=ray.data.ActorPoolStrategy(size=concurrency),
                              num_cpus=spec.cpu_threads)
-        bar = tqdm(total=sum(len(json.loads(b)) for b in batches), desc=f"label {spec.name} (ray x{concurrency})",
+        bar = tqdm(total=sum(len(b) for b in planned), desc=f"label {spec.name} (ray x{concurrency})",
                    unit="utt", disable=not progress, dynamic_ncols=True)
         with open(out_path, "a", encoding="utf-8") as out:
             for row in res.iter_rows():

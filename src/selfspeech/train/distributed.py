@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator
-
 import torch
 import torch.distributed as dist
+
+from selfspeech.train.sampler import EpochBatchSampler
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-class ShardedBatchSampler:
+class ShardedBatchSampler(EpochBatchSampler):
     """Rank ``rank``'s share of an inner batch sampler's epochs: batches ``rank, rank + world, ...``.
 
     The epoch's batch list is cut to a multiple of ``world`` first (at most
@@ -149,16 +149,6 @@ class ShardedBatchSampler:
 
     def dropped(self, epoch: int) -> int:
         return len(self.inner.batches(epoch)) % self.world
-
-    def __len__(self) -> int:
-        return len(self.batches(self.epoch))
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self.batches(self.epoch)
-        while self.position < len(batches):
-            self.position += 1
-            yield batches[self.position - 1]
-        self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
         return {**self.inner.state_dict(), "epoch": self.epoch, "position": self.position, "world": self.world}

@@ -228,25 +228,24 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
                     bar.set_postfix(loss=f"{lv:.3f}", lr=f"{lr:.1e}", refresh=False)
                     at_end = frac() >= 1.0 or step >= cfg.max_steps
                     if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or at_end):
-                        better = stop = False
+                        better, metric = False, None  # other ranks only learn whether it improved
                         if main:  # the dev set is scored once, by rank 0
                             module.eval()
                             ev = evaluate()
                             module.train()
-                            better = state["best"] is None or ev["metric"] < state["best"]
+                            metric = ev["metric"]
+                            better = state["best"] is None or metric < state["best"]
                             if better:
                                 ckpt.write_dir(best, write)
                             emit({"event": "eval", "step": step, **ev, "improved": better})
                             for t in trackers:
                                 t.log({"step": step, **{f"eval_{k}": v for k, v in ev.items()}})
-                            state["best_value_now"] = ev["metric"]
                         better, = D.broadcast_flags(better)
                         state["bad_evals"] = 0 if better else state["bad_evals"] + 1
                         if better:
-                            state.update(best=state.pop("best_value_now", state["best"]), best_step=step)
-                        state.pop("best_value_now", None)
-                        stop = cfg.patience is not None and state["bad_evals"] >= cfg.patience
-                        at_end = at_end or stop
+                            state.update(best=metric, best_step=step)
+                        if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
+                            at_end = True
                     elif evaluate is None and at_end:
                         state["best_step"] = step
                         if main:

@@ -28,7 +28,33 @@ import random
 from typing import Iterator, Sequence
 
 
-class BucketBatchSampler:
+class EpochBatchSampler:
+    """Iteration shared by the batch samplers: the rest of epoch ``epoch`` from ``position`` on.
+
+    A subclass gives ``batches(epoch)``, a pure function of its settings and the
+    epoch, so ``{"epoch", "position"}`` is the whole resumable state.
+    """
+
+    epoch: int = 0
+    position: int = 0
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        """Batches per epoch (the current epoch's count)."""
+        return len(self.batches(self.epoch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """The rest of the current epoch; afterwards the sampler moves to the next epoch."""
+        batches = self.batches(self.epoch)
+        while self.position < len(batches):
+            self.position += 1  # counted before the yield: state_dict() taken after a step includes it
+            yield batches[self.position - 1]
+        self.epoch, self.position = self.epoch + 1, 0
+
+
+class BucketBatchSampler(EpochBatchSampler):
     """Batches of item indices with similar durations; seeded, resumable.
 
     ``batch_size`` caps the number of items a batch; ``max_batch_seconds`` caps
@@ -89,18 +115,6 @@ class BucketBatchSampler:
             rng.shuffle(out)
         self._cache = (epoch, out)
         return out
-
-    def __len__(self) -> int:
-        """Batches per epoch (the same for every epoch with batch_size only; else epoch 0's count)."""
-        return len(self.batches(self.epoch))
-
-    def __iter__(self) -> Iterator[list[int]]:
-        """The rest of the current epoch; afterwards the sampler moves to the next epoch."""
-        batches = self.batches(self.epoch)
-        while self.position < len(batches):
-            self.position += 1  # counted before the yield: state_dict() taken after a step includes it
-            yield batches[self.position - 1]
-        self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n_items": len(self.durations)}

@@ -30,7 +30,7 @@ from torch import nn
 
 from selfspeech.audio.features import log_mel
 from selfspeech.data.audio_dataset import AudioDataset, collate_arrays
-from selfspeech.data.augment import AugmentConfig, Augmenter, is_short, load_or_build_rir_pool, random_segment
+from selfspeech.data.augment import AugmentConfig, Augmenter, load_or_build_rir_pool, random_segment
 from selfspeech.data.manifest import read_manifest
 from selfspeech.models.ecapa import ECAPAConfig, ECAPATDNN, save_speaker_encoder
 from selfspeech.models.ssl import save_encoder
@@ -241,8 +241,7 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
     if cfg.batch_size < 2 or cfg.batch_size > len(items):
         raise ValueError(f"batch_size={cfg.batch_size}: needs 2 <= batch_size <= {len(items)} utterances")
     data = AudioDataset(items, "wave")
-    short = [it["id"] for it in items if is_short(np.zeros(int(float(it.get("duration") or 0) * 16000)),
-                                                    cfg.segment_seconds)]
+    short = [it["id"] for it in items if float(it.get("duration") or 0.0) < cfg.segment_seconds]
     spk = [str(it.get("speaker", "")) for it in items]
     speaker_of = None
     if all(spk):
@@ -253,8 +252,8 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
     # equal-length views: batches of batch_size utterances, every epoch reshuffled
     sampler = BucketBatchSampler([1.0] * len(items), batch_size=cfg.batch_size, seed=loop_cfg.seed, num_buckets=1,
                                  drop_last=True)
-    steps_per_epoch = len(items) // cfg.batch_size // env.world
     sampler = D.shard(sampler)
+    steps_per_epoch = len(sampler)  # this rank's batches an epoch (equal-size batches: the same every epoch)
     collate = ViewCollator(data, cfg, build_augmenter(cfg, data, loop_cfg.seed), task.ecfg.n_mels,
                            with_ref=cfg.ssps is not None)
 
