@@ -8,7 +8,7 @@ import torch
 from conftest import tone
 from typer.testing import CliRunner
 
-from selfspeech.models.hf_export import export_wav2vec2_ctc
+from selfspeech.train.hf_export import export_wav2vec2_ctc
 from selfspeech.models.ssl import EncoderConfig, SpeechEncoder, save_encoder
 from selfspeech.text.phones import Vocabulary
 from selfspeech.train.ctc import CTCModel, greedy_ctc

@@ -133,7 +133,7 @@ def export_ctc(
     Example: selfspeech export-ctc runs/ctc/best --out runs/ctc/hf, then in Python:
     Wav2Vec2ForCTC.from_pretrained("runs/ctc/hf"), Wav2Vec2Processor.from_pretrained("runs/ctc/hf")
     """
-    from selfspeech.models.hf_export import export_wav2vec2_ctc
+    from selfspeech.train.hf_export import export_wav2vec2_ctc
 
     if not model.is_dir():
         fail(f"{model}: not a folder (expected OUT/best of finetune-ctc)")

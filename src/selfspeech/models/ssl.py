@@ -43,7 +43,7 @@ class EncoderConfig:
     pos_groups: int = 16
     # LayerNorm after the positional conv (our original layout, kept for existing checkpoints).
     # False = wav2vec 2.0 large / transformers' "stable layer norm" encoder, which has none there:
-    # only that layout exports exactly to Wav2Vec2ForCTC (selfspeech.models.hf_export)
+    # only that layout exports exactly to Wav2Vec2ForCTC (selfspeech.train.hf_export)
     pos_norm: bool = True
 
     def __post_init__(self):

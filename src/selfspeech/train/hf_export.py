@@ -41,6 +41,8 @@ import torch
 
 from selfspeech.models.ssl import WAVE_CONV, EncoderConfig, read_config
 from selfspeech.text.phones import WORD_SEP, Vocabulary
+from selfspeech.train.checkpoint import write_dir
+from selfspeech.train.ctc import load_ctc
 
 PAD = "<pad>"   # transformers' name for the CTC blank (pad_token_id, id 0 like our blank)
 
@@ -179,8 +181,6 @@ def export_wav2vec2_ctc(model, out_dir: str | Path, vocab: Vocabulary | None = N
     """
     from transformers import Wav2Vec2ForCTC
 
-    from selfspeech.train.checkpoint import write_dir
-    from selfspeech.train.ctc import load_ctc
 
     out, sources = Path(out_dir), []
     if isinstance(model, (str, Path)):
