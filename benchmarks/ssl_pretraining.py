@@ -10,10 +10,18 @@ Protocol (fixed before any run; nothing tuned on evaluation speakers):
   with 95% CIs by bootstrap over speakers;
 - budget: every pretraining run gets ``--budget`` seconds of training time and
   every CTC fine-tune ``--ft-budget`` seconds, one thread each (stated in the
-  result file), so the methods compare at equal CPU cost, not equal steps;
+  result file), so the methods compare at equal CPU cost, not equal steps; or,
+  with ``--pt-steps`` / ``--ft-steps``, the same number of updates (wall-clock
+  budgets drift with the machine's load);
 - systems: scratch (mel front-end, no pretraining), scratch_wave (waveform
   front-end), wav2vec2, xlsr_multigroup (wav2vec2 + age-group sampling,
-  alpha 0.5), xlsr_adults_only (wav2vec2 on adult audio only), bestrq, birq.
+  alpha 0.5), xlsr_adults_only (wav2vec2 on adult audio only), bestrq, birq;
+- ``--group-analysis SYSTEM`` (the XLSR paper's joint vs per-language
+  fine-tuning, with gender as the group since only adults may be labelled):
+  from SYSTEM's pretrained encoder, one CTC model on 5 male + 5 female adult
+  speakers against one model per gender on its 5 speakers (dev: 2 other
+  speakers per gender), PER per gender on the remaining adults and on the
+  children.
 
 Writes ``benchmarks/results/ssl_pretraining.json``. Run folders are resumable.
 Usage: python benchmarks/ssl_pretraining.py [--budget 360] [--ft-budget 240] [--systems ...]
@@ -63,10 +71,82 @@ def encoder_for(frontend: str) -> dict:
     return {"preset": "small", "frontend": frontend}
 
 
+def budget(steps: int | None, seconds: float) -> dict:
+    """Loop fields for a step budget (``steps``) or else a wall-clock one."""
+    return {"max_steps": steps, "budget_seconds": None} if steps else {"max_steps": 100_000, "budget_seconds": seconds}
+
+
+def budget_text(steps: int | None, seconds: float) -> str:
+    return f"{steps} steps" if steps else f"{seconds:.0f} s"
+
+
+def ctc_config(args, lexicon: Path, enc: dict, init) -> CTCConfig:
+    every = max(100, (args.ft_steps or 0) // 10)
+    return CTCConfig(targets="phone", lexicon=str(lexicon), encoder=enc,
+                     loop={"lr": 2e-3, "eval_every": every, "log_every": 25, "ckpt_every": every, "seed": args.seed,
+                           **budget(args.ft_steps, args.ft_budget)},
+                     freeze_steps=100 if init else 0, max_batch_seconds=30.0)
+
+
+def decode_per(run: Path, sets: dict, seed: int) -> dict:
+    """PER of ``run/best`` on each named (phone manifest, references) set; cached in run/per.json."""
+    per, cache = {}, run / "per.json"
+    if cache.is_file() and cache.stat().st_mtime > (run / "best" / "model.safetensors").stat().st_mtime:
+        per = json.loads(cache.read_text())  # decoded since the model was made
+    for g, (manifest, refs) in sets.items():
+        if g in per:
+            continue
+        hyp = transcribe_ctc(run / "best", manifest, run / f"{g}.hyp.jsonl")
+        r = build_results(refs, list(read_jsonl(hyp)), normalizer="none", seed=seed)["system"]["groups"][0]
+        per[g] = {"per": r["wer"], "ci95": r["wer_ci"], "utterances": r["utterances"], "speakers": r["speakers"]}
+        cache.write_text(json.dumps(per, indent=1) + "\n")
+    return per
+
+
+def group_analysis(args, w: Path, adults, children, lexicon: Path) -> dict:
+    """Joint vs per-group CTC fine-tuning of one pretrained encoder (groups: gender; see the module doc)."""
+    name = args.group_analysis
+    init = w / f"pt_{name}" / "encoder"
+    if not init.is_dir():
+        sys.exit(f"--group-analysis {name}: no pretrained encoder at {init}; pretrain it first (--systems {name})")
+    ga = w / "groups"
+    ga.mkdir(exist_ok=True)
+    sets, parts = {}, {}
+    for g in ("m", "f"):
+        parts[g] = split_by_speaker([i for i in adults if i["gender"] == g],
+                                    {"train": 5, "dev": 2, "eval": 1.0}, seed=args.seed)
+        for split, rows in parts[g].items():
+            write_manifest(ga / f"{split}_{g}.jsonl", rows)
+        for who, rows in (("adult", parts[g]["eval"]), ("child", [i for i in children if i["gender"] == g])):
+            man = ga / f"eval_{who}_{g}.jsonl"
+            write_manifest(man, rows)
+            p, _ = phone_references(man, lexicon, ga / f"eval_{who}_{g}.phones.jsonl")
+            sets[f"{who}_{g}"] = (p, list(read_jsonl(p)))
+    for split in ("train", "dev"):
+        write_manifest(ga / f"{split}_joint.jsonl", parts["m"][split] + parts["f"][split])
+    out = {"encoder": name, "speakers": {g: {k: len({i["speaker"] for i in v}) for k, v in parts[g].items()}
+                                         for g in parts}, "per": {}, "ci95": {}, "ctc_steps": {}}
+    for model in ("joint", "m", "f"):
+        print(f"== group analysis: CTC on {model} ({name} encoder)", flush=True)
+        run = ga / f"ctc_{name}_{model}"
+        ft = finetune_ctc(ga / f"train_{model}.jsonl", ga / f"dev_{model}.jsonl", run,
+                          ctc_config(args, lexicon, {}, init), init=init)
+        per = decode_per(run, sets, args.seed)
+        out["per"][model] = {k: v["per"] for k, v in per.items()}
+        out["ci95"][model] = {k: v["ci95"] for k, v in per.items()}
+        out["ctc_steps"][model] = ft["steps"]
+    print(json.dumps(out["per"], indent=1), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=float, default=360, help="pretraining seconds per method")
     ap.add_argument("--ft-budget", type=float, default=240, help="CTC fine-tuning seconds per system")
+    ap.add_argument("--pt-steps", type=int, default=None, help="pretraining updates per method (replaces --budget)")
+    ap.add_argument("--ft-steps", type=int, default=None, help="CTC updates per system (replaces --ft-budget)")
+    ap.add_argument("--group-analysis", metavar="SYSTEM", default=None,
+                    help="also fine-tune SYSTEM's encoder jointly vs per gender (see above)")
     ap.add_argument("--labelled-speakers", type=int, default=10)
     ap.add_argument("--systems", nargs="*", default=[*SCRATCH, *PRETRAINED])
     ap.add_argument("--seed", type=int, default=0)
@@ -104,38 +184,27 @@ def main() -> None:
             spec = PRETRAINED[name]
             frontend = "wave" if spec["objective"] == "wav2vec2" else "mel"
             cfg = PretrainConfig(objective=spec["objective"], encoder=encoder_for(frontend),
-                                 loop={"lr": 5e-4, "max_steps": 100_000, "budget_seconds": args.budget,
-                                       "log_every": 25, "ckpt_every": 100, "seed": args.seed},
+                                 loop={"lr": 5e-4, "seed": args.seed, "log_every": 25, "ckpt_every": 100,
+                                       **budget(args.pt_steps, args.budget)},
                                  max_batch_seconds=60.0, crop_seconds=6.0, group_field=spec.get("group_field"))
-            print(f"== pretrain {name} ({args.budget:.0f} s)", flush=True)
+            print(f"== pretrain {name} ({budget_text(args.pt_steps, args.budget)})", flush=True)
             pt = pretrain(man[spec["data"]], w / f"pt_{name}", cfg)
             init, enc = w / f"pt_{name}" / "encoder", {}
         elif name in SCRATCH:
             pt, init, enc = None, None, encoder_for(SCRATCH[name])
         else:
             sys.exit(f"unknown system {name!r}; choose from {[*SCRATCH, *PRETRAINED]}")
-        ctc = CTCConfig(targets="phone", lexicon=str(lexicon), encoder=enc,
-                        loop={"lr": 2e-3, "max_steps": 100_000, "budget_seconds": args.ft_budget,
-                              "eval_every": 100, "log_every": 25, "ckpt_every": 100, "seed": args.seed},
-                        freeze_steps=100 if init else 0, max_batch_seconds=30.0)
-        print(f"== CTC fine-tune {name} ({args.ft_budget:.0f} s)", flush=True)
+        ctc = ctc_config(args, lexicon, enc, init)
+        print(f"== CTC fine-tune {name} ({budget_text(args.ft_steps, args.ft_budget)})", flush=True)
         ft = finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", w / f"ctc_{name}", ctc, init=init)
-        per, cache = {}, w / f"ctc_{name}" / "per.json"
-        best = w / f"ctc_{name}" / "best" / "model.safetensors"
-        if cache.is_file() and cache.stat().st_mtime > best.stat().st_mtime:  # decoded since the model was made
-            per = json.loads(cache.read_text())
-        for g in ("eval_adult", "eval_child"):
-            if g in per:
-                continue
-            hyp = transcribe_ctc(w / f"ctc_{name}" / "best", w / f"{g}.phones.jsonl", w / f"ctc_{name}" / f"{g}.hyp.jsonl")
-            r = build_results(refs[g], list(read_jsonl(hyp)), normalizer="none", seed=args.seed)["system"]["groups"][0]
-            per[g] = {"per": r["wer"], "ci95": r["wer_ci"], "utterances": r["utterances"], "speakers": r["speakers"]}
-        cache.write_text(json.dumps(per, indent=1) + "\n")
+        per = decode_per(w / f"ctc_{name}", {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}, args.seed)
         results[name] = per
         runs[name] = {"pretrain": {k: pt[k] for k in ("steps", "train_seconds", "n_train", "params")} | {
             "skipped": len(pt["skipped"]), "groups": pt["groups"]} if pt else None,
             "ctc": {k: ft[k] for k in ("steps", "train_seconds", "best_step", "best_dev_error_rate", "n_train", "n_dev")}}
         print(f"   {name}: PER adult {per['eval_adult']['per']:.3f} child {per['eval_child']['per']:.3f}", flush=True)
+
+    groups = group_analysis(args, w, adults, children, lexicon) if args.group_analysis else None
 
     def rel(a, b):
         return None if a is None or b is None else 1 - a / b
@@ -151,8 +220,10 @@ def main() -> None:
             k: rel(child[k], child["scratch"] if k in ("bestrq", "birq") else
                    (results.get("scratch_wave", {}).get("eval_child", {}).get("per"))) for k in KEYS if k != "scratch"},
         "best_pretrained": best_pt[1], "birq_vs_bestrq_relative": rel(child["birq"], child["bestrq"]),
-        "runs": runs,
-        "protocol": {"budget_seconds_pretrain": args.budget, "budget_seconds_ctc": args.ft_budget,
+        "runs": runs, "group_analysis": groups,
+        "protocol": {"budget_seconds_pretrain": None if args.pt_steps else args.budget,
+                     "budget_seconds_ctc": None if args.ft_steps else args.ft_budget,
+                     "steps_pretrain": args.pt_steps, "steps_ctc": args.ft_steps,
                      "threads": args.threads, "labelled_speakers": args.labelled_speakers, "seed": args.seed,
                      "encoder": "small preset: 4 x 144 Transformer, 4 heads, mel (4x conv) or wav2vec 2.0 CNN front-end",
                      "eval_speakers": {g: len({r["speaker"] for r in refs[g]}) for g in refs},
