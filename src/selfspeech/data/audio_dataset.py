@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from selfspeech.audio.features import log_mel
-from selfspeech.audio.io import load_item
+from selfspeech.audio.io import AudioError, load_item
 
 SR = 16_000
 
@@ -56,6 +56,29 @@ class AudioDataset:
         if self.cache:
             self._mem[i] = x16
         return x16.astype(np.float32)
+
+    def screen(self, progress: bool = False, desc: str = "checking audio") -> list[Skipped]:
+        """Load every item once; drop (and return) those whose audio cannot be used.
+
+        A truncated, empty, NaN-filled or unreadable file would otherwise stop a
+        training run when a batch first reaches it, possibly hours in. With the
+        cache on this is the first epoch's I/O done early; the decision is the
+        same on every (re)start, so resumed runs see the same item list.
+        """
+        from tqdm.auto import tqdm
+
+        keep, mem, skipped = [], {}, []
+        for i, it in enumerate(tqdm(self.items, desc=desc, disable=not progress, leave=False)):
+            try:
+                self.load(i)
+            except (AudioError, ValueError) as e:
+                skipped.append(Skipped(str(it.get("id")), str(e)))
+                continue
+            if i in self._mem:
+                mem[len(keep)] = self._mem.pop(i)
+            keep.append(it)
+        self.items, self._mem = keep, mem
+        return skipped
 
     def crop(self, x: np.ndarray, rng: random.Random) -> np.ndarray:
         """A random window of ``max_seconds`` (wav2vec 2.0 crops long utterances the same way)."""

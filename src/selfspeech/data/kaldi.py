@@ -74,6 +74,8 @@ def iter_kaldi_dir(data_dir: str | os.PathLike, with_durations: bool = True) -> 
         raise KaldiError(f"{d}: missing wav.scp; a Kaldi data directory needs at least wav.scp (rec_id path)")
     wavs = _read_table(d / "wav.scp", rest_joined=True)
     for rec, p in wavs.items():
+        if not p:
+            raise KaldiError(f"{d / 'wav.scp'}: recording {rec!r} has no path (expected `rec_id path`)")
         if p.endswith("|") or p.startswith("|"):
             raise KaldiError(f"{d / 'wav.scp'}: recording {rec!r} is a piped command ({p!r}); "
                              "convert the audio to files first (e.g. with sox) and list their paths")
@@ -102,6 +104,9 @@ def iter_kaldi_dir(data_dir: str | os.PathLike, with_durations: bool = True) -> 
             raise KaldiError(f"{d / 'segments'}: utterance {utt!r} names recording {rec!r} that is not in wav.scp")
         path = wavs[rec]
         path = path if os.path.isabs(path) else str((d / path).resolve())
+        if utt2spk and utt not in utt2spk:  # no utt2spk at all: Kaldi's convention, speaker = utterance
+            raise KaldiError(f"{d / 'utt2spk'}: utterance {utt!r} has no speaker line; add `{utt} SPEAKER` "
+                             "(speaker-disjoint splits depend on it)")
         spk = utt2spk.get(utt, utt)
         item: dict = {"id": utt, "audio_filepath": path}
         if start is not None:

@@ -86,7 +86,23 @@ def parse_line(line: str, path: str | os.PathLike, lineno: int, required: tuple[
                             f"{item['audio_filepath']!r}")
     if "id" in item and (not isinstance(item["id"], (str, int)) or isinstance(item["id"], bool) or item["id"] == ""):
         raise ManifestError(f"{path}:{lineno}: id must be a non-empty string (or integer), got {item['id']!r}")
+    if isinstance(item.get("id"), str) and "\ufffd" in item["id"]:
+        raise ManifestError(f"{path}:{lineno}: id {item['id']!r} holds bytes that are not valid UTF-8; "
+                            "convert the file to UTF-8 (e.g. iconv -f GB18030 -t UTF-8)")
     return item
+
+
+def unique_ids(items: Iterable[dict]) -> tuple[list[dict], list[str]]:
+    """(items with the first occurrence of each id, ids seen again). Trainers skip and count repeats:
+    a second line would weigh that utterance twice and break id-keyed outputs."""
+    seen, keep, dup = set(), [], []
+    for it in items:
+        if it["id"] in seen:
+            dup.append(str(it["id"]))
+        else:
+            seen.add(it["id"])
+            keep.append(it)
+    return keep, dup
 
 
 def write_manifest(path: str | os.PathLike, items: Iterable[dict]) -> int:

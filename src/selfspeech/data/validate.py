@@ -18,7 +18,10 @@ from selfspeech.audio.io import SAMPLE_RATE
 from selfspeech.data.manifest import ManifestError, read_manifest
 
 KINDS = ("missing_file", "unreadable_audio", "empty_audio", "nan_samples", "wrong_rate",
-         "wrong_channels", "empty_text", "non_text", "duplicate_id", "bad_line")
+         "wrong_channels", "silent_audio", "clipped_audio", "too_short", "too_long", "empty_text", "non_text",
+         "bad_id", "no_speaker", "duplicate_id", "bad_line")
+SILENCE_PEAK = 1e-4      # peak |x| below this: digital silence (-80 dBFS)
+CLIP_LEVEL, CLIP_FRACTION = 0.999, 0.01  # more than 1% of samples at full scale: clipped
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class Problem:
     detail: str
 
     def __str__(self) -> str:
+        if self.kind == "bad_line":  # utt_id holds "line N": the line has no usable id
+            return f"{self.kind}: {self.path}, {self.utt_id}: {self.detail}"
         return f"{self.kind}: utterance {self.utt_id!r} ({self.path}): {self.detail}"
 
 
@@ -47,11 +52,15 @@ def text_problem(text) -> tuple[str, str] | None:
     return None
 
 
-def check_item(item: dict, sample_rate: int = SAMPLE_RATE, channels: int = 1,
-               require_text: bool = True) -> list[Problem]:
+def check_item(item: dict, sample_rate: int = SAMPLE_RATE, channels: int = 1, require_text: bool = True,
+               require_speaker: bool = False, min_seconds: float = 0.1, max_seconds: float = 30.0) -> list[Problem]:
     """All problems of one manifest item (decodes its audio)."""
     uid, path = item["id"], item["audio_filepath"]
     out = []
+    if "\ufffd" in uid:
+        out.append(Problem("bad_id", uid, path, "id contains U+FFFD (bytes that were not valid UTF-8)"))
+    if require_speaker and not str(item.get("speaker") or "").strip():
+        out.append(Problem("no_speaker", uid, path, "no speaker field (speaker-disjoint splits and CIs need it)"))
     if require_text or "text" in item:
         tp = text_problem(item.get("text"))
         if tp:
@@ -76,11 +85,24 @@ def check_item(item: dict, sample_rate: int = SAMPLE_RATE, channels: int = 1,
         out.append(Problem("empty_audio", uid, path, "0 samples"))
     elif not np.isfinite(wav).all():
         out.append(Problem("nan_samples", uid, path, f"{int((~np.isfinite(wav)).sum())} NaN/inf samples"))
+    else:
+        peak, seconds = float(np.abs(wav).max()), len(wav) / sr
+        if peak < SILENCE_PEAK:
+            out.append(Problem("silent_audio", uid, path, f"digital silence (peak {peak:.1e})"))
+        clipped = float((np.abs(wav) >= CLIP_LEVEL).mean())
+        if clipped > CLIP_FRACTION:
+            out.append(Problem("clipped_audio", uid, path, f"{100 * clipped:.1f}% of samples at full scale"))
+        if seconds < min_seconds:
+            out.append(Problem("too_short", uid, path, f"{seconds:.3f} s (< {min_seconds} s)"))
+        if seconds > max_seconds:
+            out.append(Problem("too_long", uid, path, f"{seconds:.1f} s (> {max_seconds} s: Whisper sees 30 s; "
+                               "segment it or raise --max-seconds)"))
     return out
 
 
 def validate_manifest(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, channels: int = 1,
-                      require_text: bool = True, items: Iterable[dict] | None = None) -> Iterator[Problem | dict]:
+                      require_text: bool = True, items: Iterable[dict] | None = None,
+                      **limits) -> Iterator[Problem | dict]:
     """Yield every item checked (as the dict) and every Problem found, streaming.
 
     Malformed lines are reported as ``bad_line`` problems and checking goes on
@@ -95,11 +117,11 @@ def validate_manifest(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, c
         seen[item["id"]] += 1
         if seen[item["id"]] == 2:
             yield Problem("duplicate_id", item["id"], item["audio_filepath"], "id appears more than once")
-        yield from check_item(item, sample_rate, channels, require_text)
+        yield from check_item(item, sample_rate, channels, require_text, **limits)
         yield item
     yield from map(_bad_line, bad)
 
 
 def _bad_line(e: ManifestError) -> Problem:
     where, _, what = str(e).partition(": ")  # "file:line: what"
-    return Problem("bad_line", where.rsplit(":", 1)[-1], where.rsplit(":", 1)[0], what[:160])
+    return Problem("bad_line", f"line {where.rsplit(':', 1)[-1]}", where.rsplit(":", 1)[0], what[:160])

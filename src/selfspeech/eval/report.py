@@ -122,7 +122,15 @@ def build_results(refs: list[dict], hyps: list[dict], *, by: Sequence[str] = (),
         notes.append(f"no {speaker_field!r} field in the reference: intervals resample utterances, "
                      "which is too narrow when speakers have several utterances")
     elif (n_none := sum(s is None for s in speakers)):
-        notes.append(f"{n_none} reference lines have no {speaker_field!r}: each is resampled as its own unit")
+        notes.append(f"{n_none} reference lines have no {speaker_field!r}: each is resampled as its own unit "
+                     f"{[r['id'] for r in refs if r.get(speaker_field) is None][:5]}")
+    empty = [r["id"] for r in refs if not cached(str(r.get("text") or "")).strip()]
+    if empty:  # 0 reference words: any hypothesis word is an insertion; say so rather than hide it
+        notes.append(f"{len(empty)} reference(s) are empty after normalisation (scored with 0 words; "
+                     f"hypothesis words count as insertions): {empty[:5]}")
+    mojibake = [r["id"] for r in refs if "\ufffd" in str(r.get("text") or "")]
+    if mojibake:
+        notes.append(f"{len(mojibake)} reference(s) contain U+FFFD (bytes that were not UTF-8): {mojibake[:5]}")
     a, counts_a = _system(names[0], refs, hyps, groups, speakers, cached, n_resamples, seed)
     out = {
         "reference": {"name": ref_name, "utterances": len(refs),

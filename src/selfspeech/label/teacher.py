@@ -142,7 +142,8 @@ class TransformersTeacher:
 
         self.torch = torch
         self.processor = WhisperProcessor.from_pretrained(str(hf_dir))
-        self.model = WhisperForConditionalGeneration.from_pretrained(str(hf_dir), dtype=getattr(torch, dtype)).eval()
+        self.model = WhisperForConditionalGeneration.from_pretrained(
+            str(hf_dir), dtype=getattr(torch, dtype), use_safetensors=True).eval()
         self.options = options
         tok = self.processor.tokenizer
         self.multilingual = ".en" not in str(getattr(self.model.config, "_name_or_path", "")) and \

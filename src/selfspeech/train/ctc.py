@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfspeech.audio.io import AudioError
 from selfspeech.data.audio_dataset import AudioDataset, check_lengths, collate_arrays
-from selfspeech.data.manifest import read_manifest, write_manifest
+from selfspeech.data.manifest import read_manifest, unique_ids, write_manifest
 from selfspeech.models.ssl import EncoderConfig, SpeechEncoder, load_state, read_config, save_encoder
 from selfspeech.objectives.masking import span_mask
 from selfspeech.text.phones import Lexicon, Vocabulary
@@ -119,12 +120,17 @@ def _channel_mask(B: int, C: int, prob: float, span: int, gen=None) -> torch.Ten
 def prepare_items(manifest, vocab: Vocabulary, lexicon: Lexicon | None, enc: EncoderConfig) -> tuple[list, dict]:
     """Manifest items with ``tokens`` (int ids) added, and counts of skipped utterances by reason."""
     keep, skipped, missing_words = [], {}, {}
-    items = list(read_manifest(manifest))
+    items, dup = unique_ids(read_manifest(manifest))
+    if dup:
+        skipped["duplicate_id"] = len(dup)
     fps = 100 / enc.stride if enc.frontend == "mel" else 16_000 / enc.stride
     items, short = check_lengths(items, (enc.receptive_field + enc.stride) / (100 if enc.frontend == "mel" else 16_000))
     if short:
         skipped["too_short"] = len(short)
     for it in items:
+        if "\ufffd" in str(it.get("text") or ""):  # bytes that were not UTF-8: no trustworthy target
+            skipped["non_text"] = skipped.get("non_text", 0) + 1
+            continue
         toks, problems = vocab.tokens(str(it.get("text") or ""), lexicon)
         if problems:
             skipped["missing_words"] = skipped.get("missing_words", 0) + 1
@@ -171,10 +177,16 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
     model, enc, vocab, lexicon = _model_and_vocab(cfg, init)
     train, skip_train = prepare_items(train_manifest, vocab, lexicon, enc)
     dev, skip_dev = prepare_items(dev_manifest, vocab, lexicon, enc)
-    if not train or not dev:
-        raise ValueError(f"no usable utterance left (train skipped {skip_train}, dev skipped {skip_dev})")
     data = AudioDataset(train, enc.frontend, enc.n_mels)
     dev_data = AudioDataset(dev, enc.frontend, enc.n_mels)
+    for ds, skips in ((data, skip_train), (dev_data, skip_dev)):  # bad audio: counted, not a crash mid-run
+        bad = ds.screen(progress and env.main)
+        if bad:
+            skips["bad_audio"] = len(bad)
+            skips["bad_audio_list"] = {s.id: s.reason for s in bad[:20]}
+    train, dev = data.items, dev_data.items
+    if not train or not dev:
+        raise ValueError(f"no usable utterance left (train skipped {skip_train}, dev skipped {skip_dev})")
     sampler = D.shard(BucketBatchSampler(data.durations(), max_batch_seconds=cfg.max_batch_seconds,
                                          seed=loop_cfg.seed))
 
@@ -228,13 +240,26 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
 
 @torch.no_grad()
 def decode_items(model: CTCModel, data: AudioDataset, vocab: Vocabulary, max_batch_seconds: float = 120.0,
-                 beam: int = 0) -> list[str]:
+                 beam: int = 0, failed: dict | None = None) -> list[str]:
+    """Transcripts in item order. With ``failed`` (a dict), an item whose audio cannot be
+    loaded gets "" and ``failed[index] = reason`` instead of stopping the run."""
     was = model.training
     model.eval()
     order = BucketBatchSampler(data.durations(), max_batch_seconds=max_batch_seconds, shuffle=False)
     out: dict[int, str] = {}
     for idx in order.batches(0):
-        b = collate_arrays([data.load(i) for i in idx])
+        xs = []
+        for i in idx:
+            try:
+                xs.append(data.load(i))
+            except (AudioError, ValueError) as e:
+                if failed is None:
+                    raise
+                failed[i], out[i] = str(e), ""
+        idx = [i for i in idx if i not in out]
+        if not idx:
+            continue
+        b = collate_arrays(xs)
         lp, flen = model(b["x"], b["lengths"])
         paths = greedy_ctc(lp, flen) if beam <= 0 else [beam_ctc(lp[b, : flen[b]], beam) for b in range(len(idx))]
         for i, ids in zip(idx, paths):
@@ -257,9 +282,13 @@ def transcribe_ctc(model_dir: str | Path, manifest, out_jsonl, beam: int = 0) ->
     ``beam`` 0: greedy (best path); > 0: prefix beam search of that width (no LM)."""
     model, vocab = load_ctc(model_dir)
     items = list(read_manifest(manifest))
+    failed: dict[int, str] = {}
     hyps = decode_items(model, AudioDataset(items, model.encoder.cfg.frontend, model.encoder.cfg.n_mels, cache=False),
-                        vocab, beam=beam)
-    write_manifest(out_jsonl, ({"id": it["id"], "text": h} for it, h in zip(items, hyps)))
+                        vocab, beam=beam, failed=failed)
+    # an utterance whose audio failed keeps its line (empty text, status and reason): scored as all deletions
+    write_manifest(out_jsonl, ({"id": it["id"], "text": h} | ({"status": "failed", "reason": failed[n]}
+                                                               if n in failed else {})
+                               for n, (it, h) in enumerate(zip(items, hyps))))
     return Path(out_jsonl)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from selfspeech.train import checkpoint as ckpt
@@ -149,6 +150,8 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
         if main:
             log_path.unlink(missing_ok=True)
         torch.manual_seed(cfg.seed + env.rank)  # per-rank randomness (masks, augmentation) in data parallel
+        random.seed(cfg.seed + env.rank)  # the global RNGs are checkpointed too: start them from the seed
+        np.random.seed(cfg.seed + env.rank)
     D.broadcast_module(module)
     D.barrier()  # nobody starts while rank 0 may still be truncating the log
     trackers = make_trackers(cfg.tracking, out, run_config) if main else []

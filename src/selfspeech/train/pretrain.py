@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from selfspeech.data.audio_dataset import AudioDataset, check_lengths
-from selfspeech.data.manifest import read_manifest
+from selfspeech.data.audio_dataset import AudioDataset, Skipped, check_lengths
+from selfspeech.data.manifest import read_manifest, unique_ids
 from selfspeech.models.ssl import EncoderConfig, save_encoder
 from selfspeech.objectives.losses import weighted_sum
 from selfspeech.objectives.tasks import build_task
@@ -72,12 +72,17 @@ def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
     enc_cfg, loop_cfg = cfg.encoder_config(), cfg.loop_config()
     torch.manual_seed(loop_cfg.seed)  # the same initial weights on every (re)start
     task = build_task(cfg.objective, enc_cfg, cfg.task)
-    items = list(read_manifest(manifest))
+    items, dup = unique_ids(read_manifest(manifest))
     items, skipped = check_lengths(items, min_seconds(enc_cfg, task))
+    skipped += [Skipped(u, "duplicate id: only its first line is used") for u in dup]
     if not items:
         raise ValueError(f"{manifest}: no utterance is long enough for this encoder ({len(skipped)} skipped, "
                          f"first: {skipped[0] if skipped else None})")
     data = AudioDataset(items, enc_cfg.frontend, enc_cfg.n_mels, max_seconds=cfg.crop_seconds)
+    skipped += data.screen(progress and env.main)  # bad audio: skipped and listed, not a crash mid-run
+    items = data.items
+    if not items:
+        raise ValueError(f"{manifest}: no usable utterance ({len(skipped)} skipped, first: {skipped[0]})")
     if cfg.group_field:
         missing = [it.get("id") for it in items if it.get(cfg.group_field) in (None, "")]
         if missing:

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from selfspeech.audio.features import log_mel
-from selfspeech.data.audio_dataset import AudioDataset, collate_arrays
+from selfspeech.data.audio_dataset import AudioDataset, Skipped, collate_arrays
 from selfspeech.data.augment import AugmentConfig, Augmenter, load_or_build_rir_pool, random_segment
-from selfspeech.data.manifest import read_manifest
+from selfspeech.data.manifest import read_manifest, unique_ids
 from selfspeech.models.ecapa import ECAPAConfig, ECAPATDNN, save_speaker_encoder
 from selfspeech.models.ssl import save_encoder
 from selfspeech.objectives.speaker import (DINOHead, Projector, cosine_momentum, dino_loss, ema_update,
@@ -235,12 +235,18 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
     out = Path(out_dir)
     env = D.init_from_env()  # torchrun: data parallel over its processes
     loop_cfg = cfg.loop_config()
-    items = list(read_manifest(manifest))
+    items, dup = unique_ids(read_manifest(manifest))
     if len(items) < 2:
         raise ValueError(f"{manifest}: {len(items)} utterance(s); contrastive training needs at least 2")
     if cfg.batch_size < 2 or cfg.batch_size > len(items):
         raise ValueError(f"batch_size={cfg.batch_size}: needs 2 <= batch_size <= {len(items)} utterances")
     data = AudioDataset(items, "wave")
+    bad = data.screen(progress and env.main)  # bad audio: skipped and listed, not a crash mid-run
+    bad += [Skipped(u, "duplicate id: only its first line is used") for u in dup]
+    items = data.items
+    if len(items) < max(2, cfg.batch_size):
+        raise ValueError(f"{manifest}: {len(items)} usable utterance(s) after {len(bad)} with bad audio "
+                         f"(first: {bad[:1]}); need at least batch_size={cfg.batch_size}")
     short = [it["id"] for it in items if float(it.get("duration") or 0.0) < cfg.segment_seconds]
     spk = [str(it.get("speaker", "")) for it in items]
     speaker_of = None
@@ -276,6 +282,7 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
     summary = {"method": cfg.method, "ssps": cfg.ssps, "steps": state["step"],
                "train_seconds": round(state["seconds"], 1), "n_train": len(items),
                "padded_short": {"count": len(short), "first": short[:5], "policy": "wrap-pad to the segment"},
+               "skipped": [dataclasses.asdict(s) for s in bad],
                "ssps_clusterings": int(task.ssps.n_clusterings) if task.ssps is not None else 0,
                "params": sum(p.numel() for p in task.encoder.parameters())}
     write_json(out / "summary.json", summary)

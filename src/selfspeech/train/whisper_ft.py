@@ -36,7 +36,7 @@ from typing import Callable
 import jiwer
 import torch
 
-from selfspeech.audio.io import audio_info, load_item
+from selfspeech.audio.io import AudioError, audio_info, load_item
 from selfspeech.data.manifest import read_manifest, write_manifest
 from selfspeech.models.whisper import (MAX_FRAMES, encode, greedy_decode, load_processor, log_mel,  # noqa: F401
                                        pad_features)
@@ -120,8 +120,13 @@ def load_items(manifest: str | Path, cfg: FinetuneConfig) -> tuple[list[dict], C
         dur = it.get("duration")
         if dur is None:
             end = it.get("end")
-            dur = (float(end) if end is not None else audio_info(it["audio_filepath"]).duration) \
-                - float(it.get("offset") or 0.0)
+            try:
+                dur = (float(end) if end is not None else audio_info(it["audio_filepath"]).duration) \
+                    - float(it.get("offset") or 0.0)
+            except AudioError as e:
+                log.warning("utterance %r skipped: %s", it.get("id"), e)
+                skipped["bad_audio"] += 1
+                continue
         text = norm(it.get("text") or "")
         if not text:
             skipped["empty_text"] += 1
@@ -157,6 +162,25 @@ class WhisperCollator:
         if self.cache:
             self._feats[i] = f
         return f
+
+    def screen(self) -> list[tuple[str, str]]:
+        """Compute every item's features once; drop (and return as (id, reason)) those whose audio fails.
+
+        Otherwise a bad file stops the run when a batch first reaches it. With the
+        feature cache on, this is the first epoch's work done early.
+        """
+        keep, feats, bad = [], {}, []
+        for i, it in enumerate(self.items):
+            try:
+                f = self.features(i)
+            except AudioError as e:
+                bad.append((str(it.get("id")), str(e)))
+                continue
+            if self.cache:
+                feats[len(keep)] = f
+            keep.append(it)
+        self.items, self._feats = keep, feats
+        return bad
 
     def labels(self, i: int) -> list[int]:
         return label_ids(self.processor.tokenizer, self.items[i]["text"])
@@ -255,7 +279,8 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
     if resumed is not None and json.loads((resumed / ckpt.STATE_JSON).read_text())["state"].get("done"):
         return best  # a finished run: nothing to do
     processor = load_processor(init_dir, cfg.language)
-    model = WhisperForConditionalGeneration.from_pretrained(str(resumed or init_dir), dtype=torch.float32)
+    model = WhisperForConditionalGeneration.from_pretrained(str(resumed or init_dir), dtype=torch.float32,
+                                                            use_safetensors=True)  # never unpickle
     if cfg.freeze_encoder:
         model.get_encoder().requires_grad_(False)
 
@@ -267,7 +292,12 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
         keep = [it for it in items if len(label_ids(processor.tokenizer, it["text"])) <= model.config.max_target_positions]
         if len(keep) < len(items):
             skip["too_many_tokens"] = len(items) - len(keep)
-        data[split], skipped[split] = WhisperCollator(keep, processor, cfg.trim_input, cfg.cache_features), dict(skip)
+        data[split] = WhisperCollator(keep, processor, cfg.trim_input, cfg.cache_features)
+        bad = data[split].screen()  # the same decision on every (re)start
+        if bad:
+            skip["bad_audio"] += len(bad)
+            log.warning("%s: bad audio, skipped: %s", manifest, bad[:5])
+        skipped[split] = dict(skip)
         if skip:
             log.warning("%s: skipped %d %s utterance(s): %s", manifest, sum(skip.values()), split, dict(skip))
     train, dev = data["train"], data.get("dev")
@@ -364,14 +394,26 @@ def transcribe_dir(model_dir: str | Path, manifest: str | Path, out_jsonl: str |
     saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     trim = saved.get("trim_input", False) if trim_input is None else trim_input
     processor = load_processor(model_dir, saved.get("language", "en"))
-    model = WhisperForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = WhisperForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                            use_safetensors=True).eval()
     items = list(read_manifest(manifest))
     coll = WhisperCollator(items, processor, trim, cache=False)
     order = BucketBatchSampler([float(it.get("duration") or 0.0) for it in items], batch_size, shuffle=False)
     texts: dict[int, str] = {}
+    failed: dict[int, str] = {}
     for idx in order.batches(0):
+        for i in idx:  # an unreadable utterance keeps its line (empty text, status, reason): scored as deletions
+            try:
+                coll.features(i)
+            except AudioError as e:
+                failed[i], texts[i] = str(e), ""
+        idx = [i for i in idx if i not in failed]
+        if not idx:
+            continue
         x = coll(idx, with_labels=False)["input_features"]
         for i, ids in zip(idx, greedy_decode(model, x, processor.tokenizer.prefix_tokens, max_new_tokens)):
             texts[i] = processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
-    write_manifest(out_jsonl, ({"id": it["id"], "text": texts[i]} for i, it in enumerate(items)))
+    write_manifest(out_jsonl, ({"id": it["id"], "text": texts[i]} | ({"status": "failed", "reason": failed[i]}
+                                                                      if i in failed else {})
+                               for i, it in enumerate(items)))
     return Path(out_jsonl)
