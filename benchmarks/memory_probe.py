@@ -11,7 +11,6 @@ Used by ``benchmarks/reliability.py``; standalone: python benchmarks/memory_prob
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path

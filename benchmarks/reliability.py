@@ -6,8 +6,8 @@
    outputs compared with the reference (weights, optimizer/RNG state, logs,
    labels, hypotheses). Stages: teacher labelling (real whisper-tiny.en),
    Whisper student fine-tuning, CTC fine-tuning, BEST-RQ pretraining, speaker
-   SSL (SimCLR + SSPS: queues and k-means inside the window), the ``adapt``
-   pipeline. Tiny models on a generated corpus so that a kill lands anywhere
+   SSL (SimCLR + SSPS: queues and k-means inside the window; DINO: EMA teacher
+   and centre), the ``adapt`` pipeline. Tiny models on a generated corpus so that a kill lands anywhere
    in set-up, training, checkpoint writes or decoding.
 2. Bad inputs (``bad_inputs.py``): corrupt files and malformed lines through
    every consumer; each must end in a clear error or a counted skip, with the
@@ -100,6 +100,11 @@ def build_stages(work: Path, manifest: Path, tiny_whisper: Path | None) -> dict[
             "augment": None, "ssps": {"start": 0.3, "k": 4, "queue": 64, "ref_seconds": 1.5},
             "loop": {**loop, "max_steps": 60}}), "--manifest", str(manifest), "--out", "{out}"),
             trained + ("encoder/model.safetensors",)),
+        "speaker_ssl_dino": Stage("speaker_ssl_dino", cli("sv", "train", _json(cfg / "dino.json", {
+            "method": "dino", "ecapa": {"preset": "tiny"}, "batch_size": 8, "segment_seconds": 1.0,
+            "local_seconds": 0.6, "dino_out": 64, "dino_hidden": 64, "dino_bottleneck": 32, "augment": None,
+            "loop": {**loop, "max_steps": 40}}), "--manifest", str(manifest), "--out", "{out}"),
+            trained + ("encoder/model.safetensors",)),
     }
     if tiny_whisper is not None:
         ft = {"lr": 5e-3, "warmup_steps": 2, "max_epochs": 3, "batch_size": 4, "eval_every": 3, "patience": 9,
@@ -149,9 +154,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/reliability"))
     ap.add_argument("--result-name", default="reliability")
     args = ap.parse_args()
-    from common import write_result
-
     import shutil
+
+    from common import write_result
 
     shutil.rmtree(args.work, ignore_errors=True)  # a campaign starts from nothing: references are recomputed
     manifest = make_corpus(args.work / "corpus", seed=args.seed)

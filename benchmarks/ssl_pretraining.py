@@ -80,10 +80,11 @@ def budget_text(steps: int | None, seconds: float) -> str:
     return f"{steps} steps" if steps else f"{seconds:.0f} s"
 
 
-def ctc_config(args, lexicon: Path, enc: dict, init) -> CTCConfig:
+def ctc_config(args, lexicon: Path, enc: dict, init, seed: int | None = None) -> CTCConfig:
     every = max(100, (args.ft_steps or 0) // 10)
+    seed = args.seed if seed is None else seed
     return CTCConfig(targets="phone", lexicon=str(lexicon), encoder=enc,
-                     loop={"lr": 2e-3, "eval_every": every, "log_every": 25, "ckpt_every": every, "seed": args.seed,
+                     loop={"lr": 2e-3, "eval_every": every, "log_every": 25, "ckpt_every": every, "seed": seed,
                            **budget(args.ft_steps, args.ft_budget)},
                      freeze_steps=100 if init else 0, max_batch_seconds=30.0)
 
@@ -150,6 +151,8 @@ def main() -> None:
     ap.add_argument("--labelled-speakers", type=int, default=10)
     ap.add_argument("--systems", nargs="*", default=[*SCRATCH, *PRETRAINED])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ctc-seeds", type=int, nargs="*", default=[],
+                    help="extra CTC fine-tunes of each system with these seeds (run-to-run spread)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "ssl_bench")
     ap.add_argument("--result-name", default="ssl_pretraining")
@@ -198,6 +201,13 @@ def main() -> None:
         print(f"== CTC fine-tune {name} ({budget_text(args.ft_steps, args.ft_budget)})", flush=True)
         ft = finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", w / f"ctc_{name}", ctc, init=init)
         per = decode_per(w / f"ctc_{name}", {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}, args.seed)
+        for seed in args.ctc_seeds:  # the same encoder fine-tuned again: CTC's run-to-run spread
+            print(f"== CTC fine-tune {name}, seed {seed}", flush=True)
+            run = w / f"ctc_{name}_seed{seed}"
+            finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run, ctc_config(args, lexicon, enc, init, seed),
+                         init=init)
+            extra = decode_per(run, {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}, args.seed)
+            per.setdefault("ctc_seeds", {})[str(seed)] = {g: extra[g]["per"] for g in refs}
         results[name] = per
         runs[name] = {"pretrain": {k: pt[k] for k in ("steps", "train_seconds", "n_train", "params")} | {
             "skipped": len(pt["skipped"]), "groups": pt["groups"]} if pt else None,

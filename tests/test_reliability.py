@@ -212,3 +212,18 @@ def test_whisper_decode_and_finetune_skip_unreadable_audio(tmp_path, tiny_whispe
             .read_text().splitlines()]
     assert [h["id"] for h in hyps] == [i["id"] for i in items]
     assert hyps[2]["status"] == "failed" and "trunc" in hyps[2]["reason"]
+
+
+def test_a_killed_writers_temp_copy_is_dropped_by_the_next_write(tmp_path):
+    from selfspeech.data.atomic import atomic_write, temp_prefix
+    from selfspeech.train.checkpoint import write_dir
+
+    out = tmp_path / "last"
+    (tmp_path / f"{temp_prefix(out)}abc123").mkdir()  # as SIGKILL mid-checkpoint leaves it
+    (tmp_path / f"{temp_prefix(out)}abc123" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / f"{temp_prefix(tmp_path / 'm.jsonl')}xyz").write_text("half a manifest")
+    (tmp_path / ".other.tmp.keep").write_text("not ours")
+    write_dir(out, lambda d: (d / "x").write_text("ok"))
+    with atomic_write(tmp_path / "m.jsonl") as f:
+        f.write("{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp.keep", "last", "m.jsonl"]

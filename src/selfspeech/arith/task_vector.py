@@ -26,6 +26,8 @@ from typing import Iterable, Mapping
 
 import torch
 
+from selfspeech.data.atomic import drop_stale, temp_prefix
+
 # Whisper ties its output projection to the decoder's token embedding.
 KNOWN_TIES = {"proj_out.weight": "model.decoder.embed_tokens.weight"}
 
@@ -185,7 +187,8 @@ class TaskVector:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        drop_stale(path)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
         os.close(fd)
         try:
             save_file({n: v.contiguous() for n, v in self.deltas.items()}, tmp,
@@ -242,7 +245,8 @@ def apply_to_dir(base_dir: str | os.PathLike, tau: TaskVector, lam: float, out_d
     base, out = Path(base_dir), Path(out_dir)
     new = tau.apply(load_state(base), lam)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    drop_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
     try:
         for f in base.iterdir():
             if f.is_file() and not f.name.startswith("model.safetensors") and not f.name.startswith("model-"):

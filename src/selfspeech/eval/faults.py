@@ -127,9 +127,12 @@ def compare_outputs(a: Path, b: Path, outputs, atol: float = 0.0) -> list[str]:
     return diffs
 
 
-def leftovers(run: Path) -> list[str]:
-    """Temp files or aside copies a killed run left that a finished resume should have cleaned or ignored."""
-    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if ".tmp." in p.name)
+def leftovers(ref: Path, run: Path) -> list[str]:
+    """Files a killed-and-resumed run has that the uninterrupted one does not (temp copies, aside dirs)."""
+    def names(d: Path) -> set[str]:
+        return {str(p.relative_to(d)) for p in d.rglob("*")}
+
+    return sorted(names(run) - names(ref))
 
 
 def kill_campaign(stage: Stage, work: Path, trials: int = 2, max_kills: int = 2, seed: int = 0,
@@ -164,7 +167,7 @@ def kill_campaign(stage: Stage, work: Path, trials: int = 2, max_kills: int = 2,
                 shutil.rmtree(run, ignore_errors=True)
         run_stage(stage, run)  # resume to the end
         diffs = compare_outputs(ref, run, stage.outputs, stage.atol)
-        diffs += [f"left behind: {p}" for p in leftovers(run)]
+        diffs += [f"left behind: {p}" for p in leftovers(ref, run)]
         res["trials"] += 1
         res["identical_after_resume"] += not diffs
         res["differences"] += [f"trial {t}: {d}" for d in diffs]

@@ -28,6 +28,8 @@ from typing import Iterator
 
 import numpy as np
 
+from selfspeech.data.atomic import drop_stale, temp_prefix
+
 __all__ = ["Ct2FormatError", "WhisperDims", "atomic_dir", "ct2_to_hf", "read_ct2_model_bin"]
 
 _DTYPE_BY_ID = (np.float32, np.int8, np.int16, np.int32, np.float16, "bfloat16")
@@ -47,7 +49,8 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    drop_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
     try:
         yield tmp
         for f in tmp.rglob("*"):

@@ -5,6 +5,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from selfspeech.data.atomic import drop_stale, temp_prefix
+
 TOKENIZER_FILES = ("tokenizer.json", "preprocessor_config.json")
 
 
@@ -20,7 +22,8 @@ def export_ctranslate2(model_dir: str | Path, out: str | Path, quantization: str
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir}: no config.json; expected a transformers save_pretrained directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    drop_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
     try:
         conv = ctranslate2.converters.TransformersConverter(str(model_dir), copy_files=[
             f for f in TOKENIZER_FILES if (model_dir / f).is_file()], load_as_float16=False)

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from selfspeech.data.atomic import drop_stale, temp_prefix
+
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 
@@ -47,7 +49,8 @@ def write_dir(out: Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` in a temp sibling of ``out``, then :func:`replace_dir` it into place."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
+    drop_stale(out)  # a killed writer's half-written copy: never read, only taking space
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
     try:
         write(tmp)
         replace_dir(tmp, out)

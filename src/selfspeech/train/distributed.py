@@ -63,17 +63,25 @@ def broadcast_module(module: torch.nn.Module) -> None:
             dist.broadcast(t.data, 0)
 
 
-def average_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
-    """Average gradients over ranks in place (one flat all-reduce); returns the mean loss."""
+def average_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor, weight: float | None = None) -> torch.Tensor:
+    """Average gradients over ranks in place (one flat all-reduce); returns the mean loss.
+
+    ``weight``: this rank's share of the combined batch when the loss is a mean over
+    unequal counts (e.g. label tokens): gradients and loss are then weighted by it, so
+    the result equals one process's mean over the combined batch, not a mean of means.
+    """
     world = current().world
     if world == 1:
         return loss.detach()
     # parameters without a gradient this step (a frozen phase) stay without one, as in one process:
     # the same code runs on every rank, so the set is the same everywhere
     params = [p for p in params if p.grad is not None]
-    flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1).to(torch.float32)])
+    w = 1.0 if weight is None else float(weight)
+    flat = torch.cat([p.grad.reshape(-1) * w for p in params]
+                     + [loss.detach().reshape(1).to(torch.float32) * w, torch.tensor([w])])
     dist.all_reduce(flat)
-    flat /= world
+    flat /= flat[-1].clone()  # the sum of weights (= world when unweighted)
+    flat = flat[:-1]
     off = 0
     for p in params:
         n = p.grad.numel()

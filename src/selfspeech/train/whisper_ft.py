@@ -22,6 +22,7 @@ with -100 (the model prepends ``<|startoftranscript|>`` when shifting right),
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -42,6 +43,7 @@ from selfspeech.models.whisper import (MAX_FRAMES, encode, greedy_decode, load_p
                                        pad_features)
 from selfspeech.text.normalize import NORMALIZERS, get_normalizer
 from selfspeech.train import checkpoint as ckpt
+from selfspeech.train import distributed as D
 from selfspeech.train.sampler import BucketBatchSampler
 
 log = logging.getLogger(__name__)
@@ -229,6 +231,8 @@ def train_step(model, optimizer: torch.optim.Optimizer, batch: dict, lr: float, 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    # data parallel (torchrun): the token-weighted mean over ranks = one process's combined batch
+    loss = D.average_gradients(params, loss, weight=float((batch["labels"] != -100).sum()))
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     optimizer.step()
     return loss.item(), norm.item()
@@ -268,6 +272,7 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
 
     from selfspeech.models.zoo import resolve_model
 
+    env = D.init_from_env()  # torchrun: data parallel over its processes (rank 0 logs and checkpoints)
     init_dir, out_dir = resolve_model(init_dir).hf_dir if not Path(init_dir).is_dir() else Path(init_dir), Path(out_dir)
     last, best, log_path = out_dir / "last", out_dir / "best", out_dir / "train_log.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -303,8 +308,8 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
     train, dev = data["train"], data.get("dev")
     if not train.items or (dev is not None and not dev.items):
         raise ValueError(f"no usable utterances left (skipped: {skipped})")
-    sampler = BucketBatchSampler([it["duration"] for it in train.items], cfg.batch_size, cfg.max_batch_seconds,
-                                 seed=cfg.seed, num_buckets=cfg.num_buckets)
+    sampler = D.shard(BucketBatchSampler([it["duration"] for it in train.items], cfg.batch_size,
+                                         cfg.max_batch_seconds, seed=cfg.seed, num_buckets=cfg.num_buckets))
     total = sum(len(sampler.batches(e)) for e in range(cfg.max_epochs))
     total = min(total, cfg.max_steps) if cfg.max_steps is not None else total
     optimizer = make_optimizer(model, cfg)
@@ -312,10 +317,14 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
     if resumed is not None:
         state = ckpt.load_checkpoint(resumed, optimizer)  # also restores the RNG states
         sampler.load_state_dict(state["sampler"])
-        ckpt.truncate_log(log_path, state["step"])
+        if env.main:
+            ckpt.truncate_log(log_path, state["step"])
     else:
-        log_path.unlink(missing_ok=True)
-        torch.manual_seed(cfg.seed)
+        if env.main:
+            log_path.unlink(missing_ok=True)
+        torch.manual_seed(cfg.seed + env.rank)
+    D.broadcast_module(model)
+    D.barrier()  # nobody appends to the log while rank 0 may still be truncating it
 
     def write_model(d: Path) -> None:  # a save_pretrained dir that WhisperProcessor also loads
         model.save_pretrained(d)
@@ -325,11 +334,13 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
         (d / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     t0 = time.perf_counter()
-    bar = tqdm(total=total, initial=state["step"], disable=not progress, unit="step", dynamic_ncols=True)
-    with open(log_path, "a", encoding="utf-8") as logf:
+    bar = tqdm(total=total, initial=state["step"], disable=not progress or not env.main, unit="step",
+               dynamic_ncols=True)
+    with open(log_path, "a", encoding="utf-8") if env.main else contextlib.nullcontext() as logf:
         def emit(rec: dict) -> None:
-            logf.write(json.dumps(rec) + "\n")
-            logf.flush()
+            if env.main:
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
 
         emit({"event": "resume" if resumed else "start", "step": state["step"], "total_steps": total,
               "n_train": len(train.items), "n_dev": len(dev.items) if dev else 0, "skipped": skipped})
@@ -350,21 +361,28 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
                     at_end = step >= total
                     if step % cfg.eval_every == 0 or at_end:
                         if dev is not None:
-                            wer, _ = evaluate(model, dev, cfg)
-                            improved = state["best_wer"] is None or wer < state["best_wer"]
+                            improved, wer = False, None  # the dev set is decoded once, by rank 0
+                            if env.main:
+                                wer, _ = evaluate(model, dev, cfg)
+                                improved = state["best_wer"] is None or wer < state["best_wer"]
+                            improved, = D.broadcast_flags(improved)
                             state["bad_evals"] = 0 if improved else state["bad_evals"] + 1
                             if improved:
                                 state.update(best_wer=wer, best_step=step)
-                                ckpt.write_dir(best, write_model)
+                                if env.main:
+                                    ckpt.write_dir(best, write_model)
                             emit({"event": "eval", "step": step, "dev_wer": wer, "best_wer": state["best_wer"],
                                   "improved": improved})
                         elif at_end:
                             state["best_step"] = step
-                            ckpt.write_dir(best, write_model)
+                            if env.main:
+                                ckpt.write_dir(best, write_model)
                         early = dev is not None and state["bad_evals"] >= cfg.patience
                         state.update(done=at_end or early, stopped_early=early and not at_end,
                                      sampler=sampler.state_dict())
-                        ckpt.save_checkpoint(last, write_model, optimizer, state)
+                        if env.main:
+                            ckpt.save_checkpoint(last, write_model, optimizer, state)
+                        D.barrier()
                     if on_step is not None:
                         on_step(rec)
                     if state["done"]:
@@ -375,7 +393,8 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
                "steps": state["step"], "total_steps": total, "stopped_early": state["stopped_early"],
                "n_train": len(train.items), "n_dev": len(dev.items) if dev else 0, "skipped": skipped,
                "normalizer": cfg.normalizer, "seconds_this_session": round(time.perf_counter() - t0, 2)}
-    ckpt.write_json(out_dir / "summary.json", summary)
+    if env.main:
+        ckpt.write_json(out_dir / "summary.json", summary)
     return best
 
 
