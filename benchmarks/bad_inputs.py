@@ -40,7 +40,7 @@ def make_bad_corpus(root: Path, good: int = 12) -> tuple[Path, dict[str, str], l
     usable (8/48 kHz, stereo, silence, clipping, 60 s) is "bad" too: consumers
     must either handle it (resample, downmix, flag) or skip it with a count.
     """
-    a = root / "audio"
+    a = root.resolve() / "audio"
     a.mkdir(parents=True, exist_ok=True)
     items, bad = [], {}
 

@@ -32,7 +32,7 @@ LABEL = ("import sys\n"
 
 def make_manifests(work: Path, sizes=(1000, 50000)) -> dict[int, tuple[Path, Path]]:
     """{n: (manifest, hypotheses)} with n lines each over 20 short audio files."""
-    audio = work / "audio"
+    audio = work.resolve() / "audio"
     audio.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     paths = []

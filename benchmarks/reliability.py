@@ -39,6 +39,7 @@ WORDS = "red green blue cat dog sun moon tree fish bird apple water light stone 
 def make_corpus(root: Path, adults: int = 8, children: int = 6, per_speaker: int = 4, seed: int = 0) -> Path:
     """A generated corpus (tones + noise, one pitch per speaker) with text, speaker and age group."""
     rng = np.random.default_rng(seed)
+    root = root.resolve()  # manifests hold absolute paths (relative ones resolve against the manifest's folder)
     wav_dir = root / "audio"
     wav_dir.mkdir(parents=True, exist_ok=True)
     items = []
@@ -146,18 +147,19 @@ def tiny_whisper_dir(work: Path) -> Path | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trials", type=int, default=2, help="killed-and-resumed runs per stage")
+    ap.add_argument("--trials", type=int, default=3, help="killed-and-resumed runs per stage")
     ap.add_argument("--stages", nargs="*", default=None, help="subset of stages (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-bad-inputs", action="store_true")
-    ap.add_argument("--work", type=Path, default=Path("runs/reliability"))
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder, emptied first (default runs/reliability)")
     ap.add_argument("--result-name", default="reliability")
     args = ap.parse_args()
     import shutil
 
-    from common import write_result
+    from common import ROOT, write_result
 
+    args.work = (args.work or ROOT / "runs" / "reliability").resolve()
     shutil.rmtree(args.work, ignore_errors=True)  # a campaign starts from nothing: references are recomputed
     manifest = make_corpus(args.work / "corpus", seed=args.seed)
     stages = build_stages(args.work, manifest, tiny_whisper_dir(args.work))

@@ -174,3 +174,24 @@ def test_early_stopping_and_atomic_checkpoint(tiny_init, tmp_path):
     assert ckpt.resolve(last) == tmp_path / "out/.last.old"
     ckpt.write_dir(last, lambda d: (d / "f").write_text("new"))
     assert (last / "f").read_text() == "new" and not (tmp_path / "out/.last.old").exists()
+
+
+def test_cli_finetune_whisper(tiny_init, tmp_path):
+    from typer.testing import CliRunner
+
+    from selfspeech.cli import app
+
+    train = corpus(tmp_path, TEXTS)
+    cfg = tmp_path / "ft.json"
+    cfg.write_text(json.dumps({"max_steps": 2, "batch_size": 2, "eval_every": 2, "max_new_tokens": 3}))
+    runner = CliRunner()
+    r = runner.invoke(app, ["finetune-whisper", str(cfg), "--train", str(train), "--dev", str(train),
+                            "--init", str(tiny_init), "--out", str(tmp_path / "ft")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "ft" / "best" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "ft" / "summary.json").read_text())["steps"] == 2
+    r = runner.invoke(app, ["finetune-whisper", "--train", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "nope.jsonl: manifest not found" in r.output
+    cfg.write_text(json.dumps({"learning_rate": 1e-3}))
+    r = runner.invoke(app, ["finetune-whisper", str(cfg), "--train", str(train), "--out", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "learning_rate" in r.output

@@ -58,3 +58,34 @@ def export(
     except ExportError as e:
         fail(str(e))
     console.print(f"wrote {out}")
+
+
+def finetune_whisper(
+    config: Path = typer.Argument(None, help="YAML/JSON with FinetuneConfig keys (lr, batch_size, max_epochs, "
+                                              "max_steps, eval_every, patience, freeze_encoder, ...)."),
+    train: Path = typer.Option(..., help="Training manifest (real or pseudo-labels in `text`)."),
+    dev: Path = typer.Option(None, help="Dev manifest: greedy WER every eval_every steps, early stopping, best/."),
+    init: str = typer.Option("whisper-tiny.en", help="Zoo name or a transformers Whisper folder (safetensors)."),
+    out: Path = typer.Option(..., help="Output folder: best/ and last/ (save_pretrained), train_log.jsonl. "
+                                       "Rerun to resume."),
+) -> None:
+    """Fine-tune a Whisper student on one manifest (the stage `adapt` runs for each student).
+
+    Data parallel with torchrun (one process per core or GPU; gradients
+    token-weighted, so N processes x batch B equal one process x N*B):
+
+    torchrun --nproc_per_node 2 -m selfspeech.cli finetune-whisper cfg.yaml --train t.jsonl --dev d.jsonl --out runs/ft
+
+    Example: selfspeech finetune-whisper --train children.labels.jsonl --dev dev.labels.jsonl --out runs/student
+    """
+    from selfspeech.commands.ssl import _read_config
+    from selfspeech.train.whisper_ft import FinetuneConfig, finetune
+
+    for p in (train, dev):
+        if p is not None and not p.is_file():
+            fail(f"{p}: manifest not found")
+    try:
+        best = finetune(train, dev, init, out, FinetuneConfig(**_read_config(config)))
+    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+        fail(str(e))
+    console.print(f"best model: {best}")
