@@ -21,7 +21,10 @@ Protocol (fixed before any run; nothing tuned on evaluation speakers):
   from SYSTEM's pretrained encoder, one CTC model on 5 male + 5 female adult
   speakers against one model per gender on its 5 speakers (dev: 2 other
   speakers per gender), PER per gender on the remaining adults and on the
-  children.
+  children;
+- ``--ft-lrs``: CTC peak learning rates tried for every system; each system
+  keeps the one with the lowest PER on the 3 adult dev speakers (a rule any
+  corpus allows; evaluation speakers never choose).
 
 Writes ``benchmarks/results/ssl_pretraining.json``. Run folders are resumable.
 Usage: python benchmarks/ssl_pretraining.py [--budget 360] [--ft-budget 240] [--systems ...]
@@ -80,11 +83,14 @@ def budget_text(steps: int | None, seconds: float) -> str:
     return f"{steps} steps" if steps else f"{seconds:.0f} s"
 
 
-def ctc_config(args, lexicon: Path, enc: dict, init, seed: int | None = None) -> CTCConfig:
+DEFAULT_CTC_LR = 2e-3
+
+
+def ctc_config(args, lexicon: Path, enc: dict, init, seed: int | None = None, lr: float = DEFAULT_CTC_LR) -> CTCConfig:
     every = max(100, (args.ft_steps or 0) // 10)
     seed = args.seed if seed is None else seed
     return CTCConfig(targets="phone", lexicon=str(lexicon), encoder=enc,
-                     loop={"lr": 2e-3, "eval_every": every, "log_every": 25, "ckpt_every": every, "seed": seed,
+                     loop={"lr": lr, "eval_every": every, "log_every": 25, "ckpt_every": every, "seed": seed,
                            **budget(args.ft_steps, args.ft_budget)},
                      freeze_steps=100 if init else 0, max_batch_seconds=30.0)
 
@@ -151,6 +157,8 @@ def main() -> None:
     ap.add_argument("--labelled-speakers", type=int, default=10)
     ap.add_argument("--systems", nargs="*", default=[*SCRATCH, *PRETRAINED])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ft-lrs", type=float, nargs="+", default=[DEFAULT_CTC_LR],
+                    help="CTC peak learning rates tried per system; the best on the adult dev speakers is used")
     ap.add_argument("--ctc-seeds", type=int, nargs="*", default=[],
                     help="extra CTC fine-tunes of each system with these seeds (run-to-run spread)")
     ap.add_argument("--threads", type=int, default=1)
@@ -197,15 +205,22 @@ def main() -> None:
             pt, init, enc = None, None, encoder_for(SCRATCH[name])
         else:
             sys.exit(f"unknown system {name!r}; choose from {[*SCRATCH, *PRETRAINED]}")
-        ctc = ctc_config(args, lexicon, enc, init)
-        print(f"== CTC fine-tune {name} ({budget_text(args.ft_steps, args.ft_budget)})", flush=True)
-        ft = finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", w / f"ctc_{name}", ctc, init=init)
-        per = decode_per(w / f"ctc_{name}", {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}, args.seed)
+        # CTC learning rate chosen per system on the adult dev speakers (ft_dev), never on evaluation speakers
+        fts = {}
+        for lr in args.ft_lrs:
+            run = w / (f"ctc_{name}" if lr == DEFAULT_CTC_LR else f"ctc_{name}_lr{lr:g}")
+            print(f"== CTC fine-tune {name}, lr {lr:g} ({budget_text(args.ft_steps, args.ft_budget)})", flush=True)
+            fts[lr] = (run, finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
+                                         ctc_config(args, lexicon, enc, init, lr=lr), init=init))
+        lr = min(fts, key=lambda k: (fts[k][1]["best_dev_error_rate"], k))
+        run, ft = fts[lr]
+        per = decode_per(run, {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}, args.seed)
+        per["ctc_lr"] = {"chosen": lr, "dev_per": {f"{k:g}": v[1]["best_dev_error_rate"] for k, v in fts.items()}}
         for seed in args.ctc_seeds:  # the same encoder fine-tuned again: CTC's run-to-run spread
             print(f"== CTC fine-tune {name}, seed {seed}", flush=True)
-            run = w / f"ctc_{name}_seed{seed}"
-            finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run, ctc_config(args, lexicon, enc, init, seed),
-                         init=init)
+            run = w / (f"ctc_{name}_seed{seed}" + ("" if lr == DEFAULT_CTC_LR else f"_lr{lr:g}"))
+            finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
+                         ctc_config(args, lexicon, enc, init, seed, lr=lr), init=init)
             extra = decode_per(run, {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}, args.seed)
             per.setdefault("ctc_seeds", {})[str(seed)] = {g: extra[g]["per"] for g in refs}
         results[name] = per
@@ -234,6 +249,7 @@ def main() -> None:
         "protocol": {"budget_seconds_pretrain": None if args.pt_steps else args.budget,
                      "budget_seconds_ctc": None if args.ft_steps else args.ft_budget,
                      "steps_pretrain": args.pt_steps, "steps_ctc": args.ft_steps,
+                     "ctc_lrs_tried": args.ft_lrs, "ctc_lr_rule": "lowest PER on the 3 adult dev speakers",
                      "threads": args.threads, "labelled_speakers": args.labelled_speakers, "seed": args.seed,
                      "encoder": "small preset: 4 x 144 Transformer, 4 heads, mel (4x conv) or wav2vec 2.0 CNN front-end",
                      "eval_speakers": {g: len({r["speaker"] for r in refs[g]}) for g in refs},
