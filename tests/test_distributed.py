@@ -145,3 +145,44 @@ def test_two_process_whisper_student_equals_one_process_with_the_combined_batch(
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 5e-3  # Adam on ~1e-7 gradient noise: < lr
     evals = [json.loads(x) for x in open(tmp_path / "two" / "train_log.jsonl") if '"eval"' in x]
     assert [e["step"] for e in evals] == [2, 4]  # rank 0 alone decodes the dev set and logs
+
+
+PRETRAIN_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from selfspeech.train.pretrain import PretrainConfig, pretrain
+d, out, batch_seconds, objective = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+cfg = PretrainConfig(objective=objective, encoder={"preset": "tiny", "dropout": 0.0}, max_batch_seconds=batch_seconds,
+                     crop_seconds=1.2, loop={"max_steps": 4, "lr": 3e-3, "log_every": 1, "ckpt_every": 2,
+                                             "warmup_fraction": 0.25})
+pretrain(d + "/all.jsonl", out, cfg, progress=False)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["bestrq", "birq"])
+def test_two_process_pretraining_equals_one_process_with_the_combined_batch(tmp_path, objective):
+    """Per-utterance random streams (crop, masks, noise) and masked-frame-weighted gradients make
+    2 ranks x 2 utterances == 1 process x 4 utterances, masks and all."""
+    from safetensors.torch import load_file
+
+    _ctc_setup(tmp_path)
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    (tmp_path / "all.jsonl").write_text("\n".join(lines) + "\n")
+    script = tmp_path / "run_pt.py"
+    script.write_text(PRETRAIN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path), str(tmp_path / "one"), "4.8", objective],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(_free_port()), str(script), str(tmp_path), str(tmp_path / "two"), "2.4",
+                          objective], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    log1 = [json.loads(x) for x in open(tmp_path / "one" / "log.jsonl") if '"loss"' in x]
+    log2 = [json.loads(x) for x in open(tmp_path / "two" / "log.jsonl") if '"loss"' in x]
+    assert [r["batch"] for r in log1] == [4] * 4 and [r["batch"] for r in log2] == [2] * 4
+    assert [r["loss"] for r in log2] == pytest.approx([r["loss"] for r in log1], rel=1e-5)
+    a = load_file(str(tmp_path / "one" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3

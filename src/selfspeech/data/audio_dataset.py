@@ -91,10 +91,19 @@ class AudioDataset:
         return x[s:s + n]
 
     def collate(self, idx: list[int], rng: random.Random | None = None) -> dict:
-        """Item indices -> {"x": (B, T[, F]) float32, "lengths": (B,) int64, "ids": [...]}"""
+        """Item indices -> {"x": (B, T[, F]) float32, "lengths": (B,) int64, "ids": [...], "seeds": [...]}
+
+        ``seeds``: one per item, from the step's ``rng`` and the item's index, for
+        everything random about that item (its crop here, its masks and noise in
+        the objectives). An item then gets the same draws whichever process and
+        batch it lands in, so N data-parallel processes equal one process with the
+        combined batch.
+        """
         rng = rng or random.Random(0)
-        xs = [self.crop(self.load(i), rng) for i in idx]
-        return collate_arrays(xs) | {"ids": [self.items[i].get("id") for i in idx]}
+        base = rng.getrandbits(62)
+        seeds = [(base + 0x9E3779B97F4A7C15 * (i + 1)) % (1 << 62) for i in idx]
+        xs = [self.crop(self.load(i), random.Random(s)) for i, s in zip(idx, seeds)]
+        return collate_arrays(xs) | {"ids": [self.items[i].get("id") for i in idx], "seeds": seeds}
 
 
 def collate_arrays(xs: list[np.ndarray]) -> dict:

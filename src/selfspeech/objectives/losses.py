@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 
-def sample_negatives(groups: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_negatives(groups: torch.Tensor, k: int, generator=None) -> torch.Tensor:
     """Distractor indices for wav2vec 2.0's contrastive task (sec. 3.2).
 
     ``groups`` (N,) int64: the utterance of each masked frame, frames of one
@@ -27,7 +27,8 @@ def sample_negatives(groups: torch.Tensor, k: int, generator: torch.Generator | 
         n = int(counts[g])
         if n >= 2:
             own = torch.arange(n)[:, None]
-            r = torch.randint(0, n - 1, (n, k), generator=generator)
+            gen = generator[g] if isinstance(generator, (list, tuple)) else generator  # per-utterance streams
+            r = torch.randint(0, n - 1, (n, k), generator=gen)
             out[start:start + n] = start + r + (r >= own).long()  # skip the anchor itself
         start += n
     return out

@@ -5,14 +5,29 @@ are drawn without replacement from ``[0, n - span]`` and each masks ``span``
 frames; spans may overlap, so the masked fraction is a little under
 ``mask_prob`` (about 49% of frames for wav2vec 2.0's 0.65 x 10). Every utterance
 of at least ``span`` frames gets at least ``min_spans`` spans.
+
+``generator`` is one ``torch.Generator`` for the batch, or a list with one per
+row (per-item randomness: the same masks whatever batch an item is in).
 """
 from __future__ import annotations
 
 import torch
 
 
+def row_generator(generator, b: int) -> torch.Generator | None:
+    """Row ``b``'s generator: the list's entry, or the one shared generator."""
+    return generator[b] if isinstance(generator, (list, tuple)) else generator
+
+
+def draw_rows(fn, shape: tuple, generator) -> torch.Tensor:
+    """``fn(shape)`` (torch.randn, torch.rand), drawn row by row when ``generator`` is a per-row list."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([fn(tuple(shape[1:]), generator=g) for g in generator])
+    return fn(shape, generator=generator)
+
+
 def span_mask(lengths: torch.Tensor, T: int, mask_prob: float, span: int, min_spans: int = 1,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator=None) -> torch.Tensor:
     """(B,) int64 lengths -> (B, T) bool mask, True on masked frames (never on padding).
 
     Raises ValueError if an utterance is shorter than ``span`` frames: nothing
@@ -29,9 +44,10 @@ def span_mask(lengths: torch.Tensor, T: int, mask_prob: float, span: int, min_sp
     for b in range(B):
         n = int(lengths[b])
         expected = mask_prob * n / span
-        k = int(expected) + int(torch.rand((), generator=generator) < expected - int(expected))
+        g = row_generator(generator, b)
+        k = int(expected) + int(torch.rand((), generator=g) < expected - int(expected))
         k = min(max(k, min_spans), n - span + 1)
-        starts = torch.randperm(n - span + 1, generator=generator)[:k]
+        starts = torch.randperm(n - span + 1, generator=g)[:k]
         idx = (starts[:, None] + torch.arange(span)[None, :]).flatten()
         mask[b, idx] = True
     return mask

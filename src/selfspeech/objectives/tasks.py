@@ -21,7 +21,7 @@ from torch import nn
 
 from selfspeech.models.ssl import EncoderConfig, SpeechEncoder, normalise_input, padding_mask
 from selfspeech.objectives import losses as L
-from selfspeech.objectives.masking import span_mask, upsample_mask
+from selfspeech.objectives.masking import draw_rows, span_mask, upsample_mask
 from selfspeech.objectives.quantizers import GumbelQuantizer, RandomProjectionQuantizer, perplexity
 
 
@@ -143,7 +143,7 @@ class BestRQTask(nn.Module):
         flen = flen.clamp(max=labels.shape[1])
         mask = span_mask(flen, Tp, c.mask_prob, c.mask_span, generator=generator)
         up = upsample_mask(mask, k, xn.shape[1])
-        noise = torch.randn(xn.shape, generator=generator) * c.noise_std
+        noise = draw_rows(torch.randn, xn.shape, generator) * c.noise_std
         xm = torch.where(up[..., None], noise, xn)
         feats, _ = self.encoder.features(xm, lengths)
         states = self.encoder.encode(feats[:, :Tp], flen)
@@ -160,7 +160,7 @@ class BestRQTask(nn.Module):
         return {"anchor": out["loss"],
                 "monitor": {"accuracy": float(out["accuracy"]), "label_perplexity": float(
                     perplexity(F.one_hot(labels[mask][:, 0], self.cfg.codes).float())),
-                    "mask_fraction": float(mask.sum() / flen.sum())}}
+                    "mask_fraction": float(mask.sum() / flen.sum()), "masked_frames": int(mask.sum())}}
 
     def warnings(self, mon: dict, terms: dict) -> list[str]:
         if mon["label_perplexity"] < 2.0:
@@ -202,7 +202,7 @@ class BiRQTask(BestRQTask):
         if self.cfg.self_tau <= 0:
             return sims.argmax(-1)                                                # nearest code
         logits = sims * self.cfg.self_logit_scale
-        g = -torch.log(-torch.log(torch.rand(sims.shape, generator=generator).clamp(1e-9, 1 - 1e-9)))
+        g = -torch.log(-torch.log(draw_rows(torch.rand, sims.shape, generator).clamp(1e-9, 1 - 1e-9)))
         return (logits + g).argmax(-1)  # hard Gumbel-softmax sample (argmax is unchanged by dividing by tau)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, step: int = 0,
@@ -216,7 +216,7 @@ class BiRQTask(BestRQTask):
                             "label_perplexity": float(perplexity(F.one_hot(labels[mask][:, 0], self.cfg.codes).float())),
                             "self_label_perplexity": float(perplexity(F.one_hot(selfl[mask][:, 0],
                                                                                  self.cfg.codes).float())),
-                            "mask_fraction": float(mask.sum() / flen.sum())}}
+                            "mask_fraction": float(mask.sum() / flen.sum()), "masked_frames": int(mask.sum())}}
 
     def warnings(self, mon: dict, terms: dict) -> list[str]:
         out = super().warnings(mon, terms)

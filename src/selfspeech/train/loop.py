@@ -190,7 +190,8 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
                     loss, rec = loss_fn(batch, step)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    lv = float(D.average_gradients(trainable, loss))  # no-op for one process
+                    # no-op for one process; "_weight": this rank's share when the loss is a mean over counts
+                    lv = float(D.average_gradients(trainable, loss, rec.pop("_weight", None)))
                     gnorm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip))
                     finite = math.isfinite(gnorm) and math.isfinite(lv)
                     if finite:

@@ -97,10 +97,14 @@ def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
     sampler = D.shard(sampler)
 
     def loss_fn(batch: dict, step: int):
-        terms = task(batch["x"], batch["lengths"], step)
+        # one random stream per utterance (masks, noise, distractors): the same draws in any batch or process
+        gens = [torch.Generator().manual_seed(s) for s in batch["seeds"]]
+        terms = task(batch["x"], batch["lengths"], step, generator=gens)
         mon = terms.pop("monitor")
         loss = weighted_sum(terms, task.weights)
-        return loss, {**{k: round(float(v.detach()), 5) for k, v in terms.items()}, **mon}
+        # the losses are means over masked frames: data parallel weights each rank by its count
+        return loss, {**{k: round(float(v.detach()), 5) for k, v in terms.items()}, **mon,
+                      "_weight": mon.get("masked_frames")}
 
     def write_model(d: Path) -> None:
         save_encoder(task, enc_cfg, d, kind=f"ssl_task:{cfg.objective}", extra={"pretrain": cfg.to_dict()})
