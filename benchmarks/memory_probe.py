@@ -85,8 +85,8 @@ def run_memory(work: Path, sizes=(1000, 50000), log=print) -> dict:
             log(f"  {name} at {n} utterances: peak {mb:.0f} MB")
     res["max_peak_mb"] = {str(n): max(v[str(n)] for v in res["peak_mb"].values()) for n in sizes}
     res["growth_mb"] = {k: round(v[str(sizes[-1])] - v[str(sizes[0])], 1) for k, v in res["peak_mb"].items()}
-    res["growth_kb_per_1k_utterances"] = {k: round(1e6 * g / 1024 / (sizes[-1] - sizes[0]), 1)
-                                          for k, g in res["growth_mb"].items()}
+    res["growth_kb_per_utterance"] = {k: round(1024 * g / (sizes[-1] - sizes[0]), 2)
+                                      for k, g in res["growth_mb"].items()}
     return res
 
 

@@ -56,7 +56,7 @@ def test_kill_after_kills_the_whole_process_group(tmp_path):
     assert kill_after(quick, tmp_path, 20.0)[0] is False
 
 
-@pytest.mark.parametrize("name", ["pretrain", "finetune_ctc"])
+@pytest.mark.parametrize("name", ["pretrain", "finetune_ctc", "speaker_ssl"])
 def test_sigkilled_training_resumes_to_identical_weights(tmp_path, name):
     """A real SIGKILL (no clean-up) at a random moment, then a rerun: weights, optimizer/RNG state, log equal."""
     manifest = reliability.make_corpus(tmp_path / "corpus", adults=6, children=2, per_speaker=4)

@@ -53,9 +53,11 @@ def evaluate(
         notes.append(msg)
 
     try:
-        refs = read_jsonl(ref, required=("id", "text"))
-        hyps = read_jsonl(hyp, required=("id", "text"), allow_partial_last=True, warn=warn)
-        hyps_b = read_jsonl(compare, required=("id", "text"), allow_partial_last=True, warn=warn) if compare else None
+        keep_ref, keep_hyp = ("id", "text", "speaker", *fields), ("id", "text", "flags")  # all that is scored
+        refs = read_jsonl(ref, required=("id", "text"), keep=keep_ref)
+        hyps = read_jsonl(hyp, required=("id", "text"), allow_partial_last=True, warn=warn, keep=keep_hyp)
+        hyps_b = read_jsonl(compare, required=("id", "text"), allow_partial_last=True, warn=warn,
+                            keep=keep_hyp) if compare else None
         if not refs:
             _fail(err, f"{ref}: no reference lines")
         names = (str(hyp), str(compare) if compare else "")

@@ -30,7 +30,7 @@ MAX_PLOT_VALUES = 30  # a --by field with more values (e.g. speaker) is left out
 
 
 def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ("id",), allow_partial_last: bool = False,
-               warn: Callable[[str], None] | None = None) -> list[dict]:
+               warn: Callable[[str], None] | None = None, keep: Sequence[str] | None = None) -> list[dict]:
     """Read a JSONL file of objects that need only the ``required`` fields.
 
     Unlike ``read_manifest`` no ``audio_filepath`` is needed (hypothesis files
@@ -56,6 +56,8 @@ def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ("id",), allow
                     break
                 raise
             item["id"] = str(item["id"])
+            if keep is not None:
+                item = {k: item[k] for k in keep if k in item}
             if item["id"] in seen:
                 raise ManifestError(f"{path}:{lineno}: duplicate id {item['id']!r} (first on line {seen[item['id']]})")
             seen[item["id"]] = lineno

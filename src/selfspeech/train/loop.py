@@ -99,7 +99,7 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
                out_dir: str | Path, write_model: Callable[[Path], None], run_config: dict,
                evaluate: Callable[[], dict] | None = None, warnings: Callable[[dict], list[str]] | None = None,
                progress: bool = True, desc: str = "train", on_step: Callable[[dict], None] | None = None,
-               after_update: Callable[[int, float], None] | None = None) -> dict:
+               after_update: Callable[[int, float], dict | None] | None = None) -> dict:
     """Train ``module`` in place; returns the final state (``step``, ``best``, ``seconds``...).
 
     ``out_dir/last`` is the resumable checkpoint, ``out_dir/best`` the best model
@@ -110,7 +110,8 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
     ``after_update(step, progress)`` runs right after each optimizer step and
     before any checkpoint is written, so state it changes (an EMA teacher, a
     queue, a schedule held in module buffers) is saved consistently with the
-    weights; ``on_step(record)`` runs last and only observes.
+    weights; a dict it returns joins that step's log record (logged whatever
+    ``log_every``). ``on_step(record)`` runs last and only observes.
     """
     from tqdm.auto import tqdm
 
@@ -213,15 +214,17 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
                                 f"training diverged; lower the learning rate ({cfg.lr}) or check the input. "
                                 f"The last checkpoint ({last}) holds the weights before the streak")
                     state["step"] = step = step + 1
+                    extra = None  # after_update may report what it did (e.g. a re-clustering) in this step's record
                     if after_update is not None:
                         with torch.no_grad():
-                            after_update(step, frac_at(step, D.all_max(state["seconds"] + time.perf_counter() - t0)))
+                            extra = after_update(step, frac_at(step, D.all_max(state["seconds"] + time.perf_counter()
+                                                                               - t0)))
                     # every rank counts the slowest rank's time, so all stop at the same step
                     state["seconds"] = D.all_max(state["seconds"] + time.perf_counter() - t0)
                     rec = {"step": step, "loss": round(lv, 5), "lr": lr, "grad_norm": round(gnorm, 4),
                            "batch": len(idx), "seconds": round(state["seconds"], 2), "progress": round(frac(), 4),
-                           **rec}
-                    if step % cfg.log_every == 0 or step == 1:
+                           **rec, **(extra or {})}
+                    if step % cfg.log_every == 0 or step == 1 or extra:
                         emit(rec)
                         for t in trackers:
                             t.log(rec)

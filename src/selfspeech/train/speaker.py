@@ -114,7 +114,6 @@ class SpeakerSSLTask(nn.Module):
         self.register_buffer("fill_ref", torch.zeros((), dtype=torch.bool))
         self.register_buffer("activated_at", torch.full((), -1, dtype=torch.long))
         self.speaker_of = speaker_of  # monitoring only, never in the loss
-        self.last_cluster: dict = {}
 
     def export_encoder(self) -> ECAPATDNN:
         return self.teacher_encoder if self.cfg.method == "dino" else self.encoder
@@ -158,12 +157,13 @@ class SpeakerSSLTask(nn.Module):
                     self.encoder.eval()  # clean reference embeddings, BN in inference mode
                     self.ssps.push_ref(all_idx, D.gather_cat(self.encoder(batch["ref"])))
                     self.encoder.train()
-        rec.update(self.last_cluster)
-        self.last_cluster = {}
         return loss, rec
 
-    def after_update(self, step: int, progress: float, steps_per_epoch: int, seed: int) -> None:
-        """After each optimizer step: teacher EMA, SSPS activation and per-epoch re-clustering."""
+    def after_update(self, step: int, progress: float, steps_per_epoch: int, seed: int) -> dict | None:
+        """After each optimizer step: teacher EMA, SSPS activation and per-epoch re-clustering.
+
+        Returns the clustering's statistics when it re-clustered (logged with this step: the
+        clusters are in this step's checkpoint, so a resumed run must not expect them later)."""
         self.progress.fill_(progress)
         if self.cfg.method == "dino":
             m = cosine_momentum(progress, self.cfg.momentum)
@@ -181,7 +181,8 @@ class SpeakerSSLTask(nn.Module):
         if bool(self.ssps.active) and (step - int(self.activated_at)) % steps_per_epoch == 0:
             stats = self.ssps.cluster(seed + step)
             D.broadcast_module(self.ssps)  # rank 0's clustering everywhere
-            self.last_cluster = {f"kmeans_{k}": v for k, v in stats.items()}
+            return {f"kmeans_{k}": v for k, v in stats.items()}
+        return None
 
 
 class ViewCollator:
