@@ -74,6 +74,12 @@ def encoder_for(frontend: str) -> dict:
     return {"preset": "small", "frontend": frontend}
 
 
+def seed_summary(per: dict, group: str) -> dict:
+    """PER of the main CTC run and of each extra CTC seed, with their mean, min and max."""
+    vals = [per[group]["per"]] + [v[group] for v in per.get("ctc_seeds", {}).values()]
+    return {"runs": len(vals), "mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals), "values": vals}
+
+
 def budget(steps: int | None, seconds: float) -> dict:
     """Loop fields for a step budget (``steps``) or else a wall-clock one."""
     return {"max_steps": steps, "budget_seconds": None} if steps else {"max_steps": 100_000, "budget_seconds": seconds}
@@ -245,6 +251,9 @@ def main() -> None:
             k: rel(child[k], child["scratch"] if k in ("bestrq", "birq") else
                    (results.get("scratch_wave", {}).get("eval_child", {}).get("per"))) for k in KEYS if k != "scratch"},
         "best_pretrained": best_pt[1], "birq_vs_bestrq_relative": rel(child["birq"], child["bestrq"]),
+        # CTC on 10 minutes of labels is chaotic: the mean over the main run and its extra CTC seeds
+        "per_child_over_ctc_seeds": {k: seed_summary(results[k], "eval_child") for k in results},
+        "per_adult_over_ctc_seeds": {k: seed_summary(results[k], "eval_adult") for k in results},
         "runs": runs, "group_analysis": groups,
         "protocol": {"budget_seconds_pretrain": None if args.pt_steps else args.budget,
                      "budget_seconds_ctc": None if args.ft_steps else args.ft_budget,
