@@ -227,3 +227,22 @@ def test_a_killed_writers_temp_copy_is_dropped_by_the_next_write(tmp_path):
     with atomic_write(tmp_path / "m.jsonl") as f:
         f.write("{}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp.keep", "last", "m.jsonl"]
+
+
+def test_embedding_writer_streams_the_same_npz(tmp_path):
+    from selfspeech.cluster.speakers import EmbeddingWriter, load_embeddings, save_embeddings
+
+    rng = np.random.default_rng(0)
+    emb = {f"u{i}": rng.standard_normal(7).astype(np.float32) for i in range(2500)}
+    w = EmbeddingWriter(tmp_path / "stream.npz")
+    for k, v in emb.items():
+        w.add(k, v)
+    w.close()
+    save_embeddings(tmp_path / "whole.npz", emb)
+    a, b = load_embeddings(tmp_path / "stream.npz"), load_embeddings(tmp_path / "whole.npz")
+    assert list(a) == list(emb) == list(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stream.npz", "whole.npz"]  # no temp rows left
+    w = EmbeddingWriter(tmp_path / "bad.npz")
+    w.add("a", np.zeros(3))
+    with pytest.raises(ValueError, match="'b': embedding of size 4, the others have 3"):
+        w.add("b", np.zeros(4))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -43,9 +43,9 @@ class MelStatsExtractor:
         return np.concatenate([m.mean(1), m.std(1)]).astype(np.float32)
 
 
-def embed_manifest(items: Iterable[dict], extractor: SpeakerEmbedder, progress: bool = False,
-                   skipped: list[dict] | None = None) -> dict[str, np.ndarray]:
-    """utterance id -> embedding, one utterance in memory at a time.
+def iter_embeddings(items: Iterable[dict], extractor: SpeakerEmbedder, progress: bool = False,
+                    skipped: list[dict] | None = None) -> Iterator[tuple[dict, np.ndarray]]:
+    """(item, embedding) for each utterance, one utterance in memory at a time.
 
     An unreadable utterance, a non-finite embedding or a repeated id raises,
     naming the utterance; with a ``skipped`` list it is appended there
@@ -53,10 +53,10 @@ def embed_manifest(items: Iterable[dict], extractor: SpeakerEmbedder, progress: 
     """
     from tqdm import tqdm
 
-    out = {}
+    seen: set = set()
     total = len(items) if hasattr(items, "__len__") else None  # a generator streams: nothing is listed
     for it in tqdm(items, total=total, desc="embed", unit="utt", disable=not progress):
-        if it["id"] in out:
+        if it["id"] in seen:
             if skipped is None:
                 raise ValueError(f"utterance {it['id']!r} appears twice in the manifest")
             skipped.append({"id": it["id"], "reason": "duplicate id: the first line's embedding is kept"})
@@ -70,8 +70,70 @@ def embed_manifest(items: Iterable[dict], extractor: SpeakerEmbedder, progress: 
                 raise ValueError(f"utterance {it.get('id')!r} ({it.get('audio_filepath')}): {err}") from err
             skipped.append({"id": it.get("id"), "reason": str(err)})
             continue
-        out[it["id"]] = e
-    return out
+        seen.add(it["id"])
+        yield it, e
+
+
+def embed_manifest(items: Iterable[dict], extractor: SpeakerEmbedder, progress: bool = False,
+                   skipped: list[dict] | None = None) -> dict[str, np.ndarray]:
+    """utterance id -> embedding (see :func:`iter_embeddings` for the error policy)."""
+    return {it["id"]: e for it, e in iter_embeddings(items, extractor, progress, skipped)}
+
+
+class EmbeddingWriter:
+    """Streams ``(id, embedding)`` rows into the ``.npz`` :func:`save_embeddings` writes.
+
+    Rows go to a temp file as they come (memory: the ids only); ``close()``
+    copies them in chunks into the archive's ``emb.npy`` and renames the
+    archive into place, so 50k utterances cost what 1k do, and a killed run
+    never leaves a half-written file under the final name.
+    """
+
+    def __init__(self, path: str | Path):
+        import tempfile
+
+        from selfspeech.data.atomic import drop_stale, temp_prefix
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        drop_stale(self.path)
+        fd, self._rows_path = tempfile.mkstemp(prefix=temp_prefix(self.path), suffix=".rows", dir=self.path.parent)
+        self._rows = open(fd, "wb")
+        self.ids: list[str] = []
+        self.dim: int | None = None
+
+    def add(self, uid: str, e: np.ndarray) -> None:
+        e = np.asarray(e, dtype="<f4").ravel()
+        if self.dim is None:
+            self.dim = e.shape[0]
+        elif e.shape[0] != self.dim:
+            raise ValueError(f"utterance {uid!r}: embedding of size {e.shape[0]}, the others have {self.dim}")
+        self._rows.write(e.tobytes())
+        self.ids.append(str(uid))
+
+    def close(self) -> Path:
+        import os
+        import zipfile
+
+        from selfspeech.data.atomic import temp_prefix
+
+        self._rows.close()
+        tmp = self.path.with_name(temp_prefix(self.path) + "npz")
+        try:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+                with z.open("ids.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.array(self.ids, dtype=str), allow_pickle=False)
+                with z.open("emb.npy", "w", force_zip64=True) as f:
+                    shape = (len(self.ids), self.dim or 0)
+                    np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+                    with open(self._rows_path, "rb") as rows:
+                        while chunk := rows.read(1 << 20):
+                            f.write(chunk)
+            os.replace(tmp, self.path)
+        finally:
+            Path(self._rows_path).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+        return self.path
 
 
 def speaker_means(items: Iterable[dict], utt_emb: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -62,8 +62,10 @@ def embed(
     One utterance in memory at a time. These files feed `sv score` and
     Pseudo2Real-SC (recipe clusters.extractor: the model folder).
     """
+    import numpy as np
+
     from selfspeech.adapt.sc import get_extractor
-    from selfspeech.cluster.speakers import embed_manifest, save_embeddings, speaker_means
+    from selfspeech.cluster.speakers import EmbeddingWriter, iter_embeddings, load_embeddings, save_embeddings
     from selfspeech.data.manifest import read_manifest
 
     if on_error not in ("skip", "raise"):
@@ -74,32 +76,45 @@ def embed(
         ex = get_extractor(str(model))
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    skipped = []
-    try:  # streamed: the manifest is read twice (count, then embed) rather than held in memory
+    out.mkdir(parents=True, exist_ok=True)
+    skipped, no_speaker = [], []
+    sums: dict[str, list] = {}  # speaker -> [sum of L2-normalised embeddings (float64), count]
+    writer = EmbeddingWriter(out / "utterances.npz")
+    try:  # streamed: rows go to disk as they come, the manifest is read twice (count, then embed)
         n = sum(1 for _ in read_manifest(manifest))
-        emb = embed_manifest(_Sized(read_manifest(manifest), n), ex, progress=True,
-                             skipped=skipped if on_error == "skip" else None)
+        for it, e in iter_embeddings(_Sized(read_manifest(manifest), n), ex, progress=True,
+                                     skipped=skipped if on_error == "skip" else None):
+            writer.add(it["id"], e)
+            spk = it.get("speaker")
+            if spk in (None, ""):
+                no_speaker.append(it["id"])
+                continue
+            acc = sums.setdefault(str(spk), [np.zeros(len(e)), 0])
+            acc[0] += e / (np.linalg.norm(e) + 1e-8)
+            acc[1] += 1
     except ValueError as e:
         fail(str(e))
-    if not emb:
+    if not writer.ids:
+        writer.close()
+        (out / "utterances.npz").unlink(missing_ok=True)
         fail(f"no utterance could be embedded ({len(skipped)} skipped; first: {skipped[:1]})")
-    out.mkdir(parents=True, exist_ok=True)
-    save_embeddings(out / "utterances.npz", emb)
-    kept = [{"id": it["id"], "speaker": it.get("speaker")} for it in read_manifest(manifest) if it["id"] in emb]
-    no_speaker = [it["id"] for it in kept if it["speaker"] in (None, "")]
-    kept = [it for it in kept if it["speaker"] not in (None, "")]
-    spk = speaker_means(kept, emb) if kept else {}
+    writer.close()
+    spk = {s: (v[0] / v[1]).astype(np.float32) for s, v in sums.items()}  # mean of L2-normalised embeddings
     if spk:
         save_embeddings(out / "speakers.npz", spk)
     if plot and spk:
         from selfspeech.eval.sv import embedding_plot
 
-        embedding_plot(emb, {it["id"]: str(it["speaker"]) for it in kept}, out / "embeddings.png")
-    summary = {"model": str(model), "utterances": len(emb), "speakers": len(spk), "skipped": skipped,
+        emb = load_embeddings(out / "utterances.npz")
+        speaker_of = {it["id"]: str(it["speaker"]) for it in read_manifest(manifest)
+                      if it["id"] in emb and it.get("speaker") not in (None, "")}
+        embedding_plot({k: emb[k] for k in speaker_of}, speaker_of, out / "embeddings.png")
+    n_utts = len(writer.ids)
+    summary = {"model": str(model), "utterances": n_utts, "speakers": len(spk), "skipped": skipped,
                "no_speaker": {"count": len(no_speaker), "first": no_speaker[:10],
                               "policy": "utterance embedding written; left out of speakers.npz"}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    console.print(f"wrote {out}: {len(emb)} utterance and {len(spk)} speaker embeddings; {len(skipped)} skipped"
+    console.print(f"wrote {out}: {n_utts} utterance and {len(spk)} speaker embeddings; {len(skipped)} skipped"
                   + (f"; {len(no_speaker)} without a speaker field (not in speakers.npz)" if no_speaker else ""))
 
 
