@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from selfspeech.eval.faults import cli
+from selfspeech.eval.faults import cli, one_thread_env
 
 SR = 16_000
 
@@ -137,7 +137,7 @@ def make_bad_files(root: Path, good_manifest: Path) -> dict[str, tuple[Path, str
 
 def _run(argv, cwd: Path, timeout: float = 600) -> dict:
     p = subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                       env=one_thread_env())
     text = p.stdout + p.stderr
     return {"code": p.returncode, "text": text, "traceback": "Traceback (most recent call last)" in text}
 

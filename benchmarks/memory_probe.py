@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from selfspeech.eval.faults import cli
+from selfspeech.eval.faults import cli, one_thread_env
 
 LABEL = ("import sys\n"
          "from selfspeech.label.run import label_manifest\n"
@@ -61,7 +61,7 @@ def peak_mb(argv: list[str], timeout: float = 3600) -> float:
                "if p.returncode: sys.exit(p.stdout[-2000:] + p.stderr[-2000:])\n"
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
     p = subprocess.run([sys.executable, "-c", wrapper, *argv], capture_output=True, text=True, timeout=timeout,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                       env=one_thread_env())
     if p.returncode:
         raise RuntimeError(f"memory probe {argv[:4]} failed: {p.stderr[-2000:]}")
     return int(p.stdout.strip().splitlines()[-1]) / 1024  # KB on Linux

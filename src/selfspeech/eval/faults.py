@@ -53,14 +53,16 @@ def cli(*args: str) -> tuple[str, ...]:
     return (sys.executable, "-m", "selfspeech.cli", *args)
 
 
-def _env(stage: Stage) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **stage.env}
+def one_thread_env(extra: dict | None = None) -> dict:
+    """This environment with one OpenMP/MKL thread (CPU results then repeat run to run), plus ``extra``."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra or {})}
 
 
 def run_stage(stage: Stage, out: Path) -> float:
     """Run ``stage`` into ``out`` to completion; its wall seconds. Raises with the output's tail on failure."""
     t0 = time.perf_counter()
-    p = subprocess.run(stage.command(out), env=_env(stage), capture_output=True, text=True, timeout=stage.timeout)
+    p = subprocess.run(stage.command(out), env=one_thread_env(stage.env), capture_output=True, text=True,
+                       timeout=stage.timeout)
     if p.returncode != 0:
         raise RuntimeError(f"stage {stage.name} failed (exit {p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
     return time.perf_counter() - t0
@@ -71,7 +73,7 @@ def kill_after(stage: Stage, out: Path, delay: float) -> tuple[bool, float]:
 
     Returns (killed, seconds): killed is False when it finished (or failed) first."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(stage.command(out), env=_env(stage), stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(stage.command(out), env=one_thread_env(stage.env), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         p.wait(timeout=delay)
