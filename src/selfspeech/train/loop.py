@@ -46,6 +46,8 @@ class LoopConfig:
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 100
+    keep_every: int = 0             # also keep the checkpoint of every N-th step as out/keep/step-N (0: none),
+    #                                 e.g. to branch a run (train/speaker.py fork) or to compare stages
     eval_every: int = 0             # 0: evaluate only at the end
     patience: int | None = None     # stop after this many evaluations without improvement
     max_bad_steps: int = 5          # non-finite loss/gradient: skip the update; stop after this many in a row
@@ -257,10 +259,12 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
                         state["best_step"] = step
                         if main:
                             ckpt.write_dir(best, write)
-                    if at_end or step % cfg.ckpt_every == 0:
+                    if at_end or step % cfg.ckpt_every == 0 or (cfg.keep_every and step % cfg.keep_every == 0):
                         state.update(done=at_end, sampler=sampler.state_dict())
                         if main:
                             ckpt.save_checkpoint(last, write, optimizer, state)
+                            if cfg.keep_every and step % cfg.keep_every == 0:
+                                ckpt.save_checkpoint(out / "keep" / f"step-{step}", write, optimizer, state)
                         D.barrier()
                     if on_step is not None:
                         on_step(rec)

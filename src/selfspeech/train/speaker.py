@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,8 +233,66 @@ def build_augmenter(cfg: SpeakerSSLConfig, data: AudioDataset, seed: int) -> Aug
     return Augmenter(acfg, rirs, babble_source)
 
 
+def fork_checkpoint(base: Path, out: Path, task: SpeakerSSLTask, run_config: dict,
+                    write_model) -> int:
+    """Start run ``out`` from checkpoint ``base`` of a run without SSPS; returns the step it starts at.
+
+    The SSPS paper switches pseudo-positives on in a SimCLR/DINO run that has
+    trained for a while (sslsv: ``start_epoch``). Forking a kept checkpoint
+    (``loop.keep_every``) gives that run and its SSPS continuation the same
+    first steps bit for bit, so the two differ by SSPS alone. The new run takes
+    the weights, optimizer, sampler position, RNG and log of ``base``; its SSPS
+    queues start empty. Everything but ``ssps`` and ``loop.keep_every`` must
+    match, or the continuation would not be one run.
+    """
+    from safetensors.torch import load_file
+
+    from selfspeech.train import checkpoint as ckpt
+    from selfspeech.train.loop import RUN_CONFIG
+
+    src = ckpt.resolve(base)
+    if src is None:
+        raise FileNotFoundError(f"{base}: no complete checkpoint to fork (train the base run with "
+                                "loop.keep_every so its step is kept, or give its 'last' folder)")
+    saved = json.loads((src / RUN_CONFIG).read_text())
+
+    def comparable(rc: dict) -> dict:
+        rc = json.loads(json.dumps(rc))
+        rc["speaker_ssl"].pop("ssps", None)
+        rc["speaker_ssl"]["loop"].pop("keep_every", None)
+        return rc
+    if comparable(saved) != comparable(run_config):
+        a, b = comparable(saved), comparable(run_config)
+        diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+        raise ValueError(f"cannot fork {src}: its run differs by more than SSPS: {diff} (base, fork)")
+    missing, unexpected = task.load_state_dict(load_file(str(src / "model.safetensors")), strict=False)
+    if unexpected or any(not k.startswith("ssps.") for k in missing):
+        raise ValueError(f"cannot fork {src}: weights do not fit this task (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    step = json.loads((src / ckpt.STATE_JSON).read_text())["state"]["step"]
+
+    def write(d: Path) -> None:
+        write_model(d)
+        (d / RUN_CONFIG).write_text(json.dumps(run_config, indent=1) + "\n")
+        for f in (ckpt.STATE_JSON, ckpt.STATE_TENSORS):
+            shutil.copyfile(src / f, d / f)
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir = src.parent.parent if src.parent.name == "keep" else src.parent
+    recs = []
+    if (run_dir / "log.jsonl").is_file():
+        recs = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if x.strip()]
+    from selfspeech.data.manifest import write_manifest
+
+    write_manifest(out / "log.jsonl", [r for r in recs if r.get("step", 0) <= step]
+                   + [{"event": "fork", "step": step, "from": str(src)}])
+    ckpt.write_dir(out / "last", write)  # last: the loop now resumes from it
+    return step
+
+
 def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConfig = SpeakerSSLConfig(),
-                  progress: bool = True) -> dict:
+                  progress: bool = True, fork_from: str | Path | None = None) -> dict:
+    """Train (or resume) in ``out_dir``; ``fork_from``: a checkpoint of the same run without SSPS to
+    continue from (:func:`fork_checkpoint`), used only when ``out_dir`` has no checkpoint yet."""
     out = Path(out_dir)
     env = D.init_from_env()  # torchrun: data parallel over its processes
     loop_cfg = cfg.loop_config()
@@ -270,8 +330,14 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
     def write_model(d: Path) -> None:
         save_encoder(task, task.ecfg, d, kind=f"speaker_ssl_task:{cfg.method}", extra={"speaker_ssl": cfg.to_dict()})
 
-    state = train_loop(task, loss_fn, sampler, collate, loop_cfg, out, write_model,
-                       {"speaker_ssl": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items)},
+    run_config = {"speaker_ssl": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items)}
+    if fork_from is not None and env.main:
+        from selfspeech.train.checkpoint import resolve
+
+        if resolve(out / "last") is None:
+            fork_checkpoint(Path(fork_from), out, task, run_config, write_model)
+    D.barrier()
+    state = train_loop(task, loss_fn, sampler, collate, loop_cfg, out, write_model, run_config,
                        progress=progress, desc=f"sv {cfg.method}{'+ssps' if cfg.ssps is not None else ''}",
                        after_update=lambda step, p: task.after_update(step, p, steps_per_epoch, loop_cfg.seed))
     from selfspeech.train.checkpoint import write_dir

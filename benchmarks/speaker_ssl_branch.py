@@ -1,0 +1,145 @@
+"""SSPS switched on in a trained SimCLR run, as in the paper: one run, branched.
+
+The time-budget comparison (benchmarks/speaker_ssl.py) gave SimCLR 451 updates
+and switched SSPS on at half of them, where the clusters were still poor
+(pseudo-positives were the anchor's speaker for 14-22% of anchors). The SSPS
+paper (and sslsv's ``start_epoch``) applies SSPS to a SimCLR that has trained
+for a long time. This benchmark does that with one base run:
+
+- ``--part base``: SimCLR for ``--steps`` updates (cosine schedule over all of
+  them), keeping its checkpoint at ``--fork-at``;
+- ``--part ssps``: waits for that kept checkpoint, forks it
+  (``train.speaker.fork_checkpoint``: the same weights, optimizer, sampler
+  position and RNG) and continues the same schedule to ``--steps`` with SSPS
+  (K=100, M=0: recipes/speechocean762/sv/ssps.yaml, fixed before running),
+  switched on two epochs after the fork so the queues fill first;
+- ``--part report``: evaluates the base at the fork, the SimCLR run at the end
+  and its SSPS branch on the protocol of speaker_ssl.py (disjoint speakers,
+  clean and cross-condition trials, cosine and AS-norm) ->
+  ``benchmarks/results/speaker_ssl_branch.json``.
+
+The two finished runs share their first ``--fork-at`` updates bit for bit and
+had the same number of updates, so their difference is SSPS alone.
+Run ``base`` and ``ssps`` as two processes (one per core), then ``report``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, SO762, write_result  # noqa: E402
+from speaker_ssl import SSPS_MAIN, degraded, evaluate, split, system_config  # noqa: E402
+
+from selfspeech.data.kaldi import iter_kaldi_dir  # noqa: E402
+from selfspeech.data.manifest import write_manifest  # noqa: E402
+from selfspeech.eval.sv import make_trials  # noqa: E402
+
+
+def configs(args, n_train: int):
+    """(base config keeping the fork step, SSPS config) from the recipes; only ssps/keep_every differ."""
+    a = argparse.Namespace(channels=args.channels, batch_size=args.batch_size, max_steps=args.steps,
+                           seed=args.seed, budget=None)
+    base = system_config("simclr", None, a)
+    per_epoch = n_train // args.batch_size
+    start = round((args.fork_at + 2 * per_epoch) / args.steps, 4)  # queues fill for two epochs first
+    d = base.to_dict()
+    d["loop"] = {**d["loop"], "keep_every": args.fork_at}
+    ssps = system_config("simclr", {**SSPS_MAIN, "start": start}, a).to_dict()
+    return type(base).from_dict(d), type(base).from_dict(ssps)
+
+
+def encoder_at(run: Path, step: int, cfg):
+    """The speaker encoder of a kept checkpoint (the task's ``encoder.*`` weights)."""
+    from safetensors.torch import load_file
+
+    from selfspeech.models.ecapa import ECAPATDNN, SpeakerEncoder
+
+    sd = load_file(str(run / "keep" / f"step-{step}" / "model.safetensors"))
+    enc = ECAPATDNN(cfg.ecapa_config())
+    enc.load_state_dict({k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")})
+    return SpeakerEncoder(enc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=("base", "ssps", "report"), required=True)
+    ap.add_argument("--steps", type=int, default=1800, help="updates of each finished run")
+    ap.add_argument("--fork-at", type=int, default=1200, help="update at which the SSPS branch leaves the base")
+    ap.add_argument("--channels", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "speaker_ssl_branch")
+    args = ap.parse_args()
+    if not SO762.is_dir():
+        sys.exit(f"{SO762} not found: this benchmark needs ../shared/data/speechocean762-train")
+    if not 0 < args.fork_at < args.steps:
+        sys.exit(f"--fork-at {args.fork_at} must lie inside the {args.steps} updates")
+    import torch
+
+    from selfspeech.models.ecapa import SpeakerEncoder
+    from selfspeech.train.speaker import train_speaker
+
+    torch.set_num_threads(args.threads)
+    w = args.work
+    w.mkdir(parents=True, exist_ok=True)
+    train, evals = split(list(iter_kaldi_dir(SO762)), args.seed)
+    manifest = w / "train.jsonl"
+    write_manifest(manifest, [{k: v for k, v in i.items() if k != "text"} for i in train])
+    base_cfg, ssps_cfg = configs(args, len(train))
+    base_run, ssps_run = w / "sv_simclr", w / "sv_simclr_ssps"
+    kept = base_run / "keep" / f"step-{args.fork_at}"
+    if args.part == "base":
+        train_speaker(manifest, base_run, base_cfg)
+        return
+    if args.part == "ssps":
+        from selfspeech.train.checkpoint import resolve
+
+        if resolve(ssps_run / "last") is None:
+            while resolve(kept) is None:  # the base run writes it at update --fork-at
+                print(f"waiting for {kept} (run --part base)", flush=True)
+                time.sleep(60)
+        train_speaker(manifest, ssps_run, ssps_cfg, fork_from=kept)
+        return
+    for run in (base_run, ssps_run):
+        if not (run / "summary.json").is_file():
+            sys.exit(f"{run} has not finished: run --part base and --part ssps first")
+    utt2spk = {i["id"]: i["speaker"] for i in evals}
+    trials = make_trials(utt2spk, None, seed=args.seed)
+    labels = np.array([t.target for t in trials])
+    noisy = degraded(evals, args.seed)
+    import random
+
+    cohort = random.Random(args.seed).sample(train, 300)
+    systems = {f"simclr_at_{args.fork_at}": encoder_at(base_run, args.fork_at, base_cfg),
+               "simclr": SpeakerEncoder.load(base_run), "simclr_ssps": SpeakerEncoder.load(ssps_run)}
+    res = {k: evaluate(k, e, evals, noisy, trials, labels, w, cohort) for k, e in systems.items()}
+    runs = {k: json.loads((r / "summary.json").read_text()) for k, r in (("simclr", base_run),
+                                                                         ("simclr_ssps", ssps_run))}
+    log = [json.loads(x) for x in (ssps_run / "log.jsonl").read_text().splitlines()]
+    acc = [r["ssps_speaker_acc"] for r in log if "ssps_speaker_acc" in r]
+    cov = [r["ssps_coverage"] for r in log if "ssps_coverage" in r]
+    write_result("speaker_ssl_branch", {
+        "eer": {k: v["clean"]["eer"] for k, v in res.items()},
+        "mindcf": {k: v["clean"]["mindcf"] for k, v in res.items()},
+        "conditions": res,
+        "relative_eer_reduction_ssps": {c: 1 - res["simclr_ssps"][c]["eer"] / res["simclr"][c]["eer"]
+                                        for c in res["simclr"]},
+        "ssps_speaker_acc": {"first": acc[:3], "last": acc[-3:], "mean": float(np.mean(acc)) if acc else None},
+        "ssps_coverage_mean": float(np.mean(cov)) if cov else None,
+        "trials": len(trials), "target_trials": int(labels.sum()),
+        "protocol": {"steps": args.steps, "fork_at": args.fork_at, "ssps": ssps_cfg.ssps,
+                     "ecapa_channels": args.channels, "batch_size": args.batch_size, "threads": args.threads,
+                     "train_utterances": len(train), "eval_utterances": len(evals)},
+        "runs": runs,
+    })
+
+
+if __name__ == "__main__":
+    main()
