@@ -274,3 +274,34 @@ def test_sv_cli_train_embed_score(tmp_path):
     res = r.invoke(app, ["sv", "score", str(tmp_path / "emb" / "utterances.npz"), "--trials", str(tmp_path / "t.txt"),
                          "--on-unknown", "skip", "--out", str(tmp_path / "score2")])
     assert res.exit_code == 0 and json.loads((tmp_path / "score2" / "metrics.json").read_text())["skipped_trials"] == 1
+
+
+def test_ssps_fork_continues_the_base_run_exactly_until_ssps_switches_on(tmp_path):
+    """SSPS on a trained SimCLR (the paper's protocol): the fork resumes the kept base checkpoint."""
+    from selfspeech.train.speaker import train_speaker
+
+    torch.set_num_threads(1)
+    m = _speaker_corpus(tmp_path)
+    base_cfg = _sv_cfg("simclr", 12, ssps=False)
+    base_cfg = type(base_cfg).from_dict({**base_cfg.to_dict(), "loop": {**base_cfg.loop, "keep_every": 6}})
+    train_speaker(m, tmp_path / "base", base_cfg, progress=False)
+    kept = tmp_path / "base" / "keep" / "step-6"
+    assert sorted(p.name for p in (tmp_path / "base" / "keep").iterdir()) == ["step-12", "step-6"]  # not 3, 9
+    fork_cfg = _sv_cfg("simclr", 12, ssps=True)
+    fork_cfg = type(fork_cfg).from_dict({**fork_cfg.to_dict(), "ssps": {**fork_cfg.ssps, "start": 0.62}})
+    s = train_speaker(m, tmp_path / "fork", fork_cfg, progress=False, fork_from=kept)
+    assert s["steps"] == 12 and s["ssps_clusterings"] >= 1
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / run / "log.jsonl")) if "loss" in r}
+    a, b = losses("base"), losses("fork")
+    assert all(a[k] == b[k] for k in range(1, 8)), (a, b)       # shared prefix, and step 7 before SSPS is on
+    assert any(a[k] != b[k] for k in range(9, 13))               # then pseudo-positives change the loss
+    events = [json.loads(x) for x in open(tmp_path / "fork" / "log.jsonl")]
+    assert any(e.get("event") == "fork" and e["step"] == 6 for e in events)
+    # a fork that is not the same run (another learning rate) is refused, naming the difference
+    other = type(fork_cfg).from_dict({**fork_cfg.to_dict(), "loop": {**fork_cfg.loop, "lr": 1e-3}})
+    with pytest.raises(ValueError, match="differs by more than SSPS"):
+        train_speaker(m, tmp_path / "bad", other, progress=False, fork_from=kept)
+    with pytest.raises(FileNotFoundError, match="keep_every"):
+        train_speaker(m, tmp_path / "bad2", fork_cfg, progress=False, fork_from=tmp_path / "base" / "keep" / "x")
