@@ -10,7 +10,7 @@ from rich.markdown import Markdown
 from rich.markup import escape
 
 from selfspeech.data.manifest import ManifestError
-from selfspeech.eval.report import build_results, read_jsonl, render_markdown, write_report
+from selfspeech.eval.report import build_results_files, render_markdown, write_report
 from selfspeech.text.normalize import NORMALIZERS
 
 
@@ -52,17 +52,9 @@ def evaluate(
         err.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
         notes.append(msg)
 
-    try:
-        keep_ref, keep_hyp = ("id", "text", "speaker", *fields), ("id", "text", "flags")  # all that is scored
-        refs = read_jsonl(ref, required=("id", "text"), keep=keep_ref)
-        hyps = read_jsonl(hyp, required=("id", "text"), allow_partial_last=True, warn=warn, keep=keep_hyp)
-        hyps_b = read_jsonl(compare, required=("id", "text"), allow_partial_last=True, warn=warn,
-                            keep=keep_hyp) if compare else None
-        if not refs:
-            _fail(err, f"{ref}: no reference lines")
-        names = (str(hyp), str(compare) if compare else "")
-        results = build_results(refs, hyps, by=fields, normalizer=normalizer, n_resamples=bootstrap, seed=seed,
-                                compare=hyps_b, names=names, ref_name=str(ref), notes=notes)
+    try:  # streaming: texts are read as they are scored, so memory does not grow with the files
+        results = build_results_files(ref, hyp, compare, by=fields, normalizer=normalizer, n_resamples=bootstrap,
+                                      seed=seed, notes=notes, warn=warn)
     except (ManifestError, ValueError) as e:
         _fail(err, str(e))
 

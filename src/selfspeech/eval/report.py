@@ -13,15 +13,22 @@ import json
 import math
 import os
 import warnings
+from array import array
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
+
 from selfspeech.data.atomic import atomic_write
 from selfspeech.data.manifest import ManifestError, parse_line
+from selfspeech.eval.sources import JsonlIndex, ListSource
 from selfspeech.eval.wer import (
-    ErrorCounts, bootstrap_ci, group_indices, group_seed, paired_bootstrap, score,
+    MISSING, ErrorCounts, Group, _natural, _str, bootstrap_ci, count_errors_batch, field_value, group_seed,
+    paired_bootstrap,
 )
 from selfspeech.text.normalize import get_normalizer
 
@@ -65,41 +72,146 @@ def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ("id",), allow
     return items
 
 
-def _flags(hyps: Iterable[dict]) -> tuple[int, dict[str, int]]:
-    """(hypotheses with at least one flag, count per flag); a bare string counts as one flag."""
-    per_flag: Counter = Counter()
-    flagged = 0
-    for h in hyps:
-        fl = h.get("flags") or []
-        fl = [fl] if isinstance(fl, str) else [str(x) for x in fl]
-        flagged += bool(fl)
-        per_flag.update(set(fl))
-    return flagged, dict(sorted(per_flag.items(), key=lambda kv: (-kv[1], kv[0])))
+def _flag_list(h: dict) -> list[str]:
+    """A hypothesis' labeller flags; a bare string counts as one flag."""
+    fl = h.get("flags") or []
+    return [fl] if isinstance(fl, str) else [str(x) for x in fl]
 
 
-def _system(name: str, refs: list[dict], hyps: list[dict], groups, speakers, normalizer,
-            n_resamples: int, seed: int):
-    """Score one system; returns (summary dict, scored counts)."""
-    by_id = {h["id"]: h for h in hyps}
-    s = score({r["id"]: r.get("text") for r in refs}, {i: h.get("text") for i, h in by_id.items()}, normalizer)
-    flagged, per_flag = _flags(by_id[i] for i in s.ids if i in by_id)
+CHUNK = 1000  # utterances aligned per jiwer call: memory bounded by the chunk, not the corpus
+
+
+@dataclass
+class _Pass:
+    """What one pass over the references keeps: per-utterance integers, never texts."""
+
+    n: int
+    counts: list[np.ndarray]            # per system, (n, 10) int64 in FIELDS order
+    speakers: np.ndarray | None         # (n,) speaker code, -1 for none; None: no speaker field at all
+    n_speakers: int
+    groups: list[Group]
+    missing: list[tuple[int, list[str]]]  # per system: (count, first ids)
+    flags: list[tuple[int, dict]]       # per system: hypotheses with a flag, count per flag
+    notes: list[str]
+
+
+def _first(acc: list, uid: str, limit: int) -> None:
+    acc[0] += 1
+    if len(acc[1]) < limit:
+        acc[1].append(uid)
+
+
+def _score_pass(refs: Iterable[dict], sources: Sequence, by: Sequence[str], speaker_field: str,
+                norm: Callable[[str], str]) -> _Pass:
+    """Score every system in one streaming pass over ``refs`` (reference order), ``CHUNK`` at a time."""
+    k = len(sources)
+    counts: list[list[np.ndarray]] = [[] for _ in range(k)]
+    buf_r: list[str] = []
+    buf_h: list[list[str]] = [[] for _ in range(k)]
+    spk_codes, spk_index, has_spk = array("q"), {}, False
+    fcodes = {f: array("q") for f in by}
+    fvalues: dict[str, dict[str, int]] = {f: {} for f in by}
+    present = dict.fromkeys(by, False)
+    known: set[str] = set()
+    none_spk, empty, moji = [0, []], [0, []], [0, []]
+    missing = [[0, []] for _ in range(k)]
+    matched_flags = [[0, Counter()] for _ in range(k)]
+
+    def flush() -> None:
+        for j in range(k):
+            counts[j].append(count_errors_batch(buf_r, buf_h[j]))
+            buf_h[j].clear()
+        buf_r.clear()
+
+    n = 0
+    for r in refs:
+        n += 1
+        uid, raw = r["id"], r.get("text")
+        rt = norm(_str(raw))
+        buf_r.append(rt)
+        if not rt.strip():  # 0 reference words: any hypothesis word is an insertion; say so rather than hide it
+            _first(empty, uid, 5)
+        if "\ufffd" in str(raw or ""):
+            _first(moji, uid, 5)
+        has_spk = has_spk or speaker_field in r
+        v = r.get(speaker_field)
+        spk_codes.append(-1 if v is None else spk_index.setdefault(str(v), len(spk_index)))
+        if v is None:
+            _first(none_spk, uid, 5)
+        if by:
+            known.update(r)
+            if isinstance(r.get("metadata"), Mapping):
+                known.update(r["metadata"])
+        for f in by:
+            fv = field_value(r, f)
+            present[f] = present[f] or fv is not None
+            fcodes[f].append(fvalues[f].setdefault(MISSING if fv is None else str(fv), len(fvalues[f])))
+        for j, src in enumerate(sources):
+            h = src.get(uid)
+            if h is None:  # scored against nothing: all deletions, and reported
+                _first(missing[j], uid, SHOW_IDS)
+            else:
+                fl = _flag_list(h)
+                matched_flags[j][0] += bool(fl)
+                matched_flags[j][1].update(set(fl))
+            buf_h[j].append(norm(_str(None if h is None else h.get("text"))))
+        if len(buf_r) >= CHUNK:
+            flush()
+    flush()
+    for f in by:
+        if n and not present[f]:
+            raise ValueError(f"no reference line has field {f!r}; available: {', '.join(sorted(known))}")
+    groups = [Group("all", None, None, np.arange(n))]
+    for f in by:
+        codes = np.frombuffer(fcodes[f], np.int64) if n else np.zeros(0, np.int64)
+        for v in sorted(fvalues[f], key=_natural):
+            groups.append(Group(f"{f}={v}", f, v, np.flatnonzero(codes == fvalues[f][v])))
+    notes = []
+    if not has_spk:
+        notes.append(f"no {speaker_field!r} field in the reference: intervals resample utterances, "
+                     "which is too narrow when speakers have several utterances")
+    elif none_spk[0]:
+        notes.append(f"{none_spk[0]} reference lines have no {speaker_field!r}: each is resampled as its own unit "
+                     f"{none_spk[1]}")
+    if empty[0]:
+        notes.append(f"{empty[0]} reference(s) are empty after normalisation (scored with 0 words; "
+                     f"hypothesis words count as insertions): {empty[1]}")
+    if moji[0]:
+        notes.append(f"{moji[0]} reference(s) contain U+FFFD (bytes that were not UTF-8): {moji[1]}")
+    speakers = np.frombuffer(spk_codes, np.int64).copy() if has_spk and n else (np.zeros(0, np.int64)
+                                                                              if has_spk else None)
+    return _Pass(n, [np.concatenate(c) for c in counts], speakers, len(spk_index) if has_spk else 0, groups,
+                 [(m[0], m[1]) for m in missing],
+                 [(c, dict(sorted(pf.items(), key=lambda kv: (-kv[1], kv[0])))) for c, pf in matched_flags], notes)
+
+
+def _speaker_list(p: _Pass, index: np.ndarray) -> list | None:
+    """Speaker codes of these rows as a list, None for rows without a speaker (the bootstrap's input)."""
+    if p.speakers is None:
+        return None
+    return [None if c < 0 else c for c in p.speakers[index].tolist()]
+
+
+def _system(name: str, p: _Pass, j: int, source, n_resamples: int, seed: int) -> dict:
+    """Summary of system ``j`` of the pass: per-group counts, rates and speaker-bootstrap intervals."""
     rows = []
-    for g in groups:
-        spk = [speakers[i] for i in g.index] if speakers is not None else None
-        ci = bootstrap_ci(s.counts[g.index], spk, n_resamples, group_seed(seed, g.name))
+    for g in p.groups:
+        spk = _speaker_list(p, g.index)
+        ci = bootstrap_ci(p.counts[j][g.index], spk, n_resamples, group_seed(seed, g.name))
         rows.append({
             "name": g.name, "field": g.field, "value": g.value, "utterances": int(len(g.index)),
             "speakers": len({x for x in spk if x is not None}) if spk else 0,
-            **ErrorCounts.from_array(s.counts[g.index]).to_dict(),
+            **ErrorCounts.from_array(p.counts[j][g.index]).to_dict(),
             "wer_ci": list(ci.wer), "cer_ci": list(ci.cer), "ci_unit": ci.unit, "ci_units": ci.n_units,
         })
-    summary = {
-        "name": name, "hypotheses": len(hyps),
-        "missing": {"count": len(s.missing), "ids": s.missing[:SHOW_IDS]},
-        "extra": {"count": len(s.extra), "ids": s.extra[:SHOW_IDS]},
+    n_extra, extra = source.unused(SHOW_IDS)
+    flagged, per_flag = p.flags[j]
+    return {
+        "name": name, "hypotheses": source.n,
+        "missing": {"count": p.missing[j][0], "ids": p.missing[j][1]},
+        "extra": {"count": n_extra, "ids": extra},
         "flagged": flagged, "flags": per_flag, "groups": rows,
     }
-    return summary, s.counts
 
 
 def build_results(refs: list[dict], hyps: list[dict], *, by: Sequence[str] = (),
@@ -110,50 +222,59 @@ def build_results(refs: list[dict], hyps: list[dict], *, by: Sequence[str] = (),
 
     ``refs`` need ``id`` and ``text``; ``hyps`` need ``id`` and may carry
     ``text`` (None counts as empty) and ``flags``. Raises ValueError for an
-    unknown normaliser or a ``by`` field no reference has.
+    unknown normaliser or a ``by`` field no reference has. For files too large
+    to hold, :func:`build_results_files` computes the same dict streaming.
     """
+    sources = [ListSource(hyps)] + ([ListSource(compare)] if compare is not None else [])
+    return _results(refs, sources, by=by, normalizer=normalizer, n_resamples=n_resamples, seed=seed, names=names,
+                    ref_name=ref_name, speaker_field=speaker_field, notes=notes)
+
+
+def build_results_files(ref: str | os.PathLike, hyp: str | os.PathLike, compare: str | os.PathLike | None = None,
+                        *, by: Sequence[str] = (), normalizer: str = "whisper_english", n_resamples: int = 1000,
+                        seed: int = 0, names: tuple[str, str] | None = None, speaker_field: str = "speaker",
+                        notes: Sequence[str] = (), warn: Callable[[str], None] | None = None) -> dict:
+    """:func:`build_results` for JSONL files, in memory bounded by a chunk: texts are read as scored.
+
+    The files are validated first as ``read_jsonl`` would (ManifestError naming
+    ``path:line``); a half-written last hypothesis line is skipped with ``warn``.
+    """
+    refs = JsonlIndex(ref, required=("id", "text"))
+    if refs.n == 0:
+        raise ValueError(f"{ref}: no reference lines")
+    sources = [JsonlIndex(h, required=("id", "text"), allow_partial_last=True, warn=warn, keep=("id", "text", "flags"))
+               for h in ([hyp] + ([compare] if compare is not None else []))]
+    names = names or (str(hyp), str(compare) if compare is not None else "")
+    return _results(refs, sources, by=by, normalizer=normalizer, n_resamples=n_resamples, seed=seed, names=names,
+                    ref_name=str(ref), speaker_field=speaker_field, notes=notes)
+
+
+def _results(refs: Iterable[dict], sources: Sequence, *, by, normalizer, n_resamples, seed, names, ref_name,
+             speaker_field, notes) -> dict:
     norm = get_normalizer(normalizer)
-    # references are shared by both systems and most hypotheses repeat across
-    # them: normalising each distinct string once halves the slowest step
-    cached = lru_cache(maxsize=None)(norm)
-    groups = group_indices(refs, list(by))
-    has_spk = any(speaker_field in r for r in refs)
-    speakers = [r.get(speaker_field) for r in refs] if has_spk else None
-    notes = list(notes)
-    if not has_spk:
-        notes.append(f"no {speaker_field!r} field in the reference: intervals resample utterances, "
-                     "which is too narrow when speakers have several utterances")
-    elif (n_none := sum(s is None for s in speakers)):
-        notes.append(f"{n_none} reference lines have no {speaker_field!r}: each is resampled as its own unit "
-                     f"{[r['id'] for r in refs if r.get(speaker_field) is None][:5]}")
-    empty = [r["id"] for r in refs if not cached(str(r.get("text") or "")).strip()]
-    if empty:  # 0 reference words: any hypothesis word is an insertion; say so rather than hide it
-        notes.append(f"{len(empty)} reference(s) are empty after normalisation (scored with 0 words; "
-                     f"hypothesis words count as insertions): {empty[:5]}")
-    mojibake = [r["id"] for r in refs if "\ufffd" in str(r.get("text") or "")]
-    if mojibake:
-        notes.append(f"{len(mojibake)} reference(s) contain U+FFFD (bytes that were not UTF-8): {mojibake[:5]}")
-    a, counts_a = _system(names[0], refs, hyps, groups, speakers, cached, n_resamples, seed)
+    # references are shared by both systems and most hypotheses repeat across them: normalising a
+    # distinct string once halves the slowest step; bounded, so memory does not grow with the corpus
+    cached = lru_cache(maxsize=4096)(norm)
+    p = _score_pass(refs, sources, list(by), speaker_field, cached)
     out = {
-        "reference": {"name": ref_name, "utterances": len(refs),
-                      "speakers": len({s for s in speakers if s is not None}) if speakers else 0},
+        "reference": {"name": ref_name, "utterances": p.n, "speakers": p.n_speakers},
         "normalizer": norm.name, "by": list(by),
         "bootstrap": {"n_resamples": n_resamples, "seed": seed, "level": 0.95, "method": "percentile",
-                      "unit": "speaker" if has_spk else "utterance"},
+                      "unit": "speaker" if p.speakers is not None else "utterance"},
         "cer_spaces": "the single space between words counts as a character",
-        "system": a, "compare": None, "notes": notes,
+        "system": _system(names[0], p, 0, sources[0], n_resamples, seed), "compare": None,
+        "notes": list(notes) + p.notes,
     }
-    if compare is not None:
-        b, counts_b = _system(names[1], refs, compare, groups, speakers, cached, n_resamples, seed)
+    if len(sources) > 1:
+        b = _system(names[1], p, 1, sources[1], n_resamples, seed)
         tests = []
-        for g in groups:
-            spk = [speakers[i] for i in g.index] if speakers is not None else None
-            p = paired_bootstrap(counts_a[g.index], counts_b[g.index], spk, n_resamples,
-                                 group_seed(seed, "paired:" + g.name))
-            tests.append({"name": g.name, "wer_a": p.wer_a, "wer_b": p.wer_b, "diff": p.diff,
-                          "diff_ci": list(p.diff_ci), "rel_reduction": p.rel_reduction,
-                          "rel_ci": list(p.rel_ci), "p_not_better": p.p_not_better,
-                          "unit": p.unit, "n_units": p.n_units})
+        for g in p.groups:
+            pb = paired_bootstrap(p.counts[0][g.index], p.counts[1][g.index], _speaker_list(p, g.index),
+                                  n_resamples, group_seed(seed, "paired:" + g.name))
+            tests.append({"name": g.name, "wer_a": pb.wer_a, "wer_b": pb.wer_b, "diff": pb.diff,
+                          "diff_ci": list(pb.diff_ci), "rel_reduction": pb.rel_reduction,
+                          "rel_ci": list(pb.rel_ci), "p_not_better": pb.p_not_better,
+                          "unit": pb.unit, "n_units": pb.n_units})
         out["compare"] = {"system": b, "paired": tests}
     return out
 
