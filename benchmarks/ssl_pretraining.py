@@ -98,7 +98,23 @@ def ctc_config(args, lexicon: Path, enc: dict, init, seed: int | None = None, lr
     return CTCConfig(targets="phone", lexicon=str(lexicon), encoder=enc,
                      loop={"lr": lr, "eval_every": every, "log_every": 25, "ckpt_every": every, "seed": seed,
                            **budget(args.ft_steps, args.ft_budget)},
-                     freeze_steps=100 if init else 0, max_batch_seconds=30.0)
+                     freeze_steps=freeze_steps(args) if init else 0, max_batch_seconds=30.0)
+
+
+def freeze_steps(args) -> int:
+    """CTC updates during which a pretrained encoder stays frozen (output layer only).
+
+    Default 100. ``--ft-freeze F``: the first F of the ``--ft-steps`` updates, as wav2vec 2.0
+    fine-tunes its 10-minute split (Baevski et al. 2020, Table 6 setup: Transformer frozen for the
+    first 10k of 13k updates, F = 0.77)."""
+    return 100 if args.ft_freeze is None else round(args.ft_freeze * args.ft_steps)
+
+
+def ctc_run_name(args, name: str, lr: float, seed: int | None = None) -> str:
+    """Run folder: the default settings keep the historical names, so cached runs are reused."""
+    frozen = name in PRETRAINED and args.ft_freeze is not None
+    return (f"ctc_{name}" + ("" if seed is None else f"_seed{seed}") + ("" if lr == DEFAULT_CTC_LR else f"_lr{lr:g}")
+            + (f"_freeze{args.ft_freeze:g}" if frozen else ""))
 
 
 def decode_per(run: Path, sets: dict, seed: int) -> dict:
@@ -141,7 +157,7 @@ def group_analysis(args, w: Path, adults, children, lexicon: Path) -> dict:
                                          for g in parts}, "per": {}, "ci95": {}, "ctc_steps": {}}
     for model in ("joint", "m", "f"):
         print(f"== group analysis: CTC on {model} ({name} encoder)", flush=True)
-        run = ga / f"ctc_{name}_{model}"
+        run = ga / (f"ctc_{name}_{model}" + (f"_freeze{args.ft_freeze:g}" if args.ft_freeze is not None else ""))
         ft = finetune_ctc(ga / f"train_{model}.jsonl", ga / f"dev_{model}.jsonl", run,
                           ctc_config(args, lexicon, {}, init), init=init)
         per = decode_per(run, sets, args.seed)
@@ -167,12 +183,17 @@ def main() -> None:
                     help="CTC peak learning rates tried per system; the best on the adult dev speakers is used")
     ap.add_argument("--ctc-seeds", type=int, nargs="*", default=[],
                     help="extra CTC fine-tunes of each system with these seeds (run-to-run spread)")
+    ap.add_argument("--ft-freeze", type=float, default=None, metavar="F",
+                    help="keep a pretrained encoder frozen for the first F of --ft-steps CTC updates "
+                         "(wav2vec 2.0's 10-minute recipe: 0.77; default: 100 updates)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "ssl_bench")
     ap.add_argument("--result-name", default="ssl_pretraining")
     args = ap.parse_args()
     if not SO762.is_dir():
         sys.exit(f"{SO762} not found: this benchmark needs ../shared/data/speechocean762-train")
+    if args.ft_freeze is not None and not (args.ft_steps and 0 <= args.ft_freeze < 1):
+        sys.exit("--ft-freeze F needs --ft-steps and 0 <= F < 1")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -214,7 +235,7 @@ def main() -> None:
         # CTC learning rate chosen per system on the adult dev speakers (ft_dev), never on evaluation speakers
         fts = {}
         for lr in args.ft_lrs:
-            run = w / (f"ctc_{name}" if lr == DEFAULT_CTC_LR else f"ctc_{name}_lr{lr:g}")
+            run = w / ctc_run_name(args, name, lr)
             print(f"== CTC fine-tune {name}, lr {lr:g} ({budget_text(args.ft_steps, args.ft_budget)})", flush=True)
             fts[lr] = (run, finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
                                          ctc_config(args, lexicon, enc, init, lr=lr), init=init))
@@ -224,7 +245,7 @@ def main() -> None:
         per["ctc_lr"] = {"chosen": lr, "dev_per": {f"{k:g}": v[1]["best_dev_error_rate"] for k, v in fts.items()}}
         for seed in args.ctc_seeds:  # the same encoder fine-tuned again: CTC's run-to-run spread
             print(f"== CTC fine-tune {name}, seed {seed}", flush=True)
-            run = w / (f"ctc_{name}_seed{seed}" + ("" if lr == DEFAULT_CTC_LR else f"_lr{lr:g}"))
+            run = w / ctc_run_name(args, name, lr, seed)
             finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
                          ctc_config(args, lexicon, enc, init, seed, lr=lr), init=init)
             extra = decode_per(run, {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}, args.seed)
@@ -258,7 +279,7 @@ def main() -> None:
         "protocol": {"budget_seconds_pretrain": None if args.pt_steps else args.budget,
                      "budget_seconds_ctc": None if args.ft_steps else args.ft_budget,
                      "steps_pretrain": args.pt_steps, "steps_ctc": args.ft_steps,
-                     "ctc_lrs_tried": args.ft_lrs, "ctc_lr_rule": "lowest PER on the 3 adult dev speakers",
+                     "ctc_lrs_tried": args.ft_lrs, "ctc_frozen_steps_pretrained": freeze_steps(args), "ctc_lr_rule": "lowest PER on the 3 adult dev speakers",
                      "threads": args.threads, "labelled_speakers": args.labelled_speakers, "seed": args.seed,
                      "encoder": "small preset: 4 x 144 Transformer, 4 heads, mel (4x conv) or wav2vec 2.0 CNN front-end",
                      "eval_speakers": {g: len({r["speaker"] for r in refs[g]}) for g in refs},
