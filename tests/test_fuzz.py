@@ -73,3 +73,31 @@ def test_normalisers_are_total(text, name):
 
 def test_whisper_normaliser_lowercases_compatibility_letters():
     assert get_normalizer()("\U0001d400BC ＤＥＦ") == "abc def"
+
+
+eval_fragments = st.sampled_from(['{"id": "a", "text": "x"}', '{"id": "b", "text": null}', '{"id": 1, "text": "y"}',
+                                  '{"id": "a", "text": "z"}', '{"id": "c"}', '{"text": "t"}', "[1]", '{"id": "d", "te',
+                                  "", "  ", "é", '{"id": "e\\u00e9", "text": "w", "flags": "f"}'])
+eval_raw = st.one_of(st.lists(st.one_of(eval_fragments, st.text(max_size=12)), max_size=8).map(
+    lambda ls: "\n".join(ls).encode("utf-8", "surrogatepass")), st.binary(max_size=120))
+
+
+@FAST
+@given(data=eval_raw, partial=st.booleans())
+def test_streaming_eval_index_agrees_with_the_reader(tmp_path, data, partial):
+    """The streaming index (selfspeech eval) accepts what read_jsonl accepts, with the same items."""
+    from selfspeech.eval.report import read_jsonl
+    from selfspeech.eval.sources import JsonlIndex
+
+    p = _write(tmp_path / "h.jsonl", data)
+    try:
+        expected = read_jsonl(p, required=("id", "text"), allow_partial_last=partial, warn=lambda m: None)
+    except (ManifestError, UnicodeDecodeError):
+        expected = None
+    try:
+        idx = JsonlIndex(p, required=("id", "text"), allow_partial_last=partial, warn=lambda m: None)
+    except ManifestError:
+        assert expected is None
+        return
+    assert expected is not None and list(idx) == expected and idx.n == len(expected)
+    assert all(idx.get(it["id"]) == it for it in expected) and idx.unused(3) == (0, [])

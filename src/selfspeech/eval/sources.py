@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from array import array
 from pathlib import Path
@@ -21,6 +22,20 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from selfspeech.data.manifest import ManifestError, parse_line
+
+
+_PARTIAL = object()
+_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")  # split after a \r that is not part of \r\n
+
+
+def _lines(f) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, raw line) of a binary file, split as text mode splits (universal newlines: \n, \r\n, \r)."""
+    off = f.tell()
+    for chunk in f:
+        for raw in _LONE_CR.split(chunk) if b"\r" in chunk else (chunk,):
+            if raw:
+                yield off, raw
+                off += len(raw)
 
 
 def id_hash(uid: str) -> int:
@@ -46,19 +61,16 @@ class JsonlIndex:
         hashes, offsets, linenos = array("Q"), array("q"), array("q")
         self._end = 0  # bytes of the file that were read as complete lines (a partial last line is not)
         with open(self.path, "rb") as f:
-            off = 0
-            for lineno, raw in enumerate(f, 1):
+            for lineno, (off, raw) in enumerate(_lines(f), 1):
                 item = self._parse(raw, lineno, allow_partial_last)
-                if item is None:
-                    if raw.strip():  # the half-written last line
-                        warn(f"{self.path}:{lineno}: ignoring half-written last line (labelling in progress?)")
-                        break
-                else:
+                if item is _PARTIAL:
+                    warn(f"{self.path}:{lineno}: ignoring half-written last line (labelling in progress?)")
+                    break
+                if item is not None:
                     hashes.append(id_hash(str(item["id"])))
                     offsets.append(off)
                     linenos.append(lineno)
-                off += len(raw)
-                self._end = off
+                self._end = off + len(raw)
         order = np.argsort(np.frombuffer(hashes, np.uint64), kind="stable")  # stable: file order within a hash
         self._hash = np.frombuffer(hashes, np.uint64)[order]
         self._off = np.frombuffer(offsets, np.int64)[order]
@@ -67,19 +79,20 @@ class JsonlIndex:
         self.n = len(order)
         self._check_duplicates()
 
-    def _parse(self, raw: bytes, lineno: int, allow_partial: bool = False) -> dict | None:
-        if not raw.strip():
-            return None
+    def _parse(self, raw: bytes, lineno: int, allow_partial: bool = False):
+        """The line's item; None for a blank line; _PARTIAL for a tolerated half-written last line."""
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ManifestError(f"{self.path}:{lineno}: not UTF-8 (byte {e.start}); re-encode the file "
                                 "as UTF-8") from None
+        if not line.strip():  # str.strip, as read_jsonl: Unicode whitespace and separators count as blank
+            return None
         try:
             item = parse_line(line, self.path, lineno, self.required)
         except ManifestError:
-            if allow_partial and not raw.endswith(b"\n"):
-                return None
+            if allow_partial and not raw.endswith((b"\n", b"\r")):
+                return _PARTIAL
             raise
         item["id"] = str(item["id"])
         return item
@@ -87,7 +100,7 @@ class JsonlIndex:
     def _read(self, j: int) -> dict:
         with open(self.path, "rb") as f:  # ~20 us a lookup: 1 s for 50k, no handle left open
             f.seek(int(self._off[j]))
-            return self._parse(f.readline(), int(self._line[j]))
+            return self._parse(next(_lines(f))[1], int(self._line[j]))
 
     def _check_duplicates(self) -> None:
         same = np.flatnonzero(self._hash[1:] == self._hash[:-1])
@@ -119,11 +132,9 @@ class JsonlIndex:
     def __iter__(self) -> Iterator[dict]:
         """Every item in file order (the full item: ``keep`` applies to ``get`` only)."""
         with open(self.path, "rb") as f:
-            off = 0
-            for lineno, raw in enumerate(f, 1):
+            for lineno, (off, raw) in enumerate(_lines(f), 1):
                 if off >= self._end:
                     break
-                off += len(raw)
                 item = self._parse(raw, lineno)
                 if item is not None:
                     yield item
