@@ -3,7 +3,7 @@
 Scoring 50,000 utterances must not hold 50,000 texts (issue 7: evaluation
 memory flat from 1k to 50k utterances). :class:`JsonlIndex` reads a JSONL file
 once to validate it and remember, per line, a 64-bit hash of its id and the
-line's byte offset (24 bytes a line); a lookup by id seeks to the line and
+line's byte offset (25 bytes a line); a lookup by id seeks to the line and
 parses it again. Hash collisions are harmless: every candidate line's id is
 compared with the one asked for. Both sources answer the same three questions:
 ``get(id)`` (the item or None), ``n`` (lines) and ``unused()`` (ids never asked
