@@ -66,6 +66,27 @@ def encoder_at(run: Path, step: int, cfg):
     return SpeakerEncoder(enc)
 
 
+def jackknife_eer_difference(a: np.ndarray, b: np.ndarray, labels: np.ndarray, trial_spk: np.ndarray) -> dict:
+    """EER(a) - EER(b) with a delete-one-speaker jackknife standard error.
+
+    Trials are not independent (each speaker appears in many), so the error is
+    estimated by leaving out each evaluation speaker in turn with every trial
+    it takes part in (``trial_spk``: (N, 2) speaker codes of enrol and test).
+    """
+    from selfspeech.eval.sv import eer_mindcf
+
+    full = eer_mindcf(a, labels).eer - eer_mindcf(b, labels).eer
+    d = []
+    for s in np.unique(trial_spk):
+        keep = (trial_spk != s).all(axis=1)
+        d.append(eer_mindcf(a[keep], labels[keep]).eer - eer_mindcf(b[keep], labels[keep]).eer)
+    d = np.array(d)
+    n = len(d)
+    se = float(np.sqrt((n - 1) / n * ((d - d.mean()) ** 2).sum()))
+    return {"diff": float(full), "jackknife_se": se, "ci95": [float(full - 1.96 * se), float(full + 1.96 * se)],
+            "speakers": n}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=("base", "ssps", "report"), required=True)
@@ -120,6 +141,10 @@ def main() -> None:
     systems = {f"simclr_at_{args.fork_at}": encoder_at(base_run, args.fork_at, base_cfg),
                "simclr": SpeakerEncoder.load(base_run), "simclr_ssps": SpeakerEncoder.load(ssps_run)}
     res = {k: evaluate(k, e, evals, noisy, trials, labels, w, cohort) for k, e in systems.items()}
+    codes = {spk: i for i, spk in enumerate(sorted(set(utt2spk.values())))}
+    trial_spk = np.array([[codes[utt2spk[t.enrol]], codes[utt2spk[t.test]]] for t in trials])
+    sa, sb = np.load(w / "scores_simclr.npy"), np.load(w / "scores_simclr_ssps.npy")  # rows: clean, cross
+    paired = {c: jackknife_eer_difference(sa[i], sb[i], labels, trial_spk) for i, c in enumerate(("clean", "cross"))}
     runs = {k: json.loads((r / "summary.json").read_text()) for k, r in (("simclr", base_run),
                                                                          ("simclr_ssps", ssps_run))}
     log = [json.loads(x) for x in (ssps_run / "log.jsonl").read_text().splitlines()]
@@ -131,6 +156,7 @@ def main() -> None:
         "conditions": res,
         "relative_eer_reduction_ssps": {c: 1 - res["simclr_ssps"][c]["eer"] / res["simclr"][c]["eer"]
                                         for c in res["simclr"]},
+        "eer_difference_simclr_minus_ssps": paired,
         "ssps_speaker_acc": {"first": acc[:3], "last": acc[-3:], "mean": float(np.mean(acc)) if acc else None},
         "ssps_coverage_mean": float(np.mean(cov)) if cov else None,
         "trials": len(trials), "target_trials": int(labels.sum()),
