@@ -229,6 +229,15 @@ def main() -> None:
             p2r[name] = {"extractor": d.get("sc_extractor", "melstats"), "result_file": f,
                          **{k: d["wer"][k] for k in ("pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random")},
                          "clusters": d.get("clusters")}
+    # SSPS switched on in a longer SimCLR run, shared prefix, step-matched (benchmarks/speaker_ssl_branch.py)
+    branch_file = RESULTS / "speaker_ssl_branch.json"
+    branch = None
+    if branch_file.is_file():
+        b = json.loads(branch_file.read_text())
+        branch = {"result_file": branch_file.name, "command": b.get("command"), "eer": b["eer"],
+                  "mindcf": b["mindcf"], "relative_eer_reduction_ssps": b["relative_eer_reduction_ssps"],
+                  "eer_difference_simclr_minus_ssps": b.get("eer_difference_simclr_minus_ssps"),
+                  "steps": b["protocol"]["steps"], "fork_at": b["protocol"]["fork_at"]}
     sv_speed = RESULTS / "sv_metrics_speed.json"
     speed = json.loads(sv_speed.read_text()) if sv_speed.is_file() else {}
     write_result("speaker_ssl", {
@@ -245,7 +254,7 @@ def main() -> None:
                                         "dino_cross": rel("dino_ssps", "dino", "cross")},
         "ssps_sweep": {k: {**SYSTEMS[k][1], **results[k]}
                        for k in results if k in SYSTEMS and SYSTEMS[k][1] is not None},
-        "pseudo2real_sc": p2r,
+        "pseudo2real_sc": p2r, "ssps_on_trained_simclr": branch,
         "runs": runs, "budget_seconds_per_system": args.budget, "threads": args.threads,
         "steps_per_system": {k: v.get("steps") for k, v in runs.items()},
         "ecapa_channels": args.channels, "batch_size": args.batch_size,
