@@ -253,6 +253,16 @@ def test_sv_cli_train_embed_score(tmp_path):
     r = CliRunner()
     res = r.invoke(app, ["sv", "train", str(tmp_path / "c.yaml"), "--manifest", str(m), "--out", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
+    # --fork-from: the SSPS continuation of that run; a checkpoint that is not there is a one-line error
+    (tmp_path / "c2.yaml").write_text(yaml.safe_dump(_sv_cfg("simclr", 3, ssps=True).to_dict()))
+    res = r.invoke(app, ["sv", "train", str(tmp_path / "c2.yaml"), "--manifest", str(m), "--out", str(tmp_path / "f"),
+                         "--fork-from", str(tmp_path / "run" / "keep" / "step-2")])
+    assert res.exit_code == 2 and "no complete checkpoint to fork" in res.output and "keep_every" in res.output
+    res = r.invoke(app, ["sv", "train", str(tmp_path / "c2.yaml"), "--manifest", str(m), "--out", str(tmp_path / "f"),
+                         "--fork-from", str(tmp_path / "run" / "last")])
+    assert res.exit_code == 0, res.output                                        # forked at the end: nothing left
+    assert json.loads((tmp_path / "f" / "summary.json").read_text())["steps"] == 3 and any(
+        json.loads(x).get("event") == "fork" for x in open(tmp_path / "f" / "log.jsonl"))
     items = [json.loads(x) for x in open(m)]
     items.append({"id": "broken", "audio_filepath": str(tmp_path / "missing.wav"), "duration": 1.0, "speaker": "s0"})
     m2 = tmp_path / "m2.jsonl"

@@ -22,6 +22,7 @@ def train(
     ssps: bool = typer.Option(None, "--ssps/--no-ssps", help="Turn SSPS pseudo-positives on (config's ssps or defaults) or off."),
     steps: int = typer.Option(None, help="Maximum optimizer steps (overrides loop.max_steps)."),
     budget_seconds: float = typer.Option(None, help="Stop after this much training time instead."),
+    fork_from: Path = typer.Option(None, "--fork-from", help="Continue this checkpoint of the same run without SSPS (its keep/step-N, kept by loop.keep_every, or last/) with SSPS on: the SSPS paper's protocol. Used only when --out has no checkpoint yet."),
 ) -> None:
     """Train a speaker encoder without speaker labels.
 
@@ -32,7 +33,10 @@ def train(
     Augmentation: noise (white, coloured, babble from other utterances),
     simulated rooms (pyroomacoustics), gain and speed.
 
-    Example: selfspeech sv train recipes/speechocean762/sv/simclr_ssps.yaml --manifest train.jsonl --out runs/sv
+    --fork-from: a SimCLR/DINO run trained with loop.keep_every=N continues from
+    its step N with SSPS; both runs then share their first N steps exactly.
+
+    Example: selfspeech sv train recipes/speechocean762/sv/simclr.yaml --ssps --manifest train.jsonl --out runs/sv
     """
     from selfspeech.train.speaker import SpeakerSSLConfig, train_speaker
 
@@ -43,8 +47,8 @@ def train(
         d["ssps"] = (d.get("ssps") or {}) if ssps else None
     d = apply_overrides(d, manifest, steps, budget_seconds)
     try:
-        summary = train_speaker(manifest, out, SpeakerSSLConfig.from_dict(d))
-    except (ValueError, TypeError) as e:
+        summary = train_speaker(manifest, out, SpeakerSSLConfig.from_dict(d), fork_from=fork_from)
+    except (ValueError, TypeError, FileNotFoundError) as e:
         fail(str(e))
     console.print_json(json.dumps(summary))
 
