@@ -27,7 +27,7 @@ from selfspeech.data.atomic import atomic_write
 from selfspeech.data.manifest import ManifestError, parse_line
 from selfspeech.eval.sources import JsonlIndex, ListSource
 from selfspeech.eval.wer import (
-    MISSING, ErrorCounts, Group, _natural, _str, bootstrap_ci, count_errors_batch, field_value, group_seed,
+    MISSING, ErrorCounts, Group, as_text, bootstrap_ci, count_errors_batch, field_value, group_seed, group_value_order,
     paired_bootstrap,
 )
 from selfspeech.text.normalize import get_normalizer
@@ -127,7 +127,7 @@ def _score_pass(refs: Iterable[dict], sources: Sequence, by: Sequence[str], spea
     for r in refs:
         n += 1
         uid, raw = r["id"], r.get("text")
-        rt = norm(_str(raw))
+        rt = norm(as_text(raw))
         buf_r.append(rt)
         if not rt.strip():  # 0 reference words: any hypothesis word is an insertion; say so rather than hide it
             _first(empty, uid, 5)
@@ -154,7 +154,7 @@ def _score_pass(refs: Iterable[dict], sources: Sequence, by: Sequence[str], spea
                 fl = _flag_list(h)
                 matched_flags[j][0] += bool(fl)
                 matched_flags[j][1].update(set(fl))
-            buf_h[j].append(norm(_str(None if h is None else h.get("text"))))
+            buf_h[j].append(norm(as_text(None if h is None else h.get("text"))))
         if len(buf_r) >= CHUNK:
             flush()
     flush()
@@ -164,7 +164,7 @@ def _score_pass(refs: Iterable[dict], sources: Sequence, by: Sequence[str], spea
     groups = [Group("all", None, None, np.arange(n))]
     for f in by:
         codes = np.frombuffer(fcodes[f], np.int64) if n else np.zeros(0, np.int64)
-        for v in sorted(fvalues[f], key=_natural):
+        for v in sorted(fvalues[f], key=group_value_order):
             groups.append(Group(f"{f}={v}", f, v, np.flatnonzero(codes == fvalues[f][v])))
     notes = []
     if not has_spk:

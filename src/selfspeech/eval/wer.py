@@ -151,7 +151,7 @@ class Scored:
     extra: list[str]
 
 
-def _str(text) -> str:
+def as_text(text) -> str:
     return "" if text is None else str(text)  # a failed decode may write null
 
 
@@ -160,8 +160,8 @@ def score(refs: Mapping[str, str], hyps: Mapping[str, str], normalizer: Callable
     ids = list(refs)
     missing = [i for i in ids if i not in hyps]
     extra = [i for i in hyps if i not in refs]
-    r = [normalizer(_str(refs[i])) for i in ids]
-    h = [normalizer(_str(hyps.get(i))) for i in ids]
+    r = [normalizer(as_text(refs[i])) for i in ids]
+    h = [normalizer(as_text(hyps.get(i))) for i in ids]
     return Scored(ids, count_errors_batch(r, h), missing, extra)
 
 
@@ -186,7 +186,7 @@ def field_value(item: Mapping, field: str):
     return meta.get(field) if isinstance(meta, Mapping) else None
 
 
-def _natural(v: str):
+def group_value_order(v: str):
     # numbers in numeric order (age 6 before 10), the missing group last
     try:
         return (0, float(v), "")
@@ -207,7 +207,7 @@ def group_indices(items: Sequence[Mapping], fields: Sequence[str]) -> list[Group
             known = sorted({k for it in items for k in it} | {k for it in items for k in (it.get("metadata") or {})})
             raise ValueError(f"no reference line has field {field!r}; available: {', '.join(known)}")
         labels = np.array([MISSING if v is None else str(v) for v in values], dtype=object)
-        for v in sorted(set(labels), key=_natural):
+        for v in sorted(set(labels), key=group_value_order):
             groups.append(Group(f"{field}={v}", field, v, np.flatnonzero(labels == v)))
     return groups
 
