@@ -163,7 +163,7 @@ def _score_pass(refs: Iterable[dict], sources: Sequence, by: Sequence[str], spea
             raise ValueError(f"no reference line has field {f!r}; available: {', '.join(sorted(known))}")
     groups = [Group("all", None, None, np.arange(n))]
     for f in by:
-        codes = np.frombuffer(fcodes[f], np.int64) if n else np.zeros(0, np.int64)
+        codes = np.array(fcodes[f], dtype=np.int64)
         for v in sorted(fvalues[f], key=group_value_order):
             groups.append(Group(f"{f}={v}", f, v, np.flatnonzero(codes == fvalues[f][v])))
     notes = []
@@ -178,8 +178,7 @@ def _score_pass(refs: Iterable[dict], sources: Sequence, by: Sequence[str], spea
                      f"hypothesis words count as insertions): {empty[1]}")
     if moji[0]:
         notes.append(f"{moji[0]} reference(s) contain U+FFFD (bytes that were not UTF-8): {moji[1]}")
-    speakers = np.frombuffer(spk_codes, np.int64).copy() if has_spk and n else (np.zeros(0, np.int64)
-                                                                              if has_spk else None)
+    speakers = np.array(spk_codes, dtype=np.int64) if has_spk else None
     return _Pass(n, [np.concatenate(c) for c in counts], speakers, len(spk_index) if has_spk else 0, groups,
                  [(m[0], m[1]) for m in missing],
                  [(c, dict(sorted(pf.items(), key=lambda kv: (-kv[1], kv[0])))) for c, pf in matched_flags], notes)

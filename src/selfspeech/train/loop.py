@@ -259,11 +259,12 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
                         state["best_step"] = step
                         if main:
                             ckpt.write_dir(best, write)
-                    if at_end or step % cfg.ckpt_every == 0 or (cfg.keep_every and step % cfg.keep_every == 0):
+                    keep = bool(cfg.keep_every) and step % cfg.keep_every == 0
+                    if at_end or step % cfg.ckpt_every == 0 or keep:
                         state.update(done=at_end, sampler=sampler.state_dict())
                         if main:
                             ckpt.save_checkpoint(last, write, optimizer, state)
-                            if cfg.keep_every and step % cfg.keep_every == 0:
+                            if keep:
                                 ckpt.save_checkpoint(out / "keep" / f"step-{step}", write, optimizer, state)
                         D.barrier()
                     if on_step is not None:

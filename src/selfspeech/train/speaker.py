@@ -278,13 +278,12 @@ def fork_checkpoint(base: Path, out: Path, task: SpeakerSSLTask, run_config: dic
             shutil.copyfile(src / f, d / f)
     out.mkdir(parents=True, exist_ok=True)
     run_dir = src.parent.parent if src.parent.name == "keep" else src.parent
-    recs = []
-    if (run_dir / "log.jsonl").is_file():
-        recs = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if x.strip()]
-    from selfspeech.data.manifest import write_manifest
-
-    write_manifest(out / "log.jsonl", [r for r in recs if r.get("step", 0) <= step]
-                   + [{"event": "fork", "step": step, "from": str(src)}])
+    log = out / "log.jsonl"
+    if (run_dir / "log.jsonl").is_file():  # the base run's history up to the fork, as a resume keeps it
+        shutil.copyfile(run_dir / "log.jsonl", log)
+        ckpt.truncate_log(log, step)
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"event": "fork", "step": step, "from": str(src)}) + "\n")
     ckpt.write_dir(out / "last", write)  # last: the loop now resumes from it
     return step
 
