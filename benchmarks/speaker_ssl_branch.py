@@ -13,8 +13,10 @@ for a long time. This benchmark does that with one base run:
   position and RNG) and continues the same schedule to ``--steps`` with SSPS
   (K=100, M=0: recipes/speechocean762/sv/ssps.yaml, fixed before running),
   switched on two epochs after the fork so the queues fill first;
-- ``--part report``: evaluates the base at the fork, the SimCLR run at the end
-  and its SSPS branch on the protocol of speaker_ssl.py (disjoint speakers,
+- ``--part ssps --k K --m M``: the same fork with another SSPS setting (the
+  paper's K/M table under this protocol), run folder ``sv_simclr_ssps_kK_mM``;
+- ``--part report``: evaluates the base at the fork, the SimCLR run at the end,
+  its SSPS branch and the ``--sweep`` branches on the protocol of speaker_ssl.py (disjoint speakers,
   clean and cross-condition trials, cosine and AS-norm) ->
   ``benchmarks/results/speaker_ssl_branch.json``.
 
@@ -41,7 +43,7 @@ from selfspeech.data.manifest import write_manifest  # noqa: E402
 from selfspeech.eval.sv import make_trials  # noqa: E402
 
 
-def configs(args, n_train: int):
+def configs(args, n_train: int, k: int = SSPS_MAIN["k"], m: int = SSPS_MAIN["m"]):
     """(base config keeping the fork step, SSPS config) from the recipes; only ssps/keep_every differ."""
     a = argparse.Namespace(channels=args.channels, batch_size=args.batch_size, max_steps=args.steps,
                            seed=args.seed, budget=None)
@@ -50,7 +52,7 @@ def configs(args, n_train: int):
     start = round((args.fork_at + 2 * per_epoch) / args.steps, 4)  # queues fill for two epochs first
     d = base.to_dict()
     d["loop"] = {**d["loop"], "keep_every": args.fork_at}
-    ssps = system_config("simclr", {**SSPS_MAIN, "start": start}, a).to_dict()
+    ssps = system_config("simclr", {"k": k, "m": m, "start": start}, a).to_dict()
     return type(base).from_dict(d), type(base).from_dict(ssps)
 
 
@@ -64,6 +66,28 @@ def encoder_at(run: Path, step: int, cfg):
     enc = ECAPATDNN(cfg.ecapa_config())
     enc.load_state_dict({k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")})
     return SpeakerEncoder(enc)
+
+
+def branch_name(k: int, m: int) -> str:
+    """Run folder of an SSPS branch: the recipe's setting keeps the original name."""
+    return "sv_simclr_ssps" if (k, m) == (SSPS_MAIN["k"], SSPS_MAIN["m"]) else f"sv_simclr_ssps_k{k}_m{m}"
+
+
+def parse_km(text: str) -> tuple[int, int]:
+    try:
+        k, m = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected K:M, e.g. 50:0") from None
+    return k, m
+
+
+def ssps_summary(run: Path) -> dict:
+    """Pseudo-positive speaker accuracy (monitoring only) and coverage from an SSPS run's log."""
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    acc = [r["ssps_speaker_acc"] for r in log if "ssps_speaker_acc" in r]
+    cov = [r["ssps_coverage"] for r in log if "ssps_coverage" in r]
+    return {"ssps_speaker_acc": {"first": acc[:3], "last": acc[-3:], "mean": float(np.mean(acc)) if acc else None},
+            "ssps_coverage_mean": float(np.mean(cov)) if cov else None}
 
 
 def jackknife_eer_difference(a: np.ndarray, b: np.ndarray, labels: np.ndarray, trial_spk: np.ndarray) -> dict:
@@ -96,6 +120,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--k", type=int, default=SSPS_MAIN["k"], help="SSPS clusters of this --part ssps branch")
+    ap.add_argument("--m", type=int, default=SSPS_MAIN["m"], help="SSPS neighbour clusters of this branch")
+    ap.add_argument("--sweep", type=parse_km, nargs="*", default=[(50, 0), (200, 0), (100, 1)], metavar="K:M",
+                    help="SSPS branches --part report evaluates beside the K=100, M=0 one")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "speaker_ssl_branch")
     args = ap.parse_args()
     if not SO762.is_dir():
@@ -115,6 +143,9 @@ def main() -> None:
     write_manifest(manifest, [{k: v for k, v in i.items() if k != "text"} for i in train])
     base_cfg, ssps_cfg = configs(args, len(train))
     base_run, ssps_run = w / "sv_simclr", w / "sv_simclr_ssps"
+    if args.part == "ssps":
+        ssps_cfg = configs(args, len(train), args.k, args.m)[1]
+        ssps_run = w / branch_name(args.k, args.m)
     kept = base_run / "keep" / f"step-{args.fork_at}"
     if args.part == "base":
         train_speaker(manifest, base_run, base_cfg)
@@ -128,9 +159,12 @@ def main() -> None:
                 time.sleep(60)
         train_speaker(manifest, ssps_run, ssps_cfg, fork_from=kept)
         return
-    for run in (base_run, ssps_run):
+    sweep = {f"simclr_ssps_k{k}_m{m}": w / branch_name(k, m) for k, m in args.sweep
+             if (k, m) != (SSPS_MAIN["k"], SSPS_MAIN["m"])}
+    for run in (base_run, ssps_run, *sweep.values()):
         if not (run / "summary.json").is_file():
-            sys.exit(f"{run} has not finished: run --part base and --part ssps first")
+            sys.exit(f"{run} has not finished: run --part base and --part ssps (with its --k/--m) first,"
+                     " or leave it out of --sweep")
     utt2spk = {i["id"]: i["speaker"] for i in evals}
     trials = make_trials(utt2spk, None, seed=args.seed)
     labels = np.array([t.target for t in trials])
@@ -139,17 +173,20 @@ def main() -> None:
 
     cohort = random.Random(args.seed).sample(train, 300)
     systems = {f"simclr_at_{args.fork_at}": encoder_at(base_run, args.fork_at, base_cfg),
-               "simclr": SpeakerEncoder.load(base_run), "simclr_ssps": SpeakerEncoder.load(ssps_run)}
+               "simclr": SpeakerEncoder.load(base_run), "simclr_ssps": SpeakerEncoder.load(ssps_run),
+               **{k: SpeakerEncoder.load(r) for k, r in sweep.items()}}
     res = {k: evaluate(k, e, evals, noisy, trials, labels, w, cohort) for k, e in systems.items()}
     codes = {spk: i for i, spk in enumerate(sorted(set(utt2spk.values())))}
     trial_spk = np.array([[codes[utt2spk[t.enrol]], codes[utt2spk[t.test]]] for t in trials])
     sa, sb = np.load(w / "scores_simclr.npy"), np.load(w / "scores_simclr_ssps.npy")  # rows: clean, cross
     paired = {c: jackknife_eer_difference(sa[i], sb[i], labels, trial_spk) for i, c in enumerate(("clean", "cross"))}
-    runs = {k: json.loads((r / "summary.json").read_text()) for k, r in (("simclr", base_run),
-                                                                         ("simclr_ssps", ssps_run))}
-    log = [json.loads(x) for x in (ssps_run / "log.jsonl").read_text().splitlines()]
-    acc = [r["ssps_speaker_acc"] for r in log if "ssps_speaker_acc" in r]
-    cov = [r["ssps_coverage"] for r in log if "ssps_coverage" in r]
+    runs = {k: json.loads((r / "summary.json").read_text())
+            for k, r in (("simclr", base_run), ("simclr_ssps", ssps_run), *sweep.items())}
+    sweep_paired = {}
+    for k in sweep:
+        sk = np.load(w / f"scores_{k}.npy")
+        sweep_paired[k] = {c: jackknife_eer_difference(sa[i], sk[i], labels, trial_spk)
+                           for i, c in enumerate(("clean", "cross"))}
     write_result("speaker_ssl_branch", {
         "eer": {k: v["clean"]["eer"] for k, v in res.items()},
         "mindcf": {k: v["clean"]["mindcf"] for k, v in res.items()},
@@ -157,8 +194,12 @@ def main() -> None:
         "relative_eer_reduction_ssps": {c: 1 - res["simclr_ssps"][c]["eer"] / res["simclr"][c]["eer"]
                                         for c in res["simclr"]},
         "eer_difference_simclr_minus_ssps": paired,
-        "ssps_speaker_acc": {"first": acc[:3], "last": acc[-3:], "mean": float(np.mean(acc)) if acc else None},
-        "ssps_coverage_mean": float(np.mean(cov)) if cov else None,
+        **ssps_summary(ssps_run),
+        "sweep": {k: {"k": int(k.split("_k")[1].split("_")[0]), "m": int(k.rsplit("_m", 1)[1]),
+                      "relative_eer_reduction": {c: 1 - res[k][c]["eer"] / res["simclr"][c]["eer"]
+                                                 for c in res["simclr"]},
+                      "eer_difference_simclr_minus_branch": sweep_paired[k],
+                      **ssps_summary(r)} for k, r in sweep.items()},
         "trials": len(trials), "target_trials": int(labels.sum()),
         "protocol": {"steps": args.steps, "fork_at": args.fork_at, "ssps": ssps_cfg.ssps,
                      "ecapa_channels": args.channels, "batch_size": args.batch_size, "threads": args.threads,
