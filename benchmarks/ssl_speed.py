@@ -22,6 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SO762, median, write_result  # noqa: E402
 
 
+def hf_config(conv: int, dim: int, layers: int):
+    """transformers' Wav2Vec2Config matching our encoder (pre-LN, group-norm CNN) and Wav2Vec2Config defaults."""
+    from transformers import Wav2Vec2Config
+
+    return Wav2Vec2Config(conv_dim=(conv,) * 7, hidden_size=dim, num_hidden_layers=layers,
+                          num_attention_heads=4, intermediate_size=4 * dim, num_conv_pos_embeddings=33,
+                          num_conv_pos_embedding_groups=16, codevector_dim=128, proj_codevector_dim=128,
+                          num_codevectors_per_group=320, num_codevector_groups=2, do_stable_layer_norm=True,
+                          feat_extract_norm="group", mask_time_prob=0.65, mask_time_length=10, num_negatives=100,
+                          contrastive_logits_temperature=0.1, diversity_loss_weight=0.1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -35,7 +47,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     import torch
-    from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
+    from transformers import Wav2Vec2ForPreTraining
     from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
     from selfspeech.audio.io import load_item
@@ -59,13 +71,7 @@ def main() -> None:
     enc = EncoderConfig(frontend="wave", conv_channels=args.conv, d_model=args.dim, n_layers=args.layers,
                         n_heads=4, ff_dim=4 * args.dim, pos_kernel=33, pos_groups=16)
     ours = Wav2Vec2Task(enc, OurCfg(final_dim=128))
-    hf_cfg = Wav2Vec2Config(conv_dim=(args.conv,) * 7, hidden_size=args.dim, num_hidden_layers=args.layers,
-                            num_attention_heads=4, intermediate_size=4 * args.dim, num_conv_pos_embeddings=33,
-                            num_conv_pos_embedding_groups=16, codevector_dim=128, proj_codevector_dim=128,
-                            num_codevectors_per_group=320, num_codevector_groups=2, do_stable_layer_norm=True,
-                            feat_extract_norm="group", mask_time_prob=0.65, mask_time_length=10, num_negatives=100,
-                            contrastive_logits_temperature=0.1, diversity_loss_weight=0.1)
-    hf = Wav2Vec2ForPreTraining(hf_cfg)
+    hf = Wav2Vec2ForPreTraining(hf_config(args.conv, args.dim, args.layers))
     hf.train()
     ours.train()
     opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-4)

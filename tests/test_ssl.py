@@ -253,6 +253,25 @@ def test_build_task_rejects_mismatched_frontend():
         build_task("hubert", TINY)
 
 
+def test_wav2vec2_feature_penalty_weight_follows_input_normalisation():
+    # the waveform is normalised per utterance (as wav2vec 2.0 large / XLSR), whose fairseq recipe has
+    # loss_weights [0.1, 0]; weight 10 (base, raw waveforms) kept our contrastive loss at chance
+    torch.manual_seed(0)
+    wave = EncoderConfig.preset("tiny", frontend="wave", dropout=0.0)
+    x, lengths = torch.randn(2, 8000), torch.tensor([8000, 6400])
+    small = {"entries": 16, "negatives": 10, "final_dim": 16}
+    default = build_task("wav2vec2", wave, small)
+    assert default.weights["features"] == 0.0
+    base = build_task("wav2vec2", wave, {**small, "w_features": 10.0})
+    base.load_state_dict(default.state_dict())
+    default.eval(), base.eval()                  # argmax codes: the Gumbel noise draws from the global RNG
+    t0 = default(x, lengths, 0, generator=torch.Generator().manual_seed(1))
+    t1 = base(x, lengths, 0, generator=torch.Generator().manual_seed(1))
+    assert float(t1["features"]) > 0 and torch.isclose(t0["features"], t1["features"])
+    extra = L.weighted_sum(t1, base.weights) - L.weighted_sum(t0, default.weights)
+    assert torch.isclose(extra, 10.0 * t1["features"], rtol=1e-4)
+
+
 def test_ctc_beam_search_beats_best_path_when_it_should():
     from selfspeech.train.ctc import beam_ctc, greedy_ctc
 

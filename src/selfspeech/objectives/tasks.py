@@ -38,7 +38,14 @@ class Wav2Vec2Config:
     tau_min: float = 0.5
     tau_decay: float = 0.999995
     w_diversity: float = 0.1
-    w_features: float = 10.0
+    # Feature L2 penalty. 10 is wav2vec 2.0 BASE's weight (fairseq wav2vec2_base_librispeech.yaml), whose
+    # CNN sees the raw waveform. We normalise the waveform per utterance (models.ssl.normalise_input) as
+    # wav2vec 2.0 LARGE and XLSR do, and their recipe (wav2vec2_large_librivox.yaml) turns the penalty
+    # off: loss_weights [0.1, 0]. With normalised input and weight 10 the penalty dominates the early
+    # loss and the contrastive loss stayed at chance for 300 updates on random batches of
+    # speechocean762, where weight 0 and transformers' Wav2Vec2ForPreTraining (no penalty) both left it
+    # after ~220 (benchmarks/w2v2_chance_probe.py). Set 10 for un-normalised input, as base does.
+    w_features: float = 0.0
 
 
 @dataclass(frozen=True)
