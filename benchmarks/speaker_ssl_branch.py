@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--k", type=int, default=SSPS_MAIN["k"], help="SSPS clusters of this --part ssps branch")
     ap.add_argument("--m", type=int, default=SSPS_MAIN["m"], help="SSPS neighbour clusters of this branch")
-    ap.add_argument("--sweep", type=parse_km, nargs="*", default=[(50, 0), (200, 0), (100, 1)], metavar="K:M",
+    ap.add_argument("--sweep", type=parse_km, nargs="*", default=[(50, 0), (200, 0)], metavar="K:M",
                     help="SSPS branches --part report evaluates beside the K=100, M=0 one")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "speaker_ssl_branch")
     args = ap.parse_args()
@@ -159,8 +159,8 @@ def main() -> None:
                 time.sleep(60)
         train_speaker(manifest, ssps_run, ssps_cfg, fork_from=kept)
         return
-    sweep = {f"simclr_ssps_k{k}_m{m}": w / branch_name(k, m) for k, m in args.sweep
-             if (k, m) != (SSPS_MAIN["k"], SSPS_MAIN["m"])}
+    km = {f"simclr_ssps_k{k}_m{m}": (k, m) for k, m in args.sweep if (k, m) != (SSPS_MAIN["k"], SSPS_MAIN["m"])}
+    sweep = {name: w / branch_name(k, m) for name, (k, m) in km.items()}
     for run in (base_run, ssps_run, *sweep.values()):
         if not (run / "summary.json").is_file():
             sys.exit(f"{run} has not finished: run --part base and --part ssps (with its --k/--m) first,"
@@ -195,7 +195,7 @@ def main() -> None:
                                         for c in res["simclr"]},
         "eer_difference_simclr_minus_ssps": paired,
         **ssps_summary(ssps_run),
-        "sweep": {k: {"k": int(k.split("_k")[1].split("_")[0]), "m": int(k.rsplit("_m", 1)[1]),
+        "sweep": {k: {"k": km[k][0], "m": km[k][1],
                       "relative_eer_reduction": {c: 1 - res[k][c]["eer"] / res["simclr"][c]["eer"]
                                                  for c in res["simclr"]},
                       "eer_difference_simclr_minus_branch": sweep_paired[k],
