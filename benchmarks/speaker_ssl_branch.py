@@ -43,7 +43,7 @@ from selfspeech.data.manifest import write_manifest  # noqa: E402
 from selfspeech.eval.sv import make_trials  # noqa: E402
 
 
-def configs(args, n_train: int, k: int = SSPS_MAIN["k"], m: int = SSPS_MAIN["m"]):
+def configs(args, n_train: int, k: int, m: int):
     """(base config keeping the fork step, SSPS config) from the recipes; only ssps/keep_every differ."""
     a = argparse.Namespace(channels=args.channels, batch_size=args.batch_size, max_steps=args.steps,
                            seed=args.seed, budget=None)
@@ -141,11 +141,9 @@ def main() -> None:
     train, evals = split(list(iter_kaldi_dir(SO762)), args.seed)
     manifest = w / "train.jsonl"
     write_manifest(manifest, [{k: v for k, v in i.items() if k != "text"} for i in train])
-    base_cfg, ssps_cfg = configs(args, len(train))
-    base_run, ssps_run = w / "sv_simclr", w / "sv_simclr_ssps"
-    if args.part == "ssps":
-        ssps_cfg = configs(args, len(train), args.k, args.m)[1]
-        ssps_run = w / branch_name(args.k, args.m)
+    branch = (args.k, args.m) if args.part == "ssps" else (SSPS_MAIN["k"], SSPS_MAIN["m"])  # report: the recipe's
+    base_cfg, ssps_cfg = configs(args, len(train), *branch)
+    base_run, ssps_run = w / "sv_simclr", w / branch_name(*branch)
     kept = base_run / "keep" / f"step-{args.fork_at}"
     if args.part == "base":
         train_speaker(manifest, base_run, base_cfg)
@@ -178,27 +176,25 @@ def main() -> None:
     res = {k: evaluate(k, e, evals, noisy, trials, labels, w, cohort) for k, e in systems.items()}
     codes = {spk: i for i, spk in enumerate(sorted(set(utt2spk.values())))}
     trial_spk = np.array([[codes[utt2spk[t.enrol]], codes[utt2spk[t.test]]] for t in trials])
-    sa, sb = np.load(w / "scores_simclr.npy"), np.load(w / "scores_simclr_ssps.npy")  # rows: clean, cross
-    paired = {c: jackknife_eer_difference(sa[i], sb[i], labels, trial_spk) for i, c in enumerate(("clean", "cross"))}
+    sa = np.load(w / "scores_simclr.npy")  # rows: clean, cross
+
+    def vs_simclr(name: str) -> dict:
+        sb = np.load(w / f"scores_{name}.npy")
+        return {c: jackknife_eer_difference(sa[i], sb[i], labels, trial_spk) for i, c in enumerate(("clean", "cross"))}
     runs = {k: json.loads((r / "summary.json").read_text())
             for k, r in (("simclr", base_run), ("simclr_ssps", ssps_run), *sweep.items())}
-    sweep_paired = {}
-    for k in sweep:
-        sk = np.load(w / f"scores_{k}.npy")
-        sweep_paired[k] = {c: jackknife_eer_difference(sa[i], sk[i], labels, trial_spk)
-                           for i, c in enumerate(("clean", "cross"))}
     write_result("speaker_ssl_branch", {
         "eer": {k: v["clean"]["eer"] for k, v in res.items()},
         "mindcf": {k: v["clean"]["mindcf"] for k, v in res.items()},
         "conditions": res,
         "relative_eer_reduction_ssps": {c: 1 - res["simclr_ssps"][c]["eer"] / res["simclr"][c]["eer"]
                                         for c in res["simclr"]},
-        "eer_difference_simclr_minus_ssps": paired,
+        "eer_difference_simclr_minus_ssps": vs_simclr("simclr_ssps"),
         **ssps_summary(ssps_run),
         "sweep": {k: {"k": km[k][0], "m": km[k][1],
                       "relative_eer_reduction": {c: 1 - res[k][c]["eer"] / res["simclr"][c]["eer"]
                                                  for c in res["simclr"]},
-                      "eer_difference_simclr_minus_branch": sweep_paired[k],
+                      "eer_difference_simclr_minus_branch": vs_simclr(k),
                       **ssps_summary(r)} for k, r in sweep.items()},
         "trials": len(trials), "target_trials": int(labels.sum()),
         "protocol": {"steps": args.steps, "fork_at": args.fork_at, "ssps": ssps_cfg.ssps,
