@@ -12,7 +12,10 @@ Protocol (fixed before any run; nothing tuned on evaluation speakers):
   every CTC fine-tune ``--ft-budget`` seconds, one thread each (stated in the
   result file), so the methods compare at equal CPU cost, not equal steps; or,
   with ``--pt-steps`` / ``--ft-steps``, the same number of updates (wall-clock
-  budgets drift with the machine's load);
+  budgets drift with the machine's load); ``--pt-steps-for SYSTEM=N`` overrides
+  one method's updates, for a CPU-matched step budget (each method gets the
+  updates its measured per-update cost affords: reproducible like a step
+  budget, fair like a time budget);
 - systems: scratch (mel front-end, no pretraining), scratch_wave (waveform
   front-end), wav2vec2, xlsr_multigroup (wav2vec2 + age-group sampling,
   alpha 0.5), xlsr_adults_only (wav2vec2 on adult audio only), bestrq, birq;
@@ -83,6 +86,13 @@ def seed_summary(per: dict, group: str) -> dict:
 def budget(steps: int | None, seconds: float) -> dict:
     """Loop fields for a step budget (``steps``) or else a wall-clock one."""
     return {"max_steps": steps, "budget_seconds": None} if steps else {"max_steps": 100_000, "budget_seconds": seconds}
+
+
+def steps_for(text: str) -> tuple[str, int]:
+    name, _, n = text.partition("=")
+    if name not in PRETRAINED or not n.isdigit() or int(n) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SYSTEM=N with SYSTEM in {sorted(PRETRAINED)} and N >= 1")
+    return name, int(n)
 
 
 def budget_text(steps: int | None, seconds: float) -> str:
@@ -173,6 +183,9 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=360, help="pretraining seconds per method")
     ap.add_argument("--ft-budget", type=float, default=240, help="CTC fine-tuning seconds per system")
     ap.add_argument("--pt-steps", type=int, default=None, help="pretraining updates per method (replaces --budget)")
+    ap.add_argument("--pt-steps-for", type=steps_for, nargs="*", default=[], metavar="SYSTEM=N",
+                    help="per-system pretraining updates overriding --pt-steps, e.g. birq=750: a CPU-matched "
+                         "budget gives each method the updates its per-update cost affords")
     ap.add_argument("--ft-steps", type=int, default=None, help="CTC updates per system (replaces --ft-budget)")
     ap.add_argument("--group-analysis", metavar="SYSTEM", default=None,
                     help="also fine-tune SYSTEM's encoder jointly vs per gender (see above)")
@@ -216,6 +229,9 @@ def main() -> None:
         p, miss = phone_references(w / f"{g}.jsonl", lexicon, w / f"{g}.phones.jsonl")
         refs[g], missing[g] = list(read_jsonl(p)), miss
 
+    pt_steps = {name: args.pt_steps for name in PRETRAINED} | dict(args.pt_steps_for)
+    if None in (pt_steps[n] for n in args.systems if n in PRETRAINED) and args.pt_steps_for:
+        sys.exit("--pt-steps-for needs --pt-steps for the other systems (a step budget for every method)")
     results, runs = {}, {}
     for name in args.systems:
         if name in PRETRAINED:
@@ -223,9 +239,9 @@ def main() -> None:
             frontend = "wave" if spec["objective"] == "wav2vec2" else "mel"
             cfg = PretrainConfig(objective=spec["objective"], encoder=encoder_for(frontend),
                                  loop={"lr": 5e-4, "seed": args.seed, "log_every": 25, "ckpt_every": 100,
-                                       **budget(args.pt_steps, args.budget)},
+                                       **budget(pt_steps[name], args.budget)},
                                  max_batch_seconds=60.0, crop_seconds=6.0, group_field=spec.get("group_field"))
-            print(f"== pretrain {name} ({budget_text(args.pt_steps, args.budget)})", flush=True)
+            print(f"== pretrain {name} ({budget_text(pt_steps[name], args.budget)})", flush=True)
             pt = pretrain(man[spec["data"]], w / f"pt_{name}", cfg)
             init, enc = w / f"pt_{name}" / "encoder", {}
         elif name in SCRATCH:
@@ -278,7 +294,9 @@ def main() -> None:
         "runs": runs, "group_analysis": groups,
         "protocol": {"budget_seconds_pretrain": None if args.pt_steps else args.budget,
                      "budget_seconds_ctc": None if args.ft_steps else args.ft_budget,
-                     "steps_pretrain": args.pt_steps, "steps_ctc": args.ft_steps,
+                     "steps_pretrain": args.pt_steps if not args.pt_steps_for else
+                     {n: pt_steps[n] for n in args.systems if n in PRETRAINED},
+                     "steps_ctc": args.ft_steps,
                      "ctc_lrs_tried": args.ft_lrs, "ctc_frozen_steps_pretrained": freeze_steps(args), "ctc_lr_rule": "lowest PER on the 3 adult dev speakers",
                      "threads": args.threads, "labelled_speakers": args.labelled_speakers, "seed": args.seed,
                      "encoder": "small preset: 4 x 144 Transformer, 4 heads, mel (4x conv) or wav2vec 2.0 CNN front-end",
