@@ -209,6 +209,31 @@ def test_pretraining_resume_equals_uninterrupted(tmp_path):
         pretrain(m, tmp_path / "cut", _cfg("birq", 13), progress=False)
 
 
+def test_resume_refuses_a_default_that_changed_since_the_run_started(tmp_path, capsys):
+    """The run config stores overrides; its ``resolved`` part (defaults filled in) catches a changed default."""
+    from selfspeech.train.pretrain import pretrain
+
+    torch.set_num_threads(1)
+    m, out = _corpus(tmp_path), tmp_path / "run"
+    pretrain(m, out, _cfg("wav2vec2", 2), progress=False)
+    saved_path = out / "last" / "run_config.json"
+    saved = json.loads(saved_path.read_text())
+    assert saved["resolved"]["task"]["w_features"] == 0.0 and "w_features" not in saved["pretrain"]["task"]
+    # as if the run had started when the default feature penalty was 10 (the session-6 fix)
+    saved["resolved"]["task"]["w_features"] = 10.0
+    saved_path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"resolved\.task\.w_features.*a default changed"):
+        pretrain(m, out, _cfg("wav2vec2", 2), progress=False)
+    # a run saved before resolved configs existed resumes, with a warning instead of silence
+    del saved["resolved"]
+    saved_path.write_text(json.dumps(saved))
+    pretrain(m, out, _cfg("wav2vec2", 2), progress=False)
+    assert "without checking that the defaults" in capsys.readouterr().err
+    # and an explicit override that differs is still refused, named by its dotted key
+    with pytest.raises(ValueError, match=r"pretrain\.loop\.lr"):
+        pretrain(m, out, _cfg("wav2vec2", 2, lr=1e-3), progress=False)
+
+
 def test_ctc_finetune_phones_and_bad_input(tmp_path):
     from selfspeech.text.phones import Lexicon, Vocabulary
     from selfspeech.train.ctc import CTCConfig, finetune_ctc, greedy_ctc, transcribe_ctc

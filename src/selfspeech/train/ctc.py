@@ -227,7 +227,8 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
 
     state = train_loop(model, loss_fn, sampler, collate, loop_cfg, out, write_model,
                        {"ctc": cfg.to_dict(), "init": str(init) if init else None, "train": str(train_manifest),
-                        "dev": str(dev_manifest)},
+                        "dev": str(dev_manifest),
+                        "resolved": {"loop": dataclasses.asdict(loop_cfg), "encoder": dataclasses.asdict(enc)}},
                        evaluate=evaluate, progress=progress, desc="finetune-ctc")
     if not env.main:
         return {}

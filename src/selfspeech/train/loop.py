@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,41 @@ def make_optimizer(module: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Adam
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
 
 
+def config_diff(saved: dict, given: dict, prefix: str = "") -> dict:
+    """Differences of two JSON configs as ``{"dotted.key": (saved, given)}``; absent keys are ``None``."""
+    diff = {}
+    for k in sorted(set(saved) | set(given), key=str):
+        a, b = saved.get(k), given.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff |= config_diff(a, b, f"{prefix}{k}.")
+        elif a != b or (k in saved) != (k in given):
+            diff[f"{prefix}{k}"] = (a, b)
+    return diff
+
+
+def check_resume(out: Path, saved: dict, run_config: dict) -> str | None:
+    """Raise unless the run saved with ``saved`` may continue as ``run_config``.
+
+    Callers put every config with its defaults filled in under ``run_config["resolved"]``
+    (the user-facing configs hold overrides only), so a default changed since the run
+    started stops the resume instead of silently changing the run half-way. A run saved
+    before ``resolved`` was recorded resumes when the rest matches; the returned warning
+    says its defaults could not be checked.
+    """
+    if saved == run_config:
+        return None
+    legacy = "resolved" not in saved and "resolved" in run_config
+    rest = {k: v for k, v in run_config.items() if k != "resolved"} if legacy else run_config
+    if saved == rest:
+        return (f"{out}: saved before resolved configs were recorded; resuming without checking that "
+                "the defaults are those it started with")
+    diff = config_diff(saved, rest)
+    hint = ("; a default changed since this run started: set the saved value explicitly to resume"
+            if diff and all(k.startswith("resolved.") for k in diff) else "")
+    raise ValueError(f"{out} holds a run with another config {diff} (saved, given){hint}; "
+                     "use the same config to resume, or a new output directory")
+
+
 def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Callable, cfg: LoopConfig,
                out_dir: str | Path, write_model: Callable[[Path], None], run_config: dict,
                evaluate: Callable[[], dict] | None = None, warnings: Callable[[dict], list[str]] | None = None,
@@ -107,7 +143,9 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
     ``out_dir/last`` is the resumable checkpoint, ``out_dir/best`` the best model
     by ``evaluate()["metric"]`` (or the final one without ``evaluate``),
     ``out_dir/log.jsonl`` the log. A rerun with the same ``run_config`` resumes;
-    with another it stops with the differences, before any computation.
+    with another it stops with the differences, before any computation
+    (:func:`check_resume`; ``run_config["resolved"]`` holds the configs with
+    their defaults filled in).
 
     ``after_update(step, progress)`` runs right after each optimizer step and
     before any checkpoint is written, so state it changes (an EMA teacher, a
@@ -121,14 +159,11 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
     out.mkdir(parents=True, exist_ok=True)
     last, best, log_path = out / "last", out / "best", out / "log.jsonl"
     run_config = json.loads(json.dumps(run_config))  # JSON-normalised, as it will be compared
-    resumed = ckpt.resolve(last)
+    resumed, unchecked = ckpt.resolve(last), None
     if resumed is not None:
-        saved = json.loads((resumed / RUN_CONFIG).read_text())
-        if saved != run_config:
-            diff = {k: (saved.get(k), run_config.get(k)) for k in set(saved) | set(run_config)
-                    if saved.get(k) != run_config.get(k)}
-            raise ValueError(f"{out} holds a run with another config {diff} (saved, given); "
-                             "use the same config to resume, or a new output directory")
+        unchecked = check_resume(out, json.loads((resumed / RUN_CONFIG).read_text()), run_config)
+        if unchecked and D.current().main:
+            print(f"warning: {unchecked}", file=sys.stderr)
 
     def write(d: Path) -> None:
         write_model(d)
@@ -180,7 +215,8 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
 
-        emit({"event": "resume" if resumed else "start", "step": state["step"], "config": run_config})
+        emit({"event": "resume" if resumed else "start", "step": state["step"], "config": run_config,
+              **({"warning": unchecked} if unchecked else {})})
         try:
             while not state["done"]:
                 for idx in sampler:

@@ -115,7 +115,9 @@ def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
         return task.warnings(rec, rec)
 
     state = train_loop(task, loss_fn, sampler, data.collate, loop_cfg, out, write_model,
-                       {"pretrain": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items)},
+                       {"pretrain": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items),
+                        "resolved": {"loop": dataclasses.asdict(loop_cfg), "encoder": dataclasses.asdict(enc_cfg),
+                                     "task": dataclasses.asdict(task.cfg)}},
                        warnings=warn, progress=progress, desc=f"pretrain {cfg.objective}")
     if not env.main:
         return {}

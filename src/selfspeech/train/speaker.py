@@ -248,7 +248,7 @@ def fork_checkpoint(base: Path, out: Path, task: SpeakerSSLTask, run_config: dic
     from safetensors.torch import load_file
 
     from selfspeech.train import checkpoint as ckpt
-    from selfspeech.train.loop import RUN_CONFIG
+    from selfspeech.train.loop import RUN_CONFIG, config_diff
 
     src = ckpt.resolve(base)
     if src is None:
@@ -260,10 +260,14 @@ def fork_checkpoint(base: Path, out: Path, task: SpeakerSSLTask, run_config: dic
         rc = json.loads(json.dumps(rc))
         rc["speaker_ssl"].pop("ssps", None)
         rc["speaker_ssl"]["loop"].pop("keep_every", None)
+        if "resolved" not in saved:  # a base saved before resolved configs were recorded
+            rc.pop("resolved", None)
+        elif "resolved" in rc:
+            rc["resolved"].pop("ssps", None)
+            rc["resolved"]["loop"].pop("keep_every", None)
         return rc
     if comparable(saved) != comparable(run_config):
-        a, b = comparable(saved), comparable(run_config)
-        diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+        diff = config_diff(comparable(saved), comparable(run_config))
         raise ValueError(f"cannot fork {src}: its run differs by more than SSPS: {diff} (base, fork)")
     missing, unexpected = task.load_state_dict(load_file(str(src / "model.safetensors")), strict=False)
     if unexpected or any(not k.startswith("ssps.") for k in missing):
@@ -329,7 +333,11 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
     def write_model(d: Path) -> None:
         save_encoder(task, task.ecfg, d, kind=f"speaker_ssl_task:{cfg.method}", extra={"speaker_ssl": cfg.to_dict()})
 
-    run_config = {"speaker_ssl": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items)}
+    ssps_cfg = cfg.ssps_config()
+    run_config = {"speaker_ssl": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items),
+                  "resolved": {"loop": dataclasses.asdict(loop_cfg), "ecapa": dataclasses.asdict(task.ecfg),
+                               "augment": None if cfg.augment is None else dataclasses.asdict(AugmentConfig(**cfg.augment)),
+                               "ssps": None if ssps_cfg is None else dataclasses.asdict(ssps_cfg)}}
     if fork_from is not None and env.main:
         from selfspeech.train.checkpoint import resolve
 
