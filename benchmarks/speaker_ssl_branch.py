@@ -16,7 +16,7 @@ for a long time. This benchmark does that with one base run:
 - ``--part ssps --k K --m M``: the same fork with another SSPS setting (the
   paper's K/M table under this protocol), run folder ``sv_simclr_ssps_kK_mM``;
 - ``--part report``: evaluates the base at the fork, the SimCLR run at the end,
-  its SSPS branch and the ``--sweep`` branches on the protocol of speaker_ssl.py (disjoint speakers,
+  its SSPS branch and the ``--sweep`` branches (default 50:0 200:0 100:1) on the protocol of speaker_ssl.py (disjoint speakers,
   clean and cross-condition trials, cosine and AS-norm) ->
   ``benchmarks/results/speaker_ssl_branch.json``.
 
@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--k", type=int, default=SSPS_MAIN["k"], help="SSPS clusters of this --part ssps branch")
     ap.add_argument("--m", type=int, default=SSPS_MAIN["m"], help="SSPS neighbour clusters of this branch")
-    ap.add_argument("--sweep", type=parse_km, nargs="*", default=[(50, 0), (200, 0)], metavar="K:M",
+    ap.add_argument("--sweep", type=parse_km, nargs="*", default=[(50, 0), (200, 0), (100, 1)], metavar="K:M",
                     help="SSPS branches --part report evaluates beside the K=100, M=0 one")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "speaker_ssl_branch")
     args = ap.parse_args()
