@@ -127,8 +127,9 @@ def check_resume(out: Path, saved: dict, run_config: dict) -> str | None:
         return (f"{out}: saved before resolved configs were recorded; resuming without checking that "
                 "the defaults are those it started with")
     diff = config_diff(saved, rest)
-    hint = ("; a default changed since this run started: set the saved value explicitly to resume"
-            if diff and all(k.startswith("resolved.") for k in diff) else "")
+    hint = ("; only resolved values differ: a default (or a file the config points to) changed since this "
+            "run started; set the saved value explicitly to resume" if diff and all(
+                k.startswith("resolved.") for k in diff) else "")
     raise ValueError(f"{out} holds a run with another config {diff} (saved, given){hint}; "
                      "use the same config to resume, or a new output directory")
 
