@@ -39,6 +39,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, SO762, write_result  # noqa: E402
 
@@ -80,7 +82,9 @@ def encoder_for(frontend: str) -> dict:
 def seed_summary(per: dict, group: str) -> dict:
     """PER of the main CTC run and of each extra CTC seed, with their mean, min and max."""
     vals = [per[group]["per"]] + [v[group] for v in per.get("ctc_seeds", {}).values()]
-    return {"runs": len(vals), "mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals), "values": vals}
+    # the median too: one CTC seed in three can stay on the blank plateau, which drags the mean
+    return {"runs": len(vals), "mean": sum(vals) / len(vals), "median": float(np.median(vals)), "min": min(vals),
+            "max": max(vals), "values": vals}
 
 
 def budget(steps: int | None, seconds: float) -> dict:
