@@ -80,7 +80,7 @@ def encoder_for(frontend: str) -> dict:
 
 
 def seed_summary(per: dict, group: str) -> dict:
-    """PER of the main CTC run and of each extra CTC seed, with their mean, min and max."""
+    """PER of the main CTC run and of each extra CTC seed, with their mean, median, min and max."""
     vals = [per[group]["per"]] + [v[group] for v in per.get("ctc_seeds", {}).values()]
     # the median too: one CTC seed in three can stay on the blank plateau, which drags the mean
     return {"runs": len(vals), "mean": sum(vals) / len(vals), "median": float(np.median(vals)), "min": min(vals),
