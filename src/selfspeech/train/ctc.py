@@ -27,7 +27,7 @@ from selfspeech.objectives.masking import span_mask
 from selfspeech.text.phones import Lexicon, Vocabulary
 from selfspeech.train import distributed as D
 from selfspeech.train.checkpoint import write_json
-from selfspeech.train.loop import loop_config, train_loop
+from selfspeech.train.loop import loop_config, resolved_configs, train_loop
 from selfspeech.train.sampler import BucketBatchSampler
 
 
@@ -228,7 +228,7 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
     state = train_loop(model, loss_fn, sampler, collate, loop_cfg, out, write_model,
                        {"ctc": cfg.to_dict(), "init": str(init) if init else None, "train": str(train_manifest),
                         "dev": str(dev_manifest),
-                        "resolved": {"loop": dataclasses.asdict(loop_cfg), "encoder": dataclasses.asdict(enc)}},
+                        "resolved": resolved_configs(loop=loop_cfg, encoder=enc)},
                        evaluate=evaluate, progress=progress, desc="finetune-ctc")
     if not env.main:
         return {}

@@ -20,7 +20,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -108,6 +108,11 @@ def config_diff(saved: dict, given: dict, prefix: str = "") -> dict:
         elif a != b or (k in saved) != (k in given):
             diff[f"{prefix}{k}"] = (a, b)
     return diff
+
+
+def resolved_configs(**configs) -> dict:
+    """``run_config["resolved"]``: each config dataclass with its defaults filled in (None stays None)."""
+    return {k: None if c is None else asdict(c) for k, c in configs.items()}
 
 
 def check_resume(out: Path, saved: dict, run_config: dict) -> str | None:

@@ -26,7 +26,7 @@ from selfspeech.objectives.losses import weighted_sum
 from selfspeech.objectives.tasks import build_task
 from selfspeech.train import distributed as D
 from selfspeech.train.checkpoint import write_json
-from selfspeech.train.loop import LoopConfig, loop_config, strict_from_dict, train_loop
+from selfspeech.train.loop import LoopConfig, loop_config, resolved_configs, strict_from_dict, train_loop
 from selfspeech.train.sampler import BucketBatchSampler, GroupResampledBatchSampler
 
 
@@ -116,8 +116,7 @@ def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
 
     state = train_loop(task, loss_fn, sampler, data.collate, loop_cfg, out, write_model,
                        {"pretrain": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items),
-                        "resolved": {"loop": dataclasses.asdict(loop_cfg), "encoder": dataclasses.asdict(enc_cfg),
-                                     "task": dataclasses.asdict(task.cfg)}},
+                        "resolved": resolved_configs(loop=loop_cfg, encoder=enc_cfg, task=task.cfg)},
                        warnings=warn, progress=progress, desc=f"pretrain {cfg.objective}")
     if not env.main:
         return {}

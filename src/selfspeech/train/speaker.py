@@ -41,7 +41,7 @@ from selfspeech.objectives.speaker import (DINOHead, Projector, cosine_momentum,
 from selfspeech.objectives.ssps import SSPSConfig, SSPSQueues
 from selfspeech.train import distributed as D
 from selfspeech.train.checkpoint import write_json
-from selfspeech.train.loop import LoopConfig, loop_config, strict_from_dict, train_loop
+from selfspeech.train.loop import LoopConfig, loop_config, resolved_configs, strict_from_dict, train_loop
 from selfspeech.train.sampler import BucketBatchSampler
 
 METHODS = ("simclr", "dino")
@@ -78,6 +78,9 @@ class SpeakerSSLConfig:
         kw = dict(self.ecapa)
         preset = kw.pop("preset", None)
         return ECAPAConfig.preset(preset, **kw) if preset else ECAPAConfig(**kw)
+
+    def augment_config(self) -> AugmentConfig | None:
+        return None if self.augment is None else AugmentConfig(**self.augment)
 
     def ssps_config(self) -> SSPSConfig | None:
         return None if self.ssps is None else SSPSConfig(**self.ssps)
@@ -219,9 +222,9 @@ class ViewCollator:
 
 
 def build_augmenter(cfg: SpeakerSSLConfig, data: AudioDataset, seed: int) -> Augmenter | None:
-    if cfg.augment is None:
+    acfg = cfg.augment_config()
+    if acfg is None:
         return None
-    acfg = AugmentConfig(**cfg.augment)
     rirs = None
     if acfg.p_reverb > 0:
         path = cfg.rir_pool or str(Path.home() / ".cache" / "selfspeech" / "rir_pool.npz")
@@ -333,11 +336,9 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
     def write_model(d: Path) -> None:
         save_encoder(task, task.ecfg, d, kind=f"speaker_ssl_task:{cfg.method}", extra={"speaker_ssl": cfg.to_dict()})
 
-    ssps_cfg = cfg.ssps_config()
     run_config = {"speaker_ssl": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items),
-                  "resolved": {"loop": dataclasses.asdict(loop_cfg), "ecapa": dataclasses.asdict(task.ecfg),
-                               "augment": None if cfg.augment is None else dataclasses.asdict(AugmentConfig(**cfg.augment)),
-                               "ssps": None if ssps_cfg is None else dataclasses.asdict(ssps_cfg)}}
+                  "resolved": resolved_configs(loop=loop_cfg, ecapa=task.ecfg, augment=cfg.augment_config(),
+                                               ssps=cfg.ssps_config())}
     if fork_from is not None and env.main:
         from selfspeech.train.checkpoint import resolve
 
