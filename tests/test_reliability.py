@@ -229,6 +229,28 @@ def test_a_killed_writers_temp_copy_is_dropped_by_the_next_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp.keep", "last", "m.jsonl"]
 
 
+def test_a_live_writers_temp_copy_survives_a_concurrent_write(tmp_path):
+    """Two processes writing one manifest: neither deletes the other's temp file mid-write."""
+    import subprocess
+    import sys
+
+    from selfspeech.data.atomic import atomic_write
+
+    code = ("import sys, time; sys.path[:0] = %r; from selfspeech.data.atomic import atomic_write\n"
+            "with atomic_write(sys.argv[1]) as f:\n    f.write('theirs\\n'); f.flush(); print('ready', flush=True);"
+            " time.sleep(3)" % (sys.path,))
+    other = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "m.jsonl")], stdout=subprocess.PIPE, text=True)
+    assert other.stdout.readline().strip() == "ready"
+    theirs = [p.name for p in tmp_path.iterdir()]
+    assert len(theirs) == 1 and f".tmp.{other.pid}." in theirs[0]
+    with atomic_write(tmp_path / "m.jsonl") as f:   # ours ends first; theirs must still be there
+        f.write("ours\n")
+    assert (tmp_path / theirs[0]).exists()
+    assert other.wait(timeout=30) == 0             # their rename succeeds: last writer wins
+    assert (tmp_path / "m.jsonl").read_text() == "theirs\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.jsonl"]
+
+
 def test_embedding_writer_streams_the_same_npz(tmp_path):
     from selfspeech.cluster.speakers import EmbeddingWriter, load_embeddings, save_embeddings
 

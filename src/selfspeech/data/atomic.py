@@ -15,19 +15,41 @@ from typing import IO, Iterator
 
 
 def temp_prefix(path: str | os.PathLike) -> str:
-    """Name prefix of the temp siblings written before ``path`` is renamed into place."""
-    return f".{Path(path).name}.tmp."
+    """Name prefix of the temp siblings written before ``path`` is renamed into place.
+
+    It carries the writer's process id, so that :func:`drop_stale` can tell a
+    killed writer's leftovers from another live process writing the same file."""
+    return f".{Path(path).name}.tmp.{os.getpid()}."
+
+
+def _live_writer(name: str, base: str) -> bool:
+    """True if temp sibling ``name`` belongs to another process that is still running."""
+    pid = name[len(base):].split(".", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False  # a name without a pid (older versions) or our own earlier, abandoned write
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True   # alive, owned by someone else
+    return True
 
 
 def drop_stale(path: str | os.PathLike) -> None:
     """Delete temp siblings of ``path`` that a killed writer left behind.
 
     They are never read back (only renamed into place when complete), but a
-    model-sized one left by every kill would fill the disk. Callers are the
-    only writer of ``path`` (rank 0 under torchrun).
+    model-sized one left by every kill would fill the disk. A sibling whose
+    writer is another live process is left alone: two benchmark processes may
+    write the same manifest at once, and deleting the other's temp file made
+    its rename fail. Within one job only rank 0 writes (torchrun).
     """
     path = Path(path)
-    for stale in path.parent.glob(glob.escape(temp_prefix(path)) + "*"):
+    base = f".{path.name}.tmp."
+    for stale in path.parent.glob(glob.escape(base) + "*"):
+        if _live_writer(stale.name, base):
+            continue
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
