@@ -99,6 +99,13 @@ def steps_for(text: str) -> tuple[str, int]:
     return name, int(n)
 
 
+def seed_pair(text: str) -> tuple[int, int]:
+    seed, _, init = text.partition(":")
+    if not (seed.isdigit() and init.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SEED:INIT, two integers")
+    return int(seed), int(init)
+
+
 def budget_text(steps: int | None, seconds: float) -> str:
     return f"{steps} steps" if steps else f"{seconds:.0f} s"
 
@@ -106,10 +113,11 @@ def budget_text(steps: int | None, seconds: float) -> str:
 DEFAULT_CTC_LR = 2e-3
 
 
-def ctc_config(args, lexicon: Path, enc: dict, init, seed: int | None = None, lr: float = DEFAULT_CTC_LR) -> CTCConfig:
+def ctc_config(args, lexicon: Path, enc: dict, init, seed: int | None = None, lr: float = DEFAULT_CTC_LR,
+               init_seed: int | None = None) -> CTCConfig:
     every = max(100, (args.ft_steps or 0) // 10)
     seed = args.seed if seed is None else seed
-    return CTCConfig(targets="phone", lexicon=str(lexicon), encoder=enc,
+    return CTCConfig(targets="phone", lexicon=str(lexicon), encoder=enc, init_seed=init_seed,
                      loop={"lr": lr, "eval_every": every, "log_every": 25, "ckpt_every": every, "seed": seed,
                            **budget(args.ft_steps, args.ft_budget)},
                      freeze_steps=freeze_steps(args) if init else 0, max_batch_seconds=30.0)
@@ -124,10 +132,11 @@ def freeze_steps(args) -> int:
     return 100 if args.ft_freeze is None else round(args.ft_freeze * args.ft_steps)
 
 
-def ctc_run_name(args, name: str, lr: float, seed: int | None = None) -> str:
+def ctc_run_name(args, name: str, lr: float, seed: int | None = None, init_seed: int | None = None) -> str:
     """Run folder: the default settings keep the historical names, so cached runs are reused."""
     frozen = name in PRETRAINED and args.ft_freeze is not None
-    return (f"ctc_{name}" + ("" if seed is None else f"_seed{seed}") + ("" if lr == DEFAULT_CTC_LR else f"_lr{lr:g}")
+    return (f"ctc_{name}" + ("" if seed is None else f"_seed{seed}") + ("" if init_seed is None else f"_init{init_seed}")
+            + ("" if lr == DEFAULT_CTC_LR else f"_lr{lr:g}")
             + (f"_freeze{args.ft_freeze:g}" if frozen else ""))
 
 
@@ -200,6 +209,10 @@ def main() -> None:
                     help="CTC peak learning rates tried per system; the best on the adult dev speakers is used")
     ap.add_argument("--ctc-seeds", type=int, nargs="*", default=[],
                     help="extra CTC fine-tunes of each system with these seeds (run-to-run spread)")
+    ap.add_argument("--ctc-seed-split", type=seed_pair, nargs="*", default=[], metavar="SEED:INIT",
+                    help="extra CTC fine-tunes with loop seed SEED (batch order, masks) and weight-init seed "
+                         "INIT: e.g. 1:0 and 0:1 tell whether a seed's outcome follows the data order or the "
+                         "initial weights")
     ap.add_argument("--ft-freeze", type=float, default=None, metavar="F",
                     help="keep a pretrained encoder frozen for the first F of --ft-steps CTC updates "
                          "(wav2vec 2.0's 10-minute recipe: 0.77; default: 100 updates)")
@@ -270,6 +283,15 @@ def main() -> None:
                          ctc_config(args, lexicon, enc, init, seed, lr=lr), init=init)
             extra = decode_per(run, {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}, args.seed)
             per.setdefault("ctc_seeds", {})[str(seed)] = {g: extra[g]["per"] for g in refs}
+        for seed, init_seed in args.ctc_seed_split:  # which seeded part decides a run's fate (see --help)
+            print(f"== CTC fine-tune {name}, loop seed {seed}, init seed {init_seed}", flush=True)
+            run = w / ctc_run_name(args, name, lr, seed, init_seed)
+            sp = finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
+                              ctc_config(args, lexicon, enc, init, seed, lr=lr, init_seed=init_seed), init=init)
+            extra = decode_per(run, {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}, args.seed)
+            per.setdefault("ctc_seed_split", {})[f"{seed}:{init_seed}"] = {
+                **{g: extra[g]["per"] for g in refs}, "best_dev_error_rate": sp["best_dev_error_rate"],
+                "best_step": sp["best_step"]}
         results[name] = per
         runs[name] = {"pretrain": {k: pt[k] for k in ("steps", "train_seconds", "n_train", "params")} | {
             "skipped": len(pt["skipped"]), "groups": pt["groups"]} if pt else None,

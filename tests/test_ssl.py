@@ -269,6 +269,28 @@ def test_ctc_finetune_phones_and_bad_input(tmp_path):
         finetune_ctc(m, m, tmp_path / "ctc2", cfg, init=tmp_path / "pt" / "best", progress=False)
 
 
+def test_ctc_init_seed_separates_the_initial_weights_from_the_loop_seed(tmp_path):
+    from safetensors.torch import load_file
+
+    from selfspeech.train.ctc import CTCConfig, finetune_ctc
+
+    torch.set_num_threads(1)
+    lex = tmp_path / "lex.txt"
+    lex.write_text("A\tAH0\nBAD\tB AE1 D\nCAT\tK AE1 T\nDOG\tD AO1 G\n")
+    m = _corpus(tmp_path, text=True)
+
+    def head(name, seed, init_seed):   # lr 0: the saved model is the initial one
+        cfg = CTCConfig(lexicon=str(lex), encoder={"preset": "tiny"}, init_seed=init_seed, mask_time_prob=0.0,
+                        loop={"max_steps": 1, "lr": 0.0, "eval_every": 1, "seed": seed}, max_batch_seconds=20)
+        finetune_ctc(m, m, tmp_path / name, cfg, progress=False)
+        return load_file(str(tmp_path / name / "best" / "model.safetensors"))["head.weight"]
+
+    default0, default1 = head("a", 0, None), head("b", 1, None)
+    assert not torch.equal(default0, default1)
+    assert torch.equal(head("c", 1, 0), default0)     # order/masks of seed 1, weights of seed 0
+    assert torch.equal(head("d", 0, 1), default1)
+
+
 def test_build_task_rejects_mismatched_frontend():
     with pytest.raises(ValueError, match="frontend 'wave'"):
         build_task("wav2vec2", TINY)

@@ -43,6 +43,10 @@ class CTCConfig:
     mask_channel_prob: float = 0.1
     mask_channel_span: int = 8
     max_batch_seconds: float = 60.0
+    # Seed of the weight initialisation (the output layer; the whole model from scratch). None: the
+    # loop's seed, which also draws batch order and masks; set it to tell apart which of them a
+    # run-to-run difference (e.g. a run stuck on CTC's blank plateau) comes from.
+    init_seed: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -173,7 +177,7 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
     out = Path(out_dir)
     env = D.init_from_env()  # torchrun: data parallel over its processes
     loop_cfg = loop_config(cfg.loop)
-    torch.manual_seed(loop_cfg.seed)
+    torch.manual_seed(loop_cfg.seed if cfg.init_seed is None else cfg.init_seed)  # the loop reseeds for the rest
     model, enc, vocab, lexicon = _model_and_vocab(cfg, init)
     train, skip_train = prepare_items(train_manifest, vocab, lexicon, enc)
     dev, skip_dev = prepare_items(dev_manifest, vocab, lexicon, enc)
