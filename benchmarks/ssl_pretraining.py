@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SO762, write_result  # noqa: E402
+from common import RESULTS, ROOT, SO762, write_result  # noqa: E402
 
 from selfspeech.data.kaldi import iter_kaldi_dir  # noqa: E402
 from selfspeech.data.manifest import write_manifest  # noqa: E402
@@ -64,8 +64,6 @@ KEYS = ("scratch", "wav2vec2", "xlsr_multigroup", "xlsr_adults_only", "bestrq", 
 
 def speed_figures() -> dict:
     """The two throughput keys, from benchmarks/ssl_speed.py's result when it exists (it measures them)."""
-    from common import RESULTS
-
     p = RESULTS / "ssl_speed.json"
     if not p.is_file():
         return {"throughput_ratio_vs_transformers": None, "gflops_fraction_of_peak": None}
@@ -85,6 +83,39 @@ def seed_summary(per: dict, group: str) -> dict:
     # the median too: one CTC seed in three can stay on the blank plateau, which drags the mean
     return {"runs": len(vals), "mean": sum(vals) / len(vals), "median": float(np.median(vals)), "min": min(vals),
             "max": max(vals), "values": vals}
+
+
+def plot_ctc_curves(curves: dict[str, dict[str, Path]], out: Path) -> Path:
+    """Dev PER and training loss over CTC updates, a colour per system and a line style per seed.
+
+    What the tables cannot show: which runs sat on CTC's blank plateau (loss ~3.3, dev PER ~100%)
+    and for how long, and where each run began to overfit its 10 minutes of labels."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5))
+    ax_dev, ax_loss = fig.subplots(1, 2)
+    styles = ["-", "--", ":", "-."]
+    for c, (name, runs) in enumerate(curves.items()):
+        for k, (label, run) in enumerate(runs.items()):
+            rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+            dev = [(r["step"], r["dev_error_rate"]) for r in rows if "dev_error_rate" in r]
+            loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+            kw = dict(color=f"C{c}", linestyle=styles[k % len(styles)], label=f"{name} {label}")
+            if dev:
+                ax_dev.plot(*zip(*dev), marker=".", **kw)
+            if loss:   # mean over windows of 4 logged updates: the raw curve is one batch each
+                steps, vals = zip(*loss)
+                win = [float(np.mean(vals[i:i + 4])) for i in range(0, len(vals), 4)]
+                ax_loss.plot(steps[::4][:len(win)], win, **kw)
+    ax_dev.set(xlabel="CTC update", ylabel="dev PER (3 adult speakers)", title="dev PER during CTC fine-tuning")
+    ax_loss.set(xlabel="CTC update", ylabel="CTC loss (nats per target token)", title="training loss")
+    ax_loss.set_ylim(0, 6)   # the first updates (10-18 nats) would flatten the rest
+    ax_loss.axhline(3.3, color="grey", linewidth=0.8, linestyle=":")   # where the blank plateau sits here
+    ax_dev.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
 
 
 def budget(steps: int | None, seconds: float) -> dict:
@@ -249,7 +280,7 @@ def main() -> None:
     pt_steps = {name: args.pt_steps for name in PRETRAINED} | dict(args.pt_steps_for)
     if None in (pt_steps[n] for n in args.systems if n in PRETRAINED) and args.pt_steps_for:
         sys.exit("--pt-steps-for needs --pt-steps for the other systems (a step budget for every method)")
-    results, runs = {}, {}
+    results, runs, curves = {}, {}, {}
     for name in args.systems:
         if name in PRETRAINED:
             spec = PRETRAINED[name]
@@ -274,11 +305,13 @@ def main() -> None:
                                          ctc_config(args, lexicon, enc, init, lr=lr), init=init))
         lr = min(fts, key=lambda k: (fts[k][1]["best_dev_error_rate"], k))
         run, ft = fts[lr]
+        curves[name] = {"seed 0": run}
         per = decode_per(run, {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}, args.seed)
         per["ctc_lr"] = {"chosen": lr, "dev_per": {f"{k:g}": v[1]["best_dev_error_rate"] for k, v in fts.items()}}
         for seed in args.ctc_seeds:  # the same encoder fine-tuned again: CTC's run-to-run spread
             print(f"== CTC fine-tune {name}, seed {seed}", flush=True)
             run = w / ctc_run_name(args, name, lr, seed)
+            curves[name][f"seed {seed}"] = run
             finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
                          ctc_config(args, lexicon, enc, init, seed, lr=lr), init=init)
             extra = decode_per(run, {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}, args.seed)
@@ -299,6 +332,7 @@ def main() -> None:
         print(f"   {name}: PER adult {per['eval_adult']['per']:.3f} child {per['eval_child']['per']:.3f}", flush=True)
 
     groups = group_analysis(args, w, adults, children, lexicon) if args.group_analysis else None
+    figure = plot_ctc_curves(curves, RESULTS / args.result_name / "ctc_curves.png") if curves else None
 
     def rel(a, b):
         return None if a is None or b is None else 1 - a / b
@@ -318,6 +352,7 @@ def main() -> None:
         "per_child_over_ctc_seeds": {k: seed_summary(results[k], "eval_child") for k in results},
         "per_adult_over_ctc_seeds": {k: seed_summary(results[k], "eval_adult") for k in results},
         "runs": runs, "group_analysis": groups,
+        "figure": str(figure.relative_to(RESULTS)) if figure else None,
         "protocol": {"budget_seconds_pretrain": None if args.pt_steps else args.budget,
                      "budget_seconds_ctc": None if args.ft_steps else args.ft_budget,
                      "steps_pretrain": args.pt_steps if not args.pt_steps_for else
