@@ -291,6 +291,26 @@ def test_ctc_init_seed_separates_the_initial_weights_from_the_loop_seed(tmp_path
     assert torch.equal(head("d", 0, 1), default1)
 
 
+@pytest.mark.parametrize("objective", ["bestrq", "birq"])
+def test_masked_only_head_gives_the_all_frames_loss(objective):
+    # the heads run on the masked frames only (speed); the loss must be the textbook one: head on
+    # every frame, cross-entropy over the masked ones
+    torch.manual_seed(0)
+    task = build_task(objective, TINY, {"codes": 64}).eval()
+    x, lengths = torch.randn(3, 240, TINY.n_mels), torch.tensor([240, 200, 130])
+    with torch.no_grad():
+        got = task(x, lengths, 0, torch.Generator().manual_seed(5))
+        states, mask, labels, xn, flen = task.masked_pass(x, lengths, torch.Generator().manual_seed(5))
+        want = L.masked_cross_entropy(task.predict(states[-1], task.head, 1), labels, mask)
+        assert mask.any() and not mask.all()
+        assert torch.allclose(got["anchor"], want["loss"], atol=1e-6)
+        assert got["monitor"]["accuracy"] == pytest.approx(float(want["accuracy"]))
+        if objective == "birq":
+            selfl = task.self_labels(xn, lengths, flen, states[-1].shape[1], None)
+            own = L.masked_cross_entropy(task.predict(states[-1], task.head_self, 1), selfl, mask)
+            assert torch.allclose(got["self"], own["loss"], atol=1e-6)
+
+
 def test_build_task_rejects_mismatched_frontend():
     with pytest.raises(ValueError, match="frontend 'wave'"):
         build_task("wav2vec2", TINY)

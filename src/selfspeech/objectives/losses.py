@@ -79,12 +79,19 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch
     logits (B, T, books, V), labels (B, T, books) int64, mask (B, T) bool.
     Returns mean loss (nats) over masked frames and books, and the accuracy.
     """
-    lg, lb = logits[mask], labels[mask]                                 # (n, books, V), (n, books)
-    if lg.shape[0] == 0:
+    return frame_cross_entropy(logits[mask], labels[mask])
+
+
+def frame_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Cross-entropy of already selected frames: logits (n, books, V), labels (n, books) int64.
+
+    Mean loss (nats) over frames and books, and the accuracy; 0 (still in the graph) when n = 0.
+    """
+    if logits.shape[0] == 0:
         z = logits.sum() * 0.0
         return {"loss": z, "accuracy": z.detach()}
-    loss = F.cross_entropy(lg.flatten(0, 1).float(), lb.flatten())
-    acc = (lg.argmax(-1) == lb).float().mean()
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    acc = (logits.argmax(-1) == labels).float().mean()
     return {"loss": loss, "accuracy": acc.detach()}
 
 

@@ -157,13 +157,15 @@ class BestRQTask(nn.Module):
         return states, mask, labels, xn, flen
 
     def predict(self, h: torch.Tensor, head: nn.Linear, books: int) -> torch.Tensor:
-        B, T, _ = h.shape
-        return head(h).view(B, T, books, -1)
+        """(..., d_model) -> (..., books, codes) logits."""
+        return head(h).unflatten(-1, (books, -1))
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, step: int = 0,
                 generator: torch.Generator | None = None) -> dict:
         states, mask, labels, _, flen = self.masked_pass(x, lengths, generator)
-        out = L.masked_cross_entropy(self.predict(states[-1], self.head, self.cfg.books), labels, mask)
+        # the head (d_model x books*codes: as many weights as the whole "small" encoder) runs on the
+        # masked frames only, where the loss is: same loss, a fraction of the head's cost
+        out = L.frame_cross_entropy(self.predict(states[-1][mask], self.head, self.cfg.books), labels[mask])
         return {"anchor": out["loss"],
                 "monitor": {"accuracy": float(out["accuracy"]), "label_perplexity": float(
                     perplexity(F.one_hot(labels[mask][:, 0], self.cfg.codes).float())),
@@ -216,8 +218,9 @@ class BiRQTask(BestRQTask):
                 generator: torch.Generator | None = None) -> dict:
         states, mask, labels, xn, flen = self.masked_pass(x, lengths, generator)
         selfl = self.self_labels(xn, lengths, flen, states[-1].shape[1], generator)
-        anchor = L.masked_cross_entropy(self.predict(states[-1], self.head, self.cfg.books), labels, mask)
-        own = L.masked_cross_entropy(self.predict(states[-1], self.head_self, self.cfg.books), selfl, mask)
+        hm = states[-1][mask]   # both heads on the masked frames only (see BestRQTask.forward)
+        anchor = L.frame_cross_entropy(self.predict(hm, self.head, self.cfg.books), labels[mask])
+        own = L.frame_cross_entropy(self.predict(hm, self.head_self, self.cfg.books), selfl[mask])
         return {"anchor": anchor["loss"], "self": own["loss"],
                 "monitor": {"accuracy": float(anchor["accuracy"]), "self_accuracy": float(own["accuracy"]),
                             "label_perplexity": float(perplexity(F.one_hot(labels[mask][:, 0], self.cfg.codes).float())),
