@@ -339,7 +339,7 @@ def main() -> None:
 
     child = {k: results[k]["eval_child"]["per"] if k in results else None for k in KEYS}
     adult = {k: results[k]["eval_adult"]["per"] if k in results else None for k in KEYS}
-    best_pt = min((v, k) for k, v in child.items() if k != "scratch" and v is not None) if results else (None, None)
+    best_pt = min(((v, k) for k, v in child.items() if k != "scratch" and v is not None), default=(None, None))
     write_result(args.result_name, {
         "per": child, "per_ci95": {k: results[k]["eval_child"]["ci95"] for k in results if k in KEYS},
         "per_adult": adult, "per_adult_ci95": {k: results[k]["eval_adult"]["ci95"] for k in results if k in KEYS},

@@ -1,6 +1,7 @@
 """Self-supervised pretraining: masking, quantizers, loss terms, the three tasks, the shared loop, CTC."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -309,6 +310,19 @@ def test_masked_only_head_gives_the_all_frames_loss(objective):
             selfl = task.self_labels(xn, lengths, flen, states[-1].shape[1], None)
             own = L.masked_cross_entropy(task.predict(states[-1], task.head_self, 1), selfl, mask)
             assert torch.allclose(got["self"], own["loss"], atol=1e-6)
+
+
+def test_config_diff_treats_an_option_added_later_as_unset():
+    from selfspeech.train.loop import check_resume, config_diff
+
+    old = {"ctc": {"lr": 1e-3}, "resolved": {"loop": {"seed": 0}}}
+    new = {"ctc": {"lr": 1e-3, "init_seed": None}, "resolved": {"loop": {"seed": 0}}}
+    assert config_diff(old, new) == {}
+    assert check_resume(Path("run"), old, new) is None          # an older run resumes under the newer code
+    assert config_diff(old, {"ctc": {"lr": 1e-3, "init_seed": 1}}) == {"ctc.init_seed": (None, 1),
+                                                                      "resolved": ({"loop": {"seed": 0}}, None)}
+    with pytest.raises(ValueError, match=r"ctc\.init_seed"):
+        check_resume(Path("run"), old, {**new, "ctc": {"lr": 1e-3, "init_seed": 1}})
 
 
 def test_build_task_rejects_mismatched_frontend():

@@ -99,13 +99,17 @@ def make_optimizer(module: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Adam
 
 
 def config_diff(saved: dict, given: dict, prefix: str = "") -> dict:
-    """Differences of two JSON configs as ``{"dotted.key": (saved, given)}``; absent keys are ``None``."""
+    """Differences of two JSON configs as ``{"dotted.key": (saved, given)}``.
+
+    An absent key counts as ``None``: an option added to a config after a run
+    started defaults to None (off, e.g. ``CTCConfig.init_seed``), and that run
+    must still resume or be reused."""
     diff = {}
     for k in sorted(set(saved) | set(given), key=str):
         a, b = saved.get(k), given.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             diff |= config_diff(a, b, f"{prefix}{k}.")
-        elif a != b or (k in saved) != (k in given):
+        elif a != b:
             diff[f"{prefix}{k}"] = (a, b)
     return diff
 
@@ -128,10 +132,10 @@ def check_resume(out: Path, saved: dict, run_config: dict) -> str | None:
         return None
     legacy = "resolved" not in saved and "resolved" in run_config
     rest = {k: v for k, v in run_config.items() if k != "resolved"} if legacy else run_config
-    if saved == rest:
-        return (f"{out}: saved before resolved configs were recorded; resuming without checking that "
-                "the defaults are those it started with")
     diff = config_diff(saved, rest)
+    if not diff:
+        return (f"{out}: saved before resolved configs were recorded; resuming without checking that "
+                "the defaults are those it started with") if legacy else None
     hint = ("; only resolved values differ: a default (or a file the config points to) changed since this "
             "run started; set the saved value explicitly to resume" if diff and all(
                 k.startswith("resolved.") for k in diff) else "")

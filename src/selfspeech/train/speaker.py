@@ -269,8 +269,8 @@ def fork_checkpoint(base: Path, out: Path, task: SpeakerSSLTask, run_config: dic
             rc["resolved"].pop("ssps", None)
             rc["resolved"]["loop"].pop("keep_every", None)
         return rc
-    if comparable(saved) != comparable(run_config):
-        diff = config_diff(comparable(saved), comparable(run_config))
+    diff = config_diff(comparable(saved), comparable(run_config))
+    if diff:
         raise ValueError(f"cannot fork {src}: its run differs by more than SSPS: {diff} (base, fork)")
     missing, unexpected = task.load_state_dict(load_file(str(src / "model.safetensors")), strict=False)
     if unexpected or any(not k.startswith("ssps.") for k in missing):
