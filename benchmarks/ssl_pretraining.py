@@ -148,7 +148,7 @@ def ctc_config(args, lexicon: Path, enc: dict, init, seed: int | None = None, lr
                init_seed: int | None = None) -> CTCConfig:
     every = max(100, (args.ft_steps or 0) // 10)
     seed = args.seed if seed is None else seed
-    return CTCConfig(targets="phone", lexicon=str(lexicon), encoder=enc, init_seed=init_seed,
+    return CTCConfig(targets="phone", lexicon=str(lexicon), encoder=enc, init_seed=init_seed, head_init=args.ctc_head_init,
                      loop={"lr": lr, "eval_every": every, "log_every": 25, "ckpt_every": every, "seed": seed,
                            **budget(args.ft_steps, args.ft_budget)},
                      freeze_steps=freeze_steps(args) if init else 0, max_batch_seconds=30.0)
@@ -168,7 +168,11 @@ def ctc_run_name(args, name: str, lr: float, seed: int | None = None, init_seed:
     frozen = name in PRETRAINED and args.ft_freeze is not None
     return (f"ctc_{name}" + ("" if seed is None else f"_seed{seed}") + ("" if init_seed is None else f"_init{init_seed}")
             + ("" if lr == DEFAULT_CTC_LR else f"_lr{lr:g}")
-            + (f"_freeze{args.ft_freeze:g}" if frozen else ""))
+            + (f"_freeze{args.ft_freeze:g}" if frozen else "") + head_suffix(args))
+
+
+def head_suffix(args) -> str:
+    return f"_{args.ctc_head_init}head" if args.ctc_head_init else ""
 
 
 def decode_per(run: Path, sets: dict, seed: int) -> dict:
@@ -211,7 +215,8 @@ def group_analysis(args, w: Path, adults, children, lexicon: Path) -> dict:
                                          for g in parts}, "per": {}, "ci95": {}, "ctc_steps": {}}
     for model in ("joint", "m", "f"):
         print(f"== group analysis: CTC on {model} ({name} encoder)", flush=True)
-        run = ga / (f"ctc_{name}_{model}" + (f"_freeze{args.ft_freeze:g}" if args.ft_freeze is not None else ""))
+        run = ga / (f"ctc_{name}_{model}" + (f"_freeze{args.ft_freeze:g}" if args.ft_freeze is not None else "")
+                    + head_suffix(args))
         ft = finetune_ctc(ga / f"train_{model}.jsonl", ga / f"dev_{model}.jsonl", run,
                           ctc_config(args, lexicon, {}, init), init=init)
         per = decode_per(run, sets, args.seed)
@@ -244,6 +249,8 @@ def main() -> None:
                     help="extra CTC fine-tunes with loop seed SEED (batch order, masks) and weight-init seed "
                          "INIT: e.g. 1:0 and 0:1 tell whether a seed's outcome follows the data order or the "
                          "initial weights")
+    ap.add_argument("--ctc-head-init", choices=["zero"], default=None,
+                    help="CTC output layer initialisation (default: PyTorch's random one)")
     ap.add_argument("--ft-freeze", type=float, default=None, metavar="F",
                     help="keep a pretrained encoder frozen for the first F of --ft-steps CTC updates "
                          "(wav2vec 2.0's 10-minute recipe: 0.77; default: 100 updates)")

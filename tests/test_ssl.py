@@ -273,7 +273,7 @@ def test_ctc_finetune_phones_and_bad_input(tmp_path):
 def test_ctc_init_seed_separates_the_initial_weights_from_the_loop_seed(tmp_path):
     from safetensors.torch import load_file
 
-    from selfspeech.train.ctc import CTCConfig, finetune_ctc
+    from selfspeech.train.ctc import CTCConfig, CTCModel, finetune_ctc
 
     torch.set_num_threads(1)
     lex = tmp_path / "lex.txt"
@@ -290,6 +290,9 @@ def test_ctc_init_seed_separates_the_initial_weights_from_the_loop_seed(tmp_path
     assert not torch.equal(default0, default1)
     assert torch.equal(head("c", 1, 0), default0)     # order/masks of seed 1, weights of seed 0
     assert torch.equal(head("d", 0, 1), default1)
+    with pytest.raises(ValueError, match="head_init"):
+        CTCModel(TINY, 5, head_init="xavier")
+    assert not CTCModel(TINY, 5, head_init="zero").head.weight.any()
 
 
 @pytest.mark.parametrize("objective", ["bestrq", "birq"])

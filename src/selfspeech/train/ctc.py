@@ -47,16 +47,26 @@ class CTCConfig:
     # loop's seed, which also draws batch order and masks; set it to tell apart which of them a
     # run-to-run difference (e.g. a run stuck on CTC's blank plateau) comes from.
     init_seed: int | None = None
+    # Output layer init. None: PyTorch's default (uniform +-1/sqrt(d_model)); "zero": every token
+    # starts with the same logit. benchmarks/ssl_pretraining.py --ctc-seed-split found that which
+    # fine-tunes of a pretrained encoder stay on CTC's blank plateau is decided by the random output
+    # layer alone (RESULTS.md, "Which seed causes the blank plateau").
+    head_init: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 class CTCModel(nn.Module):
-    def __init__(self, enc: EncoderConfig, vocab_size: int):
+    def __init__(self, enc: EncoderConfig, vocab_size: int, head_init: str | None = None):
         super().__init__()
         self.encoder = SpeechEncoder(enc)
         self.head = nn.Linear(enc.d_model, vocab_size)
+        if head_init == "zero":
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        elif head_init is not None:
+            raise ValueError(f"head_init {head_init!r}: use None (PyTorch's default) or 'zero'")
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, time_mask=None, channel_mask=None):
         """(B, T[, F]) -> log-probs (B, T', V) and lengths T'."""
@@ -165,7 +175,7 @@ def _model_and_vocab(cfg: CTCConfig, init: str | Path | None) -> tuple[CTCModel,
         kw = dict(cfg.encoder)
         preset = kw.pop("preset", None)
         enc = EncoderConfig.preset(preset, **kw) if preset else EncoderConfig(**kw)
-    model = CTCModel(enc, vocab.size)
+    model = CTCModel(enc, vocab.size, cfg.head_init)
     if init is not None:
         model.encoder.load_state_dict(load_state(init))
     return model, enc, vocab, lexicon
