@@ -48,9 +48,10 @@ class CTCConfig:
     # run-to-run difference (e.g. a run stuck on CTC's blank plateau) comes from.
     init_seed: int | None = None
     # Output layer init. None: PyTorch's default (uniform +-1/sqrt(d_model)); "zero": every token
-    # starts with the same logit. benchmarks/ssl_pretraining.py --ctc-seed-split found that which
-    # fine-tunes of a pretrained encoder stay on CTC's blank plateau is decided by the random output
-    # layer alone (RESULTS.md, "Which seed causes the blank plateau").
+    # starts with the same logit. Which fine-tunes of a pretrained encoder stay on CTC's blank
+    # plateau is decided by the random output layer alone (benchmarks/ssl_pretraining.py
+    # --ctc-seed-split); a zero layer did not avoid it, it stayed there too (RESULTS.md, "Which
+    # seed causes the blank plateau"), so the default stays random.
     head_init: str | None = None
 
     def to_dict(self) -> dict:
