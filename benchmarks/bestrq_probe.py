@@ -37,8 +37,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from selfspeech.data.audio_dataset import AudioDataset, collate_arrays  # noqa: E402
 from selfspeech.data.manifest import read_manifest  # noqa: E402
-from selfspeech.models.ssl import EncoderConfig, load_state, normalise_input, read_config  # noqa: E402
-from selfspeech.objectives.tasks import build_task, stack_frames  # noqa: E402
+from selfspeech.models.ssl import EncoderConfig, load_state, read_config  # noqa: E402
+from selfspeech.objectives.tasks import build_task  # noqa: E402
 
 BATCH = 10
 
@@ -59,10 +59,9 @@ def batches(ds: AudioDataset):
 @torch.no_grad()
 def prior_counts(ds: AudioDataset, task) -> torch.Tensor:
     """(books, codes) anchor-label counts over every frame of ``ds``."""
-    k, counts = task.enc_cfg.stride, torch.zeros(task.cfg.books, task.cfg.codes)
+    counts = torch.zeros(task.cfg.books, task.cfg.codes)
     for b in batches(ds):
-        flen = task.enc_cfg.out_lengths(b["lengths"])
-        labels = task.rpq(stack_frames(normalise_input(b["x"], b["lengths"]), k))
+        labels, _, flen = task.anchor_labels(b["x"], b["lengths"])
         valid = torch.arange(labels.shape[1])[None] < flen[:, None]
         for j in range(task.cfg.books):
             counts[j] += torch.bincount(labels[..., j][valid], minlength=task.cfg.codes).float()

@@ -313,7 +313,8 @@ def main() -> None:
         lr = min(fts, key=lambda k: (fts[k][1]["best_dev_error_rate"], k))
         run, ft = fts[lr]
         curves[name] = {"seed 0": run}
-        per = decode_per(run, {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}, args.seed)
+        sets = {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}   # what each CTC run is decoded on
+        per = decode_per(run, sets, args.seed)
         per["ctc_lr"] = {"chosen": lr, "dev_per": {f"{k:g}": v[1]["best_dev_error_rate"] for k, v in fts.items()}}
         for seed in args.ctc_seeds:  # the same encoder fine-tuned again: CTC's run-to-run spread
             print(f"== CTC fine-tune {name}, seed {seed}", flush=True)
@@ -321,14 +322,14 @@ def main() -> None:
             curves[name][f"seed {seed}"] = run
             finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
                          ctc_config(args, lexicon, enc, init, seed, lr=lr), init=init)
-            extra = decode_per(run, {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}, args.seed)
+            extra = decode_per(run, sets, args.seed)
             per.setdefault("ctc_seeds", {})[str(seed)] = {g: extra[g]["per"] for g in refs}
         for seed, init_seed in args.ctc_seed_split:  # which seeded part decides a run's fate (see --help)
             print(f"== CTC fine-tune {name}, loop seed {seed}, init seed {init_seed}", flush=True)
             run = w / ctc_run_name(args, name, lr, seed, init_seed)
             sp = finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
                               ctc_config(args, lexicon, enc, init, seed, lr=lr, init_seed=init_seed), init=init)
-            extra = decode_per(run, {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}, args.seed)
+            extra = decode_per(run, sets, args.seed)
             per.setdefault("ctc_seed_split", {})[f"{seed}:{init_seed}"] = {
                 **{g: extra[g]["per"] for g in refs}, "best_dev_error_rate": sp["best_dev_error_rate"],
                 "best_step": sp["best_step"]}

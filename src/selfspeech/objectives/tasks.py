@@ -140,14 +140,18 @@ class BestRQTask(nn.Module):
         self.head = nn.Linear(enc.d_model, cfg.books * cfg.codes)
         self.weights = {"anchor": 1.0}
 
+    def anchor_labels(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple:
+        """(B, T, n_mels) -> anchor labels (B, T', books), normalised input x_norm, valid lengths T'."""
+        xn = normalise_input(x, lengths)  # labels from the normalised log-mel (BEST-RQ sec. 2.2)
+        flen = self.enc_cfg.out_lengths(lengths)
+        labels = self.rpq(stack_frames(xn, self.enc_cfg.stride))[:, : int(flen.max())]
+        return labels, xn, flen.clamp(max=labels.shape[1])
+
     def masked_pass(self, x: torch.Tensor, lengths: torch.Tensor, generator) -> tuple:
         """Normalise, label, mask the input with noise, encode. Returns (states, mask, anchor labels, x_norm, flen)."""
         c, k = self.cfg, self.enc_cfg.stride
-        xn = normalise_input(x, lengths)  # labels from the normalised log-mel (BEST-RQ sec. 2.2)
-        flen = self.enc_cfg.out_lengths(lengths)
-        Tp = int(flen.max())
-        labels = self.rpq(stack_frames(xn, k))[:, :Tp]                            # (B, T', books)
-        flen = flen.clamp(max=labels.shape[1])
+        labels, xn, flen = self.anchor_labels(x, lengths)
+        Tp = labels.shape[1]                                                        # T' frames
         mask = span_mask(flen, Tp, c.mask_prob, c.mask_span, generator=generator)
         up = upsample_mask(mask, k, xn.shape[1])
         noise = draw_rows(torch.randn, xn.shape, generator) * c.noise_std

@@ -128,8 +128,6 @@ def check_resume(out: Path, saved: dict, run_config: dict) -> str | None:
     before ``resolved`` was recorded resumes when the rest matches; the returned warning
     says its defaults could not be checked.
     """
-    if saved == run_config:
-        return None
     legacy = "resolved" not in saved and "resolved" in run_config
     rest = {k: v for k, v in run_config.items() if k != "resolved"} if legacy else run_config
     diff = config_diff(saved, rest)
