@@ -53,8 +53,8 @@ SYSTEMS = {
     "simclr_ssps_k200": ("simclr", {"k": 200, "m": 0}),
     "simclr_ssps_k100_m1": ("simclr", {"k": 100, "m": 1}),
     # closer to the paper's protocol, where SSPS is the last phase on a trained model (sslsv:
-    # start_epoch 100 = the baseline's length) and the positive queue holds ~5% of an epoch
-    # (50k of ~1M utterances): start at 3/4 of the budget, queue of ~half an epoch
+    # start_epoch 100 = the baseline's length) and the positive queue holds a few % of an epoch
+    # (sslsv's best configs: 25k of ~1M utterances): start at 3/4 of the budget, queue of ~half an epoch
     "simclr_ssps_late": ("simclr", {"k": 100, "m": 0, "start": 0.75, "queue": 1024}),
 }
 KEYS = ("simclr", "simclr_ssps", "dino", "dino_ssps")

@@ -15,6 +15,11 @@ for a long time. This benchmark does that with one base run:
   switched on two epochs after the fork so the queues fill first;
 - ``--part ssps --k K --m M``: the same fork with another SSPS setting (the
   paper's K/M table under this protocol), run folder ``sv_simclr_ssps_kK_mM``;
+- ``--method dino``: the same protocol for DINO (run folders ``sv_dino*``,
+  result ``speaker_ssl_branch_dino.json``; no K/M sweep by default);
+- ``--no-projector``: SimCLR's NT-Xent on the embedding itself, as every SSPS
+  config of sslsv sets (``enable_projector: false``); run folders
+  ``sv_simclr_noproj*``, result ``speaker_ssl_branch_simclr_noproj.json``;
 - ``--part report``: evaluates the base at the fork, the SimCLR run at the end,
   its SSPS branch and the ``--sweep`` branches (default 50:0 200:0 100:1) on the protocol of speaker_ssl.py (disjoint speakers,
   clean and cross-condition trials, cosine and AS-norm) ->
@@ -45,32 +50,34 @@ from selfspeech.eval.sv import make_trials  # noqa: E402
 
 def configs(args, n_train: int, k: int, m: int):
     """(base config keeping the fork step, SSPS config) from the recipes; only ssps/keep_every differ."""
+    from selfspeech.train.speaker import SpeakerSSLConfig
+
     a = argparse.Namespace(channels=args.channels, batch_size=args.batch_size, max_steps=args.steps,
                            seed=args.seed, budget=None)
-    base = system_config("simclr", None, a)
+    extra = {"projector": None} if args.no_projector else {}
+    base = {**system_config(args.method, None, a).to_dict(), **extra}
+    base["loop"] = {**base["loop"], "keep_every": args.fork_at}
     per_epoch = n_train // args.batch_size
     start = round((args.fork_at + 2 * per_epoch) / args.steps, 4)  # queues fill for two epochs first
-    d = base.to_dict()
-    d["loop"] = {**d["loop"], "keep_every": args.fork_at}
-    ssps = system_config("simclr", {"k": k, "m": m, "start": start}, a).to_dict()
-    return type(base).from_dict(d), type(base).from_dict(ssps)
+    ssps = {**system_config(args.method, {"k": k, "m": m, "start": start}, a).to_dict(), **extra}
+    return SpeakerSSLConfig.from_dict(base), SpeakerSSLConfig.from_dict(ssps)
 
 
 def encoder_at(run: Path, step: int, cfg):
-    """The speaker encoder of a kept checkpoint (the task's ``encoder.*`` weights)."""
+    """The speaker encoder of a kept checkpoint, as the task exports it (DINO: the EMA teacher)."""
     from safetensors.torch import load_file
 
-    from selfspeech.models.ecapa import ECAPATDNN, SpeakerEncoder
+    from selfspeech.models.ecapa import SpeakerEncoder
+    from selfspeech.train.speaker import SpeakerSSLTask
 
-    sd = load_file(str(run / "keep" / f"step-{step}" / "model.safetensors"))
-    enc = ECAPATDNN(cfg.ecapa_config())
-    enc.load_state_dict({k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")})
-    return SpeakerEncoder(enc)
+    task = SpeakerSSLTask(cfg, n_items=1)  # the base run has no SSPS queues, so no per-item state
+    task.load_state_dict(load_file(str(run / "keep" / f"step-{step}" / "model.safetensors")))
+    return SpeakerEncoder(task.export_encoder())
 
 
-def branch_name(k: int, m: int) -> str:
+def branch_name(tag: str, k: int, m: int) -> str:
     """Run folder of an SSPS branch: the recipe's setting keeps the original name."""
-    return "sv_simclr_ssps" if (k, m) == (SSPS_MAIN["k"], SSPS_MAIN["m"]) else f"sv_simclr_ssps_k{k}_m{m}"
+    return f"sv_{tag}_ssps" if (k, m) == (SSPS_MAIN["k"], SSPS_MAIN["m"]) else f"sv_{tag}_ssps_k{k}_m{m}"
 
 
 def parse_km(text: str) -> tuple[int, int]:
@@ -114,6 +121,9 @@ def jackknife_eer_difference(a: np.ndarray, b: np.ndarray, labels: np.ndarray, t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=("base", "ssps", "report"), required=True)
+    ap.add_argument("--method", choices=("simclr", "dino"), default="simclr", help="the base run's objective")
+    ap.add_argument("--no-projector", action="store_true",
+                    help="SimCLR without its MLP head (sslsv's SSPS configs: enable_projector false)")
     ap.add_argument("--steps", type=int, default=1800, help="updates of each finished run")
     ap.add_argument("--fork-at", type=int, default=1200, help="update at which the SSPS branch leaves the base")
     ap.add_argument("--channels", type=int, default=128)
@@ -122,10 +132,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--k", type=int, default=SSPS_MAIN["k"], help="SSPS clusters of this --part ssps branch")
     ap.add_argument("--m", type=int, default=SSPS_MAIN["m"], help="SSPS neighbour clusters of this branch")
-    ap.add_argument("--sweep", type=parse_km, nargs="*", default=[(50, 0), (200, 0), (100, 1)], metavar="K:M",
-                    help="SSPS branches --part report evaluates beside the K=100, M=0 one")
+    ap.add_argument("--sweep", type=parse_km, nargs="*", default=None, metavar="K:M",
+                    help="SSPS branches --part report evaluates beside the K=100, M=0 one"
+                         " (default for simclr 50:0 200:0 100:1, for dino none)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "speaker_ssl_branch")
     args = ap.parse_args()
+    if args.no_projector and args.method != "simclr":
+        sys.exit("--no-projector applies to --method simclr")
+    M = args.method + ("_noproj" if args.no_projector else "")  # run folders and result keys
+    if args.sweep is None:
+        args.sweep = [(50, 0), (200, 0), (100, 1)] if M == "simclr" else []
     if not SO762.is_dir():
         sys.exit(f"{SO762} not found: this benchmark needs ../shared/data/speechocean762-train")
     if not 0 < args.fork_at < args.steps:
@@ -143,7 +159,7 @@ def main() -> None:
     write_manifest(manifest, [{k: v for k, v in i.items() if k != "text"} for i in train])
     branch = (args.k, args.m) if args.part == "ssps" else (SSPS_MAIN["k"], SSPS_MAIN["m"])  # report: the recipe's
     base_cfg, ssps_cfg = configs(args, len(train), *branch)
-    base_run, ssps_run = w / "sv_simclr", w / branch_name(*branch)
+    base_run, ssps_run = w / f"sv_{M}", w / branch_name(M, *branch)
     kept = base_run / "keep" / f"step-{args.fork_at}"
     if args.part == "base":
         train_speaker(manifest, base_run, base_cfg)
@@ -157,8 +173,8 @@ def main() -> None:
                 time.sleep(60)
         train_speaker(manifest, ssps_run, ssps_cfg, fork_from=kept)
         return
-    km = {f"simclr_ssps_k{k}_m{m}": (k, m) for k, m in args.sweep if (k, m) != (SSPS_MAIN["k"], SSPS_MAIN["m"])}
-    sweep = {name: w / branch_name(k, m) for name, (k, m) in km.items()}
+    km = {f"{M}_ssps_k{k}_m{m}": (k, m) for k, m in args.sweep if (k, m) != (SSPS_MAIN["k"], SSPS_MAIN["m"])}
+    sweep = {name: w / branch_name(M, k, m) for name, (k, m) in km.items()}
     for run in (base_run, ssps_run, *sweep.values()):
         if not (run / "summary.json").is_file():
             sys.exit(f"{run} has not finished: run --part base and --part ssps (with its --k/--m) first,"
@@ -170,34 +186,33 @@ def main() -> None:
     import random
 
     cohort = random.Random(args.seed).sample(train, 300)
-    systems = {f"simclr_at_{args.fork_at}": encoder_at(base_run, args.fork_at, base_cfg),
-               "simclr": SpeakerEncoder.load(base_run), "simclr_ssps": SpeakerEncoder.load(ssps_run),
+    systems = {f"{M}_at_{args.fork_at}": encoder_at(base_run, args.fork_at, base_cfg),
+               M: SpeakerEncoder.load(base_run), f"{M}_ssps": SpeakerEncoder.load(ssps_run),
                **{k: SpeakerEncoder.load(r) for k, r in sweep.items()}}
     res = {k: evaluate(k, e, evals, noisy, trials, labels, w, cohort) for k, e in systems.items()}
     codes = {spk: i for i, spk in enumerate(sorted(set(utt2spk.values())))}
     trial_spk = np.array([[codes[utt2spk[t.enrol]], codes[utt2spk[t.test]]] for t in trials])
-    sa = np.load(w / "scores_simclr.npy")  # rows: clean, cross
+    sa = np.load(w / f"scores_{M}.npy")  # rows: clean, cross
 
-    def vs_simclr(name: str) -> dict:
+    def vs_base(name: str) -> dict:
         sb = np.load(w / f"scores_{name}.npy")
         return {c: jackknife_eer_difference(sa[i], sb[i], labels, trial_spk) for i, c in enumerate(("clean", "cross"))}
     runs = {k: json.loads((r / "summary.json").read_text())
-            for k, r in (("simclr", base_run), ("simclr_ssps", ssps_run), *sweep.items())}
-    write_result("speaker_ssl_branch", {
+            for k, r in ((M, base_run), (f"{M}_ssps", ssps_run), *sweep.items())}
+    write_result("speaker_ssl_branch" if M == "simclr" else f"speaker_ssl_branch_{M}", {
         "eer": {k: v["clean"]["eer"] for k, v in res.items()},
         "mindcf": {k: v["clean"]["mindcf"] for k, v in res.items()},
         "conditions": res,
-        "relative_eer_reduction_ssps": {c: 1 - res["simclr_ssps"][c]["eer"] / res["simclr"][c]["eer"]
-                                        for c in res["simclr"]},
-        "eer_difference_simclr_minus_ssps": vs_simclr("simclr_ssps"),
+        "relative_eer_reduction_ssps": {c: 1 - res[f"{M}_ssps"][c]["eer"] / res[M][c]["eer"] for c in res[M]},
+        f"eer_difference_{M}_minus_ssps": vs_base(f"{M}_ssps"),
         **ssps_summary(ssps_run),
         "sweep": {k: {"k": km[k][0], "m": km[k][1],
-                      "relative_eer_reduction": {c: 1 - res[k][c]["eer"] / res["simclr"][c]["eer"]
-                                                 for c in res["simclr"]},
-                      "eer_difference_simclr_minus_branch": vs_simclr(k),
+                      "relative_eer_reduction": {c: 1 - res[k][c]["eer"] / res[M][c]["eer"] for c in res[M]},
+                      f"eer_difference_{M}_minus_branch": vs_base(k),
                       **ssps_summary(r)} for k, r in sweep.items()},
         "trials": len(trials), "target_trials": int(labels.sum()),
-        "protocol": {"steps": args.steps, "fork_at": args.fork_at, "ssps": ssps_cfg.ssps,
+        "protocol": {"method": args.method, "projector": base_cfg.projector, "steps": args.steps,
+                     "fork_at": args.fork_at, "ssps": ssps_cfg.ssps,
                      "ecapa_channels": args.channels, "batch_size": args.batch_size, "threads": args.threads,
                      "train_utterances": len(train), "eval_utterances": len(evals)},
         "runs": runs,

@@ -173,6 +173,22 @@ def test_simclr_lowers_its_loss(tmp_path):
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:4]), losses
 
 
+def test_simclr_without_projector_trains_the_embedding_itself(tmp_path):
+    """projector None (sslsv's SSPS configs): NT-Xent and the SSPS positive queue on the 32-dim embedding."""
+    from selfspeech.train.speaker import SpeakerSSLConfig, SpeakerSSLTask, train_speaker
+
+    torch.set_num_threads(1)
+    m = _speaker_corpus(tmp_path)
+    cfg = _sv_cfg("simclr", 6, projector=None)
+    assert SpeakerSSLConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    task = SpeakerSSLTask(cfg, n_items=10)
+    assert sum(p.numel() for p in task.head.parameters()) == 0 and task.ssps.pos.shape[-1] == 32
+    s = train_speaker(m, tmp_path / "out", cfg, progress=False)
+    assert s["steps"] == 6 and s["ssps_clusterings"] >= 1
+    with pytest.raises(ValueError, match="projector"):  # a projector run does not resume as a head-less one
+        train_speaker(m, tmp_path / "out", _sv_cfg("simclr", 6), progress=False)
+
+
 def test_dino_ssps_resume_equals_uninterrupted(tmp_path):
     """Teacher EMA, centre, SSPS queues and clusters are checkpointed: a killed run resumes exactly."""
     import selfspeech.train.speaker as S
@@ -286,18 +302,20 @@ def test_sv_cli_train_embed_score(tmp_path):
     assert res.exit_code == 0 and json.loads((tmp_path / "score2" / "metrics.json").read_text())["skipped_trials"] == 1
 
 
-def test_ssps_fork_continues_the_base_run_exactly_until_ssps_switches_on(tmp_path):
-    """SSPS on a trained SimCLR (the paper's protocol): the fork resumes the kept base checkpoint."""
+@pytest.mark.parametrize("method", ["simclr", "dino"])
+def test_ssps_fork_continues_the_base_run_exactly_until_ssps_switches_on(tmp_path, method):
+    """SSPS on a trained SimCLR/DINO (the paper's protocol): the fork resumes the kept base checkpoint
+    (for DINO also its EMA teacher and centre, or the loss would differ before SSPS)."""
     from selfspeech.train.speaker import train_speaker
 
     torch.set_num_threads(1)
     m = _speaker_corpus(tmp_path)
-    base_cfg = _sv_cfg("simclr", 12, ssps=False)
+    base_cfg = _sv_cfg(method, 12, ssps=False)
     base_cfg = type(base_cfg).from_dict({**base_cfg.to_dict(), "loop": {**base_cfg.loop, "keep_every": 6}})
     train_speaker(m, tmp_path / "base", base_cfg, progress=False)
     kept = tmp_path / "base" / "keep" / "step-6"
     assert sorted(p.name for p in (tmp_path / "base" / "keep").iterdir()) == ["step-12", "step-6"]  # not 3, 9
-    fork_cfg = _sv_cfg("simclr", 12, ssps=True)
+    fork_cfg = _sv_cfg(method, 12, ssps=True)
     fork_cfg = type(fork_cfg).from_dict({**fork_cfg.to_dict(), "ssps": {**fork_cfg.ssps, "start": 0.62}})
     s = train_speaker(m, tmp_path / "fork", fork_cfg, progress=False, fork_from=kept)
     assert s["steps"] == 12 and s["ssps_clusterings"] >= 1

@@ -20,10 +20,12 @@ uniformly from ``neighbours[c]``, then a queue entry of that cluster from
 another utterance. With M=0 the only neighbour is c itself; with M>=1 the M
 nearest *other* clusters (by centroid cosine) are used and c is excluded: this
 is the behaviour of the authors' code (``topk(M + 1)[1:]``), kept on purpose.
-Where sslsv draws a member of the cluster and gives up when it is not in the
-positive queue, we draw among the members that are in the queue, so coverage is
-higher for the same K; with no candidate the standard positive is kept
-(fallback) and counted in ``coverage``.
+As sslsv does at its HEAD, the draw is among the cluster's members that are in
+the positive queue (an earlier sslsv variant drew any member and gave up when it
+was not queued; that path is commented out there); with no candidate the
+standard positive is kept (fallback) and counted in ``coverage``. One difference:
+we never pick the anchor's own queue entry (sslsv does not check; its queue
+holds ~2% of VoxCeleb2, ours most of this corpus, so it matters here).
 """
 from __future__ import annotations
 

@@ -58,7 +58,9 @@ class SpeakerSSLConfig:
     n_local: int = 4                  # DINO: 2 global + 4 local crops
     batch_size: int = 64
     temperature: float = 0.03         # NT-Xent (sslsv's speaker SimCLR)
-    projector: tuple = (512, 256)     # SimCLR head: hidden, output
+    # SimCLR head (hidden, output); None: NT-Xent on the embedding itself, as sslsv's SSPS configs
+    # (``enable_projector: false``) train it, so the pseudo-positives pull on the verifier's embedding
+    projector: tuple | None = (512, 256)
     dino_out: int = 1024              # prototypes; DINO uses 65536 for ImageNet, scaled to ~100 speakers x 10
     dino_hidden: int = 512
     dino_bottleneck: int = 128
@@ -72,7 +74,8 @@ class SpeakerSSLConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r}: choose one of {METHODS}")
-        object.__setattr__(self, "projector", tuple(self.projector))
+        if self.projector is not None:
+            object.__setattr__(self, "projector", tuple(self.projector))
 
     def ecapa_config(self) -> ECAPAConfig:
         kw = dict(self.ecapa)
@@ -105,8 +108,8 @@ class SpeakerSSLTask(nn.Module):
         self.encoder = ECAPATDNN(self.ecfg)
         E = self.ecfg.embed_dim
         if cfg.method == "simclr":
-            self.head = Projector(E, *cfg.projector)
-            pos_dim, n_views = cfg.projector[1], 1
+            self.head = Projector(E, *cfg.projector) if cfg.projector else nn.Identity()
+            pos_dim, n_views = (cfg.projector[1] if cfg.projector else E), 1
         else:
             self.head = DINOHead(E, cfg.dino_hidden, cfg.dino_bottleneck, cfg.dino_out)
             self.teacher_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
