@@ -25,6 +25,9 @@ Protocol (fixed before any run; nothing tuned on evaluation speakers):
   speakers against one model per gender on its 5 speakers (dev: 2 other
   speakers per gender), PER per gender on the remaining adults and on the
   children;
+- ``--ctc-reinit-top N ...``: CTC fine-tunes of each pretrained encoder with
+  its top N Transformer layers re-initialised (Pasad et al. 2021), reported
+  as ``<system>_reinit<N>`` beside the plain one (N = 0);
 - ``--ft-lrs``: CTC peak learning rates tried for every system; each system
   keeps the one with the lowest PER on the 3 adult dev speakers (a rule any
   corpus allows; evaluation speakers never choose).
@@ -145,10 +148,11 @@ DEFAULT_CTC_LR = 2e-3
 
 
 def ctc_config(args, lexicon: Path, enc: dict, init, seed: int | None = None, lr: float = DEFAULT_CTC_LR,
-               init_seed: int | None = None) -> CTCConfig:
+               init_seed: int | None = None, reinit: int = 0) -> CTCConfig:
     every = max(100, (args.ft_steps or 0) // 10)
     seed = args.seed if seed is None else seed
     return CTCConfig(targets="phone", lexicon=str(lexicon), encoder=enc, init_seed=init_seed, head_init=args.ctc_head_init,
+                     reinit_top=reinit or None,
                      loop={"lr": lr, "eval_every": every, "log_every": 25, "ckpt_every": every, "seed": seed,
                            **budget(args.ft_steps, args.ft_budget)},
                      freeze_steps=freeze_steps(args) if init else 0, max_batch_seconds=30.0)
@@ -163,10 +167,12 @@ def freeze_steps(args) -> int:
     return 100 if args.ft_freeze is None else round(args.ft_freeze * args.ft_steps)
 
 
-def ctc_run_name(args, name: str, lr: float, seed: int | None = None, init_seed: int | None = None) -> str:
+def ctc_run_name(args, name: str, lr: float, seed: int | None = None, init_seed: int | None = None,
+                 reinit: int = 0) -> str:
     """Run folder: the default settings keep the historical names, so cached runs are reused."""
     frozen = name in PRETRAINED and args.ft_freeze is not None
-    return (f"ctc_{name}" + ("" if seed is None else f"_seed{seed}") + ("" if init_seed is None else f"_init{init_seed}")
+    return (f"ctc_{name}" + (f"_reinit{reinit}" if reinit else "") + ("" if seed is None else f"_seed{seed}")
+            + ("" if init_seed is None else f"_init{init_seed}")
             + ("" if lr == DEFAULT_CTC_LR else f"_lr{lr:g}")
             + (f"_freeze{args.ft_freeze:g}" if frozen else "") + head_suffix(args))
 
@@ -254,6 +260,9 @@ def main() -> None:
     ap.add_argument("--ft-freeze", type=float, default=None, metavar="F",
                     help="keep a pretrained encoder frozen for the first F of --ft-steps CTC updates "
                          "(wav2vec 2.0's 10-minute recipe: 0.77; default: 100 updates)")
+    ap.add_argument("--ctc-reinit-top", type=int, nargs="+", default=[0], metavar="N",
+                    help="CTC fine-tunes of each pretrained encoder with its top N Transformer layers drawn "
+                         "afresh, one per N (0: all pretrained layers kept); reported as SYSTEM_reinitN")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "ssl_bench")
     ap.add_argument("--result-name", default="ssl_pretraining")
@@ -303,41 +312,44 @@ def main() -> None:
             pt, init, enc = None, None, encoder_for(SCRATCH[name])
         else:
             sys.exit(f"unknown system {name!r}; choose from {[*SCRATCH, *PRETRAINED]}")
-        # CTC learning rate chosen per system on the adult dev speakers (ft_dev), never on evaluation speakers
-        fts = {}
-        for lr in args.ft_lrs:
-            run = w / ctc_run_name(args, name, lr)
-            print(f"== CTC fine-tune {name}, lr {lr:g} ({budget_text(args.ft_steps, args.ft_budget)})", flush=True)
-            fts[lr] = (run, finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
-                                         ctc_config(args, lexicon, enc, init, lr=lr), init=init))
-        lr = min(fts, key=lambda k: (fts[k][1]["best_dev_error_rate"], k))
-        run, ft = fts[lr]
-        curves[name] = {"seed 0": run}
-        sets = {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}   # what each CTC run is decoded on
-        per = decode_per(run, sets, args.seed)
-        per["ctc_lr"] = {"chosen": lr, "dev_per": {f"{k:g}": v[1]["best_dev_error_rate"] for k, v in fts.items()}}
-        for seed in args.ctc_seeds:  # the same encoder fine-tuned again: CTC's run-to-run spread
-            print(f"== CTC fine-tune {name}, seed {seed}", flush=True)
-            run = w / ctc_run_name(args, name, lr, seed)
-            curves[name][f"seed {seed}"] = run
-            finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
-                         ctc_config(args, lexicon, enc, init, seed, lr=lr), init=init)
-            extra = decode_per(run, sets, args.seed)
-            per.setdefault("ctc_seeds", {})[str(seed)] = {g: extra[g]["per"] for g in refs}
-        for seed, init_seed in args.ctc_seed_split:  # which seeded part decides a run's fate (see --help)
-            print(f"== CTC fine-tune {name}, loop seed {seed}, init seed {init_seed}", flush=True)
-            run = w / ctc_run_name(args, name, lr, seed, init_seed)
-            sp = finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
-                              ctc_config(args, lexicon, enc, init, seed, lr=lr, init_seed=init_seed), init=init)
-            extra = decode_per(run, sets, args.seed)
-            per.setdefault("ctc_seed_split", {})[f"{seed}:{init_seed}"] = {
-                **{g: extra[g]["per"] for g in refs}, "best_dev_error_rate": sp["best_dev_error_rate"],
-                "best_step": sp["best_step"]}
-        results[name] = per
-        runs[name] = {"pretrain": {k: pt[k] for k in ("steps", "train_seconds", "n_train", "params")} | {
-            "skipped": len(pt["skipped"]), "groups": pt["groups"]} if pt else None,
-            "ctc": {k: ft[k] for k in ("steps", "train_seconds", "best_step", "best_dev_error_rate", "n_train", "n_dev")}}
-        print(f"   {name}: PER adult {per['eval_adult']['per']:.3f} child {per['eval_child']['per']:.3f}", flush=True)
+        for reinit in (args.ctc_reinit_top if name in PRETRAINED else [0]):
+            label = name + (f"_reinit{reinit}" if reinit else "")
+            # CTC learning rate chosen per system on the adult dev speakers (ft_dev), never on evaluation speakers
+            fts = {}
+            for lr in args.ft_lrs:
+                run = w / ctc_run_name(args, name, lr, reinit=reinit)
+                print(f"== CTC fine-tune {label}, lr {lr:g} ({budget_text(args.ft_steps, args.ft_budget)})", flush=True)
+                fts[lr] = (run, finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
+                                             ctc_config(args, lexicon, enc, init, lr=lr, reinit=reinit), init=init))
+            lr = min(fts, key=lambda k: (fts[k][1]["best_dev_error_rate"], k))
+            run, ft = fts[lr]
+            curves[label] = {"seed 0": run}
+            sets = {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}   # what each CTC run is decoded on
+            per = decode_per(run, sets, args.seed)
+            per["ctc_lr"] = {"chosen": lr, "dev_per": {f"{k:g}": v[1]["best_dev_error_rate"] for k, v in fts.items()}}
+            for seed in args.ctc_seeds:  # the same encoder fine-tuned again: CTC's run-to-run spread
+                print(f"== CTC fine-tune {label}, seed {seed}", flush=True)
+                run = w / ctc_run_name(args, name, lr, seed, reinit=reinit)
+                curves[label][f"seed {seed}"] = run
+                finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
+                             ctc_config(args, lexicon, enc, init, seed, lr=lr, reinit=reinit), init=init)
+                extra = decode_per(run, sets, args.seed)
+                per.setdefault("ctc_seeds", {})[str(seed)] = {g: extra[g]["per"] for g in refs}
+            for seed, init_seed in args.ctc_seed_split:  # which seeded part decides a run's fate (see --help)
+                print(f"== CTC fine-tune {label}, loop seed {seed}, init seed {init_seed}", flush=True)
+                run = w / ctc_run_name(args, name, lr, seed, init_seed, reinit)
+                sp = finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
+                                  ctc_config(args, lexicon, enc, init, seed, lr=lr, init_seed=init_seed,
+                                             reinit=reinit), init=init)
+                extra = decode_per(run, sets, args.seed)
+                per.setdefault("ctc_seed_split", {})[f"{seed}:{init_seed}"] = {
+                    **{g: extra[g]["per"] for g in refs}, "best_dev_error_rate": sp["best_dev_error_rate"],
+                    "best_step": sp["best_step"]}
+            results[label] = per
+            runs[label] = {"pretrain": {k: pt[k] for k in ("steps", "train_seconds", "n_train", "params")} | {
+                "skipped": len(pt["skipped"]), "groups": pt["groups"]} if pt else None,
+                "ctc": {k: ft[k] for k in ("steps", "train_seconds", "best_step", "best_dev_error_rate", "n_train", "n_dev")}}
+            print(f"   {label}: PER adult {per['eval_adult']['per']:.3f} child {per['eval_child']['per']:.3f}", flush=True)
 
     groups = group_analysis(args, w, adults, children, lexicon) if args.group_analysis else None
     figure = plot_ctc_curves(curves, RESULTS / args.result_name / "ctc_curves.png") if curves else None

@@ -295,6 +295,43 @@ def test_ctc_init_seed_separates_the_initial_weights_from_the_loop_seed(tmp_path
     assert not CTCModel(TINY, 5, head_init="zero").head.weight.any()
 
 
+def test_ctc_reinit_top_keeps_lower_layers_and_draws_the_top_as_scratch_does(tmp_path):
+    from safetensors.torch import load_file
+
+    from selfspeech.models.ssl import load_state
+    from selfspeech.train.ctc import CTCConfig, finetune_ctc
+    from selfspeech.train.pretrain import pretrain
+
+    torch.set_num_threads(1)
+    lex = tmp_path / "lex.txt"
+    lex.write_text("A\tAH0\nBAD\tB AE1 D\nCAT\tK AE1 T\nDOG\tD AO1 G\n")
+    m = _corpus(tmp_path, text=True)
+    pretrain(m, tmp_path / "pt", _cfg("bestrq", 3), progress=False)
+    init = tmp_path / "pt" / "encoder"
+    pre = load_state(init)
+    n_layers = 1 + max(int(k.split(".")[1]) for k in pre if k.startswith("layers."))
+
+    def initial(name, reinit, with_init=True):   # lr 0: the saved model is the initial one
+        cfg = CTCConfig(lexicon=str(lex), encoder={} if with_init else dict(pre_encoder), reinit_top=reinit,
+                        mask_time_prob=0.0, loop={"max_steps": 1, "lr": 0.0, "eval_every": 1}, max_batch_seconds=20)
+        finetune_ctc(m, m, tmp_path / name, cfg, init=init if with_init else None, progress=False)
+        return {k.removeprefix("encoder."): v for k, v in
+                load_file(str(tmp_path / name / "best" / "model.safetensors")).items() if k.startswith("encoder.")}
+
+    pre_encoder = json.loads((init / "config.json").read_text())["config"]
+    kept, re1, scratch = initial("r0", None), initial("r1", 1), initial("s", None, with_init=False)
+    top = (f"layers.{n_layers - 1}.", "out_norm.")
+    for k, v in re1.items():
+        assert torch.equal(v, kept[k]) == (not k.startswith(top)), k   # only the top layer and norm change
+        if k.startswith(top):
+            assert torch.equal(v, scratch[k]), k                       # ... to a scratch model's weights
+    assert all(torch.equal(kept[k], pre[k]) for k in pre)
+    with pytest.raises(ValueError, match=f"use 0..{n_layers}"):
+        initial("bad", n_layers + 1)
+    with pytest.raises(ValueError, match="give `init`"):
+        initial("scratch_reinit", 1, with_init=False)
+
+
 @pytest.mark.parametrize("objective", ["bestrq", "birq"])
 def test_masked_only_head_gives_the_all_frames_loss(objective):
     # the heads run on the masked frames only (speed); the loss must be the textbook one: head on

@@ -53,6 +53,12 @@ class CTCConfig:
     # --ctc-seed-split); a zero layer did not avoid it, it stayed there too (RESULTS.md, "Which
     # seed causes the blank plateau"), so the default stays random.
     head_init: str | None = None
+    # Top Transformer layers of a pretrained encoder drawn afresh (with its final layer norm) before
+    # fine-tuning: their weights are the ones a scratch model of the same init seed starts from.
+    # Pasad et al. 2021 (arXiv 2107.04734) find wav2vec 2.0's last layers drift from phonetic
+    # content back towards the pretext target, and that re-initialising them helps low-resource
+    # fine-tuning. None / 0: keep every pretrained layer.
+    reinit_top: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -178,8 +184,23 @@ def _model_and_vocab(cfg: CTCConfig, init: str | Path | None) -> tuple[CTCModel,
         enc = EncoderConfig.preset(preset, **kw) if preset else EncoderConfig(**kw)
     model = CTCModel(enc, vocab.size, cfg.head_init)
     if init is not None:
+        fresh = top_layer_state(model.encoder, cfg.reinit_top or 0)
         model.encoder.load_state_dict(load_state(init))
+        model.encoder.load_state_dict(fresh, strict=False)
+    elif cfg.reinit_top:
+        raise ValueError("reinit_top re-initialises layers of a pretrained encoder: give `init`, or set it to 0")
     return model, enc, vocab, lexicon
+
+
+def top_layer_state(encoder: nn.Module, n: int) -> dict[str, torch.Tensor]:
+    """Copies of the weights of the top ``n`` Transformer layers and the output layer norm (empty for 0)."""
+    layers = len(encoder.layers)
+    if not 0 <= n <= layers:
+        raise ValueError(f"reinit_top {n}: the encoder has {layers} Transformer layers; use 0..{layers}")
+    if n == 0:
+        return {}
+    keep = tuple(f"layers.{i}." for i in range(layers - n, layers)) + ("out_norm.",)
+    return {k: v.clone() for k, v in encoder.state_dict().items() if k.startswith(keep)}
 
 
 def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: str | Path | None = None,
