@@ -16,11 +16,12 @@ for a long time. This benchmark does that with one base run:
 - ``--part ssps --k K --m M``: the same fork with another SSPS setting (the
   paper's K/M table under this protocol), run folder ``sv_simclr_ssps_kK_mM``;
 - ``--method dino``: the same protocol for DINO (run folders ``sv_dino*``,
-  result ``speaker_ssl_branch_dino.json``; no K/M sweep by default);
+  result ``speaker_ssl_branch_dino.json``; no K/M sweep by default); the report
+  scores the students beside the EMA teachers DINO verifies with;
 - ``--no-projector``: SimCLR's NT-Xent on the embedding itself, as every SSPS
   config of sslsv sets (``enable_projector: false``); run folders
   ``sv_simclr_noproj*``, result ``speaker_ssl_branch_simclr_noproj.json``;
-- ``--part report``: evaluates the base at the fork, the SimCLR run at the end,
+- ``--part report``: evaluates the base at the fork, the base run at the end,
   its SSPS branch and the ``--sweep`` branches (default 50:0 200:0 100:1) on the protocol of speaker_ssl.py (disjoint speakers,
   clean and cross-condition trials, cosine and AS-norm) ->
   ``benchmarks/results/speaker_ssl_branch.json``.
@@ -73,6 +74,23 @@ def encoder_at(run: Path, step: int, cfg):
     task = SpeakerSSLTask(cfg, n_items=1)  # the base run has no SSPS queues, so no per-item state
     task.load_state_dict(load_file(str(run / "keep" / f"step-{step}" / "model.safetensors")))
     return SpeakerEncoder(task.export_encoder())
+
+
+def student_encoder(ckpt: Path, cfg):
+    """DINO's student (the task's ``encoder.*`` weights) from a task checkpoint directory.
+
+    DINO verifies with the EMA teacher (``export_encoder``); the student is what the loss,
+    and so SSPS, changes directly. Comparing both tells whether an SSPS effect reached the
+    teacher through its averaging window."""
+    from safetensors.torch import load_file
+
+    from selfspeech.models.ecapa import ECAPATDNN, SpeakerEncoder
+
+    state = {k.removeprefix("encoder."): v for k, v in load_file(str(ckpt / "model.safetensors")).items()
+             if k.startswith("encoder.")}
+    model = ECAPATDNN(cfg.ecapa_config())
+    model.load_state_dict(state)
+    return SpeakerEncoder(model)
 
 
 def branch_name(tag: str, k: int, m: int) -> str:
@@ -189,14 +207,22 @@ def main() -> None:
     systems = {f"{M}_at_{args.fork_at}": encoder_at(base_run, args.fork_at, base_cfg),
                M: SpeakerEncoder.load(base_run), f"{M}_ssps": SpeakerEncoder.load(ssps_run),
                **{k: SpeakerEncoder.load(r) for k, r in sweep.items()}}
+    if args.method == "dino":  # the students too (see student_encoder)
+        systems |= {f"{M}_student_at_{args.fork_at}": student_encoder(kept, base_cfg),
+                    f"{M}_student": student_encoder(base_run / "best", base_cfg),
+                    f"{M}_ssps_student": student_encoder(ssps_run / "best", ssps_cfg)}
     res = {k: evaluate(k, e, evals, noisy, trials, labels, w, cohort) for k, e in systems.items()}
     codes = {spk: i for i, spk in enumerate(sorted(set(utt2spk.values())))}
     trial_spk = np.array([[codes[utt2spk[t.enrol]], codes[utt2spk[t.test]]] for t in trials])
     sa = np.load(w / f"scores_{M}.npy")  # rows: clean, cross
 
-    def vs_base(name: str) -> dict:
-        sb = np.load(w / f"scores_{name}.npy")
-        return {c: jackknife_eer_difference(sa[i], sb[i], labels, trial_spk) for i, c in enumerate(("clean", "cross"))}
+    def vs_base(name: str, base: str = M) -> dict:
+        s0, sb = (sa if base == M else np.load(w / f"scores_{base}.npy")), np.load(w / f"scores_{name}.npy")
+        return {c: jackknife_eer_difference(s0[i], sb[i], labels, trial_spk) for i, c in enumerate(("clean", "cross"))}
+    student = {} if args.method != "dino" else {"student": {
+        "relative_eer_reduction_ssps": {c: 1 - res[f"{M}_ssps_student"][c]["eer"] / res[f"{M}_student"][c]["eer"]
+                                        for c in res[M]},
+        f"eer_difference_{M}_student_minus_ssps_student": vs_base(f"{M}_ssps_student", f"{M}_student")}}
     runs = {k: json.loads((r / "summary.json").read_text())
             for k, r in ((M, base_run), (f"{M}_ssps", ssps_run), *sweep.items())}
     write_result("speaker_ssl_branch" if M == "simclr" else f"speaker_ssl_branch_{M}", {
@@ -206,6 +232,7 @@ def main() -> None:
         "relative_eer_reduction_ssps": {c: 1 - res[f"{M}_ssps"][c]["eer"] / res[M][c]["eer"] for c in res[M]},
         f"eer_difference_{M}_minus_ssps": vs_base(f"{M}_ssps"),
         **ssps_summary(ssps_run),
+        **student,
         "sweep": {k: {"k": km[k][0], "m": km[k][1],
                       "relative_eer_reduction": {c: 1 - res[k][c]["eer"] / res[M][c]["eer"] for c in res[M]},
                       f"eer_difference_{M}_minus_branch": vs_base(k),
