@@ -154,6 +154,9 @@ def main() -> None:
                     help="SSPS branches --part report evaluates beside the K=100, M=0 one"
                          " (default for simclr 50:0 200:0 100:1, for dino none)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "speaker_ssl_branch")
+    ap.add_argument("--result-name", default=None,
+                    help="result file name (default speaker_ssl_branch, or speaker_ssl_branch_<method> for "
+                         "dino / --no-projector); give one for another --steps/--fork-at protocol")
     args = ap.parse_args()
     if args.no_projector and args.method != "simclr":
         sys.exit("--no-projector applies to --method simclr")
@@ -225,7 +228,8 @@ def main() -> None:
         f"eer_difference_{M}_student_minus_ssps_student": vs_base(f"{M}_ssps_student", f"{M}_student")}}
     runs = {k: json.loads((r / "summary.json").read_text())
             for k, r in ((M, base_run), (f"{M}_ssps", ssps_run), *sweep.items())}
-    write_result("speaker_ssl_branch" if M == "simclr" else f"speaker_ssl_branch_{M}", {
+    default_name = "speaker_ssl_branch" if M == "simclr" else f"speaker_ssl_branch_{M}"
+    write_result(args.result_name or default_name, {
         "eer": {k: v["clean"]["eer"] for k, v in res.items()},
         "mindcf": {k: v["clean"]["mindcf"] for k, v in res.items()},
         "conditions": res,
