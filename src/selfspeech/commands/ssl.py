@@ -72,7 +72,7 @@ def pretrain(
 
 
 def finetune_ctc(
-    config: Path = typer.Argument(None, help="YAML/JSON with CTCConfig keys: targets (phone|char), lexicon, encoder (scratch), loop, freeze_steps, mask_*."),
+    config: Path = typer.Argument(None, help="YAML/JSON with CTCConfig keys: targets (phone|char), lexicon, encoder (scratch), loop, freeze_steps, reinit_top (pretrained: top layers drawn afresh), mask_*."),
     train: Path = typer.Option(..., help="Labelled training manifest."),
     dev: Path = typer.Option(..., help="Labelled dev manifest (early stopping on its PER/WER)."),
     out: Path = typer.Option(..., help="Output folder: best/ (the CTC model), log.jsonl, summary.json. Rerun to resume."),
