@@ -217,14 +217,14 @@ def main() -> None:
     res = {k: evaluate(k, e, evals, noisy, trials, labels, w, cohort) for k, e in systems.items()}
     codes = {spk: i for i, spk in enumerate(sorted(set(utt2spk.values())))}
     trial_spk = np.array([[codes[utt2spk[t.enrol]], codes[utt2spk[t.test]]] for t in trials])
-    sa = np.load(w / f"scores_{M}.npy")  # rows: clean, cross
-
     def vs_base(name: str, base: str = M) -> dict:
-        s0, sb = (sa if base == M else np.load(w / f"scores_{base}.npy")), np.load(w / f"scores_{name}.npy")
+        s0, sb = np.load(w / f"scores_{base}.npy"), np.load(w / f"scores_{name}.npy")  # rows: clean, cross
         return {c: jackknife_eer_difference(s0[i], sb[i], labels, trial_spk) for i, c in enumerate(("clean", "cross"))}
+
+    def reduction(name: str, base: str = M) -> dict:
+        return {c: 1 - res[name][c]["eer"] / res[base][c]["eer"] for c in res[base]}
     student = {} if args.method != "dino" else {"student": {
-        "relative_eer_reduction_ssps": {c: 1 - res[f"{M}_ssps_student"][c]["eer"] / res[f"{M}_student"][c]["eer"]
-                                        for c in res[M]},
+        "relative_eer_reduction_ssps": reduction(f"{M}_ssps_student", f"{M}_student"),
         f"eer_difference_{M}_student_minus_ssps_student": vs_base(f"{M}_ssps_student", f"{M}_student")}}
     runs = {k: json.loads((r / "summary.json").read_text())
             for k, r in ((M, base_run), (f"{M}_ssps", ssps_run), *sweep.items())}
@@ -233,12 +233,12 @@ def main() -> None:
         "eer": {k: v["clean"]["eer"] for k, v in res.items()},
         "mindcf": {k: v["clean"]["mindcf"] for k, v in res.items()},
         "conditions": res,
-        "relative_eer_reduction_ssps": {c: 1 - res[f"{M}_ssps"][c]["eer"] / res[M][c]["eer"] for c in res[M]},
+        "relative_eer_reduction_ssps": reduction(f"{M}_ssps"),
         f"eer_difference_{M}_minus_ssps": vs_base(f"{M}_ssps"),
         **ssps_summary(ssps_run),
         **student,
         "sweep": {k: {"k": km[k][0], "m": km[k][1],
-                      "relative_eer_reduction": {c: 1 - res[k][c]["eer"] / res[M][c]["eer"] for c in res[M]},
+                      "relative_eer_reduction": reduction(k),
                       f"eer_difference_{M}_minus_branch": vs_base(k),
                       **ssps_summary(r)} for k, r in sweep.items()},
         "trials": len(trials), "target_trials": int(labels.sum()),

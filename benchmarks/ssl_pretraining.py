@@ -233,6 +233,43 @@ def group_analysis(args, w: Path, adults, children, lexicon: Path) -> dict:
     return out
 
 
+def ctc_system(args, w: Path, lexicon: Path, sets: dict, name: str, label: str, enc: dict, init,
+               reinit: int) -> tuple[dict, dict, dict]:
+    """CTC fine-tunes of one encoder (learning rate chosen on dev, extra seeds): (PER, chosen run's
+    summary, {curve label: run folder}). ``sets``: what each run is decoded on."""
+    # CTC learning rate chosen per system on the adult dev speakers (ft_dev), never on evaluation speakers
+    fts = {}
+    for lr in args.ft_lrs:
+        run = w / ctc_run_name(args, name, lr, reinit=reinit)
+        print(f"== CTC fine-tune {label}, lr {lr:g} ({budget_text(args.ft_steps, args.ft_budget)})", flush=True)
+        fts[lr] = (run, finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
+                                     ctc_config(args, lexicon, enc, init, lr=lr, reinit=reinit), init=init))
+    lr = min(fts, key=lambda k: (fts[k][1]["best_dev_error_rate"], k))
+    run, ft = fts[lr]
+    curve = {"seed 0": run}
+    per = decode_per(run, sets, args.seed)
+    per["ctc_lr"] = {"chosen": lr, "dev_per": {f"{k:g}": v[1]["best_dev_error_rate"] for k, v in fts.items()}}
+    for seed in args.ctc_seeds:  # the same encoder fine-tuned again: CTC's run-to-run spread
+        print(f"== CTC fine-tune {label}, seed {seed}", flush=True)
+        run = w / ctc_run_name(args, name, lr, seed, reinit=reinit)
+        curve[f"seed {seed}"] = run
+        finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
+                     ctc_config(args, lexicon, enc, init, seed, lr=lr, reinit=reinit), init=init)
+        extra = decode_per(run, sets, args.seed)
+        per.setdefault("ctc_seeds", {})[str(seed)] = {g: extra[g]["per"] for g in sets}
+    for seed, init_seed in args.ctc_seed_split:  # which seeded part decides a run's fate (see --help)
+        print(f"== CTC fine-tune {label}, loop seed {seed}, init seed {init_seed}", flush=True)
+        run = w / ctc_run_name(args, name, lr, seed, init_seed, reinit)
+        sp = finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
+                          ctc_config(args, lexicon, enc, init, seed, lr=lr, init_seed=init_seed,
+                                     reinit=reinit), init=init)
+        extra = decode_per(run, sets, args.seed)
+        per.setdefault("ctc_seed_split", {})[f"{seed}:{init_seed}"] = {
+            **{g: extra[g]["per"] for g in sets}, "best_dev_error_rate": sp["best_dev_error_rate"],
+            "best_step": sp["best_step"]}
+    return per, ft, curve
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=float, default=360, help="pretraining seconds per method")
@@ -297,6 +334,7 @@ def main() -> None:
     if None in (pt_steps[n] for n in args.systems if n in PRETRAINED) and args.pt_steps_for:
         sys.exit("--pt-steps-for needs --pt-steps for the other systems (a step budget for every method)")
     results, runs, curves = {}, {}, {}
+    sets = {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}   # what each CTC run is decoded on
     for name in args.systems:
         if name in PRETRAINED:
             spec = PRETRAINED[name]
@@ -314,37 +352,7 @@ def main() -> None:
             sys.exit(f"unknown system {name!r}; choose from {[*SCRATCH, *PRETRAINED]}")
         for reinit in (args.ctc_reinit_top if name in PRETRAINED else [0]):
             label = name + (f"_reinit{reinit}" if reinit else "")
-            # CTC learning rate chosen per system on the adult dev speakers (ft_dev), never on evaluation speakers
-            fts = {}
-            for lr in args.ft_lrs:
-                run = w / ctc_run_name(args, name, lr, reinit=reinit)
-                print(f"== CTC fine-tune {label}, lr {lr:g} ({budget_text(args.ft_steps, args.ft_budget)})", flush=True)
-                fts[lr] = (run, finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
-                                             ctc_config(args, lexicon, enc, init, lr=lr, reinit=reinit), init=init))
-            lr = min(fts, key=lambda k: (fts[k][1]["best_dev_error_rate"], k))
-            run, ft = fts[lr]
-            curves[label] = {"seed 0": run}
-            sets = {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}   # what each CTC run is decoded on
-            per = decode_per(run, sets, args.seed)
-            per["ctc_lr"] = {"chosen": lr, "dev_per": {f"{k:g}": v[1]["best_dev_error_rate"] for k, v in fts.items()}}
-            for seed in args.ctc_seeds:  # the same encoder fine-tuned again: CTC's run-to-run spread
-                print(f"== CTC fine-tune {label}, seed {seed}", flush=True)
-                run = w / ctc_run_name(args, name, lr, seed, reinit=reinit)
-                curves[label][f"seed {seed}"] = run
-                finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
-                             ctc_config(args, lexicon, enc, init, seed, lr=lr, reinit=reinit), init=init)
-                extra = decode_per(run, sets, args.seed)
-                per.setdefault("ctc_seeds", {})[str(seed)] = {g: extra[g]["per"] for g in refs}
-            for seed, init_seed in args.ctc_seed_split:  # which seeded part decides a run's fate (see --help)
-                print(f"== CTC fine-tune {label}, loop seed {seed}, init seed {init_seed}", flush=True)
-                run = w / ctc_run_name(args, name, lr, seed, init_seed, reinit)
-                sp = finetune_ctc(w / "ft_train.jsonl", w / "ft_dev.jsonl", run,
-                                  ctc_config(args, lexicon, enc, init, seed, lr=lr, init_seed=init_seed,
-                                             reinit=reinit), init=init)
-                extra = decode_per(run, sets, args.seed)
-                per.setdefault("ctc_seed_split", {})[f"{seed}:{init_seed}"] = {
-                    **{g: extra[g]["per"] for g in refs}, "best_dev_error_rate": sp["best_dev_error_rate"],
-                    "best_step": sp["best_step"]}
+            per, ft, curves[label] = ctc_system(args, w, lexicon, sets, name, label, enc, init, reinit)
             results[label] = per
             runs[label] = {"pretrain": {k: pt[k] for k in ("steps", "train_seconds", "n_train", "params")} | {
                 "skipped": len(pt["skipped"]), "groups": pt["groups"]} if pt else None,
