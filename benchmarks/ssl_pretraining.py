@@ -75,9 +75,13 @@ def speed_figures() -> dict:
         "speed_source": f"results/ssl_speed.json ({d.get('command')}, {d.get('date')})"}
 
 
-def encoder_for(frontend: str) -> dict:
-    # one size for every method: 4 layers x 144 (about 1.5 M parameters in the Transformer)
-    return {"preset": "small", "frontend": frontend}
+ENCODER_TEXT = {"small": "small preset: 4 x 144 Transformer, 4 heads",
+                "medium": "medium preset: 6 x 256 Transformer, 4 heads, ff 1024"}
+
+
+def encoder_for(frontend: str, size: str = "small") -> dict:
+    # one size for every method of a run: small = 4 x 144 (about 1 M parameters in the Transformer)
+    return {"preset": size, "frontend": frontend}
 
 
 def seed_summary(per: dict, group: str) -> dict:
@@ -300,6 +304,8 @@ def main() -> None:
     ap.add_argument("--ctc-reinit-top", type=int, nargs="+", default=[0], metavar="N",
                     help="CTC fine-tunes of each pretrained encoder with its top N Transformer layers drawn "
                          "afresh, one per N (0: all pretrained layers kept); reported as SYSTEM_reinitN")
+    ap.add_argument("--encoder-size", choices=sorted(ENCODER_TEXT), default="small",
+                    help="encoder preset of every system (use its own --work folder: run names do not carry it)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "ssl_bench")
     ap.add_argument("--result-name", default="ssl_pretraining")
@@ -313,6 +319,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
+    size_file = w / "encoder_size"   # run folder names do not carry the size: one size per work folder
+    held = (size_file.read_text().strip() if size_file.is_file()
+            else "small" if any(w.glob("ctc_*")) or any(w.glob("pt_*")) else None)  # older folders: small
+    if held not in (None, args.encoder_size):
+        sys.exit(f"{w} holds runs of the {held!r} encoder; give --encoder-size {args.encoder_size} its own --work folder")
+    size_file.write_text(args.encoder_size + "\n")
     items = list(iter_kaldi_dir(SO762))
     adults = [i for i in items if i["age_group"] == "adult"]
     parts = split_by_speaker(adults, {"ft_train": args.labelled_speakers, "ft_dev": 3, "eval_adult": 1.0},
@@ -339,7 +351,7 @@ def main() -> None:
         if name in PRETRAINED:
             spec = PRETRAINED[name]
             frontend = "wave" if spec["objective"] == "wav2vec2" else "mel"
-            cfg = PretrainConfig(objective=spec["objective"], encoder=encoder_for(frontend),
+            cfg = PretrainConfig(objective=spec["objective"], encoder=encoder_for(frontend, args.encoder_size),
                                  loop={"lr": 5e-4, "seed": args.seed, "log_every": 25, "ckpt_every": 100,
                                        **budget(pt_steps[name], args.budget)},
                                  max_batch_seconds=60.0, crop_seconds=6.0, group_field=spec.get("group_field"))
@@ -347,7 +359,7 @@ def main() -> None:
             pt = pretrain(man[spec["data"]], w / f"pt_{name}", cfg)
             init, enc = w / f"pt_{name}" / "encoder", {}
         elif name in SCRATCH:
-            pt, init, enc = None, None, encoder_for(SCRATCH[name])
+            pt, init, enc = None, None, encoder_for(SCRATCH[name], args.encoder_size)
         else:
             sys.exit(f"unknown system {name!r}; choose from {[*SCRATCH, *PRETRAINED]}")
         for reinit in (args.ctc_reinit_top if name in PRETRAINED else [0]):
@@ -388,7 +400,7 @@ def main() -> None:
                      "steps_ctc": args.ft_steps,
                      "ctc_lrs_tried": args.ft_lrs, "ctc_frozen_steps_pretrained": freeze_steps(args), "ctc_lr_rule": "lowest PER on the 3 adult dev speakers",
                      "threads": args.threads, "labelled_speakers": args.labelled_speakers, "seed": args.seed,
-                     "encoder": "small preset: 4 x 144 Transformer, 4 heads, mel (4x conv) or wav2vec 2.0 CNN front-end",
+                     "encoder": ENCODER_TEXT[args.encoder_size] + ", mel (4x conv) or wav2vec 2.0 CNN front-end",
                      "eval_speakers": {g: len({r["speaker"] for r in refs[g]}) for g in refs},
                      "refs_skipped_missing_words": {g: len(m) for g, m in missing.items()},
                      "relative_reduction_baseline": "scratch (mel) for bestrq/birq, scratch_wave for wav2vec2/xlsr"},
