@@ -21,6 +21,8 @@ for a long time. This benchmark does that with one base run:
 - ``--no-projector``: SimCLR's NT-Xent on the embedding itself, as every SSPS
   config of sslsv sets (``enable_projector: false``); run folders
   ``sv_simclr_noproj*``, result ``speaker_ssl_branch_simclr_noproj.json``;
+- ``--train-seed S``: the same split and trials, another training seed (init, crops,
+  augmentation draws, the simulated-room pool): how far one run's figures move between seeds;
 - ``--part report``: evaluates the base at the fork, the base run at the end,
   its SSPS branch and the ``--sweep`` branches (default 50:0 200:0 100:1) on the protocol of speaker_ssl.py (disjoint speakers,
   clean and cross-condition trials, cosine and AS-norm) ->
@@ -53,9 +55,12 @@ def configs(args, n_train: int, k: int, m: int):
     """(base config keeping the fork step, SSPS config) from the recipes; only ssps/keep_every differ."""
     from selfspeech.train.speaker import SpeakerSSLConfig
 
+    seed = args.seed if args.train_seed is None else args.train_seed
     a = argparse.Namespace(channels=args.channels, batch_size=args.batch_size, max_steps=args.steps,
-                           seed=args.seed, budget=None)
+                           seed=seed, budget=None)
     extra = {"projector": None} if args.no_projector else {}
+    if args.train_seed is not None:  # the room pool is drawn from the training seed: its own file, not a rewrite
+        extra["rir_pool"] = str(ROOT / "runs" / f"rir_pool_train_seed{args.train_seed}.npz")
     base = {**system_config(args.method, None, a).to_dict(), **extra}
     base["loop"] = {**base["loop"], "keep_every": args.fork_at}
     per_epoch = n_train // args.batch_size
@@ -146,7 +151,10 @@ def main() -> None:
     ap.add_argument("--fork-at", type=int, default=1200, help="update at which the SSPS branch leaves the base")
     ap.add_argument("--channels", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="speaker split, trials and (by default) training")
+    ap.add_argument("--train-seed", type=int, default=None,
+                    help="training seed alone (init, crops, augmentation), the split kept: a run's seed spread;"
+                         " give it its own --work folder")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--k", type=int, default=SSPS_MAIN["k"], help="SSPS clusters of this --part ssps branch")
     ap.add_argument("--m", type=int, default=SSPS_MAIN["m"], help="SSPS neighbour clusters of this branch")
@@ -245,6 +253,7 @@ def main() -> None:
         "protocol": {"method": args.method, "projector": base_cfg.projector, "steps": args.steps,
                      "fork_at": args.fork_at, "ssps": ssps_cfg.ssps,
                      "ecapa_channels": args.channels, "batch_size": args.batch_size, "threads": args.threads,
+                     "seed": args.seed, "train_seed": base_cfg.loop["seed"],
                      "train_utterances": len(train), "eval_utterances": len(evals)},
         "runs": runs,
     })
