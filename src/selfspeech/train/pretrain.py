@@ -33,7 +33,7 @@ from selfspeech.train.sampler import BucketBatchSampler, GroupResampledBatchSamp
 @dataclass(frozen=True)
 class PretrainConfig:
     objective: str = "bestrq"
-    encoder: dict = field(default_factory=dict)     # EncoderConfig fields; "preset": tiny|small|base
+    encoder: dict = field(default_factory=dict)     # EncoderConfig fields; "preset": tiny|small|medium|base
     task: dict = field(default_factory=dict)        # Wav2Vec2Config / BestRQConfig overrides
     loop: dict = field(default_factory=dict)        # LoopConfig overrides
     max_batch_seconds: float = 60.0                 # dynamic batches: padded audio seconds per batch
