@@ -75,8 +75,15 @@ def speed_figures() -> dict:
         "speed_source": f"results/ssl_speed.json ({d.get('command')}, {d.get('date')})"}
 
 
-ENCODER_TEXT = {"small": "small preset: 4 x 144 Transformer, 4 heads",
-                "medium": "medium preset: 6 x 256 Transformer, 4 heads, ff 1024"}
+ENCODER_SIZES = ("small", "medium")   # EncoderConfig presets this benchmark affords on a CPU
+
+
+def encoder_text(size: str) -> str:
+    """The preset's shape for the result file, read from EncoderConfig (not a copy of its numbers)."""
+    from selfspeech.models.ssl import EncoderConfig
+
+    c = EncoderConfig.preset(size)
+    return f"{size} preset: {c.n_layers} x {c.d_model} Transformer, {c.n_heads} heads, ff {c.ff_dim}"
 
 
 def encoder_for(frontend: str, size: str = "small") -> dict:
@@ -304,7 +311,7 @@ def main() -> None:
     ap.add_argument("--ctc-reinit-top", type=int, nargs="+", default=[0], metavar="N",
                     help="CTC fine-tunes of each pretrained encoder with its top N Transformer layers drawn "
                          "afresh, one per N (0: all pretrained layers kept); reported as SYSTEM_reinitN")
-    ap.add_argument("--encoder-size", choices=sorted(ENCODER_TEXT), default="small",
+    ap.add_argument("--encoder-size", choices=ENCODER_SIZES, default="small",
                     help="encoder preset of every system (use its own --work folder: run names do not carry it)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "ssl_bench")
@@ -400,7 +407,7 @@ def main() -> None:
                      "steps_ctc": args.ft_steps,
                      "ctc_lrs_tried": args.ft_lrs, "ctc_frozen_steps_pretrained": freeze_steps(args), "ctc_lr_rule": "lowest PER on the 3 adult dev speakers",
                      "threads": args.threads, "labelled_speakers": args.labelled_speakers, "seed": args.seed,
-                     "encoder": ENCODER_TEXT[args.encoder_size] + ", mel (4x conv) or wav2vec 2.0 CNN front-end",
+                     "encoder": encoder_text(args.encoder_size) + ", mel (4x conv) or wav2vec 2.0 CNN front-end",
                      "eval_speakers": {g: len({r["speaker"] for r in refs[g]}) for g in refs},
                      "refs_skipped_missing_words": {g: len(m) for g, m in missing.items()},
                      "relative_reduction_baseline": "scratch (mel) for bestrq/birq, scratch_wave for wav2vec2/xlsr"},
