@@ -21,6 +21,10 @@ for a long time. This benchmark does that with one base run:
 - ``--no-projector``: SimCLR's NT-Xent on the embedding itself, as every SSPS
   config of sslsv sets (``enable_projector: false``); run folders
   ``sv_simclr_noproj*``, result ``speaker_ssl_branch_simclr_noproj.json``;
+- ``--part ssps --oracle`` / ``--part report --oracle``: a diagnostic branch whose
+  clusters are the true training speakers (``ssps.oracle``; not self-supervised):
+  every pseudo-positive is the anchor's speaker, so it bounds what better
+  clustering could give SSPS under this protocol; folder ``sv_<method>_ssps_oracle``;
 - ``--train-seed S``: the same split and trials, another training seed (init, crops,
   augmentation draws, the simulated-room pool): how far one run's figures move between seeds;
 - ``--part report``: evaluates the base at the fork, the base run at the end,
@@ -51,7 +55,7 @@ from selfspeech.data.manifest import write_manifest  # noqa: E402
 from selfspeech.eval.sv import make_trials  # noqa: E402
 
 
-def configs(args, n_train: int, k: int, m: int):
+def configs(args, n_train: int, k: int, m: int, oracle: bool = False):
     """(base config keeping the fork step, SSPS config) from the recipes; only ssps/keep_every differ."""
     from selfspeech.train.speaker import SpeakerSSLConfig
 
@@ -65,7 +69,7 @@ def configs(args, n_train: int, k: int, m: int):
     base["loop"] = {**base["loop"], "keep_every": args.fork_at}
     per_epoch = n_train // args.batch_size
     start = round((args.fork_at + 2 * per_epoch) / args.steps, 4)  # queues fill for two epochs first
-    ssps = {**system_config(args.method, {"k": k, "m": m, "start": start}, a).to_dict(), **extra}
+    ssps = {**system_config(args.method, {"k": k, "m": m, "start": start, "oracle": oracle}, a).to_dict(), **extra}
     return SpeakerSSLConfig.from_dict(base), SpeakerSSLConfig.from_dict(ssps)
 
 
@@ -98,8 +102,10 @@ def student_encoder(ckpt: Path, cfg):
     return SpeakerEncoder(model)
 
 
-def branch_name(tag: str, k: int, m: int) -> str:
+def branch_name(tag: str, k: int, m: int, oracle: bool = False) -> str:
     """Run folder of an SSPS branch: the recipe's setting keeps the original name."""
+    if oracle:
+        return f"sv_{tag}_ssps_oracle"
     return f"sv_{tag}_ssps" if (k, m) == (SSPS_MAIN["k"], SSPS_MAIN["m"]) else f"sv_{tag}_ssps_k{k}_m{m}"
 
 
@@ -161,6 +167,9 @@ def main() -> None:
     ap.add_argument("--sweep", type=parse_km, nargs="*", default=None, metavar="K:M",
                     help="SSPS branches --part report evaluates beside the K=100, M=0 one"
                          " (default for simclr 50:0 200:0 100:1, for dino none)")
+    ap.add_argument("--oracle", action="store_true",
+                    help="--part ssps: train the diagnostic branch clustered by the true speakers (K=100 >= "
+                         "speakers, M=0); --part report: evaluate it beside the others")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "speaker_ssl_branch")
     ap.add_argument("--result-name", default=None,
                     help="result file name (default speaker_ssl_branch, or speaker_ssl_branch_<method> for "
@@ -187,8 +196,9 @@ def main() -> None:
     manifest = w / "train.jsonl"
     write_manifest(manifest, [{k: v for k, v in i.items() if k != "text"} for i in train])
     branch = (args.k, args.m) if args.part == "ssps" else (SSPS_MAIN["k"], SSPS_MAIN["m"])  # report: the recipe's
-    base_cfg, ssps_cfg = configs(args, len(train), *branch)
-    base_run, ssps_run = w / f"sv_{M}", w / branch_name(M, *branch)
+    oracle = args.oracle and args.part == "ssps"
+    base_cfg, ssps_cfg = configs(args, len(train), *branch, oracle=oracle)
+    base_run, ssps_run = w / f"sv_{M}", w / branch_name(M, *branch, oracle=oracle)
     kept = base_run / "keep" / f"step-{args.fork_at}"
     if args.part == "base":
         train_speaker(manifest, base_run, base_cfg)
@@ -204,6 +214,9 @@ def main() -> None:
         return
     km = {f"{M}_ssps_k{k}_m{m}": (k, m) for k, m in args.sweep if (k, m) != (SSPS_MAIN["k"], SSPS_MAIN["m"])}
     sweep = {name: w / branch_name(M, k, m) for name, (k, m) in km.items()}
+    if args.oracle:
+        km[f"{M}_ssps_oracle"] = (SSPS_MAIN["k"], SSPS_MAIN["m"])
+        sweep[f"{M}_ssps_oracle"] = w / branch_name(M, *km[f"{M}_ssps_oracle"], oracle=True)
     for run in (base_run, ssps_run, *sweep.values()):
         if not (run / "summary.json").is_file():
             sys.exit(f"{run} has not finished: run --part base and --part ssps (with its --k/--m) first,"
@@ -245,7 +258,7 @@ def main() -> None:
         f"eer_difference_{M}_minus_ssps": vs_base(f"{M}_ssps"),
         **ssps_summary(ssps_run),
         **student,
-        "sweep": {k: {"k": km[k][0], "m": km[k][1],
+        "sweep": {k: {"k": km[k][0], "m": km[k][1], "oracle": k.endswith("_oracle"),
                       "relative_eer_reduction": reduction(k),
                       f"eer_difference_{M}_minus_branch": vs_base(k),
                       **ssps_summary(r)} for k, r in sweep.items()},

@@ -114,6 +114,26 @@ def test_ssps_rejects_k_above_queue_and_skips_unfilled():
     assert q.cluster()["skipped"] == 1 and (q.assign == -1).all()   # 2 filled < k = 3
 
 
+def test_ssps_oracle_clusters_are_the_true_speakers_not_the_geometry():
+    q = SSPSQueues(SSPSConfig(k=3, oracle=True, queue=8), n_items=6, ref_dim=2, pos_dim=1)
+    ref = torch.tensor([[1, 0.05], [1, 0], [1, -0.05], [0.05, 1], [0, 1], [-0.05, 1]])
+    q.push_ref(torch.arange(5), ref[:5])                          # item 5 not embedded yet
+    speakers = torch.tensor([7, 9, 7, 9, 4, 4])                   # across the two geometric groups
+    assert q.cluster(speaker_of=speakers)["skipped"] == 0        # 5 filled >= k not required
+    a = q.assign.tolist()
+    assert a[0] == a[2] and a[1] == a[3] and len({a[0], a[1], a[4]}) == 3 and a[5] == -1
+    q.push_pos(torch.arange(5), [torch.arange(5.0)[:, None]])
+    rows, stats = q.sample(torch.tensor([0, 1, 4]), torch.Generator().manual_seed(0), speakers)
+    assert q.pos_idx[rows[:2]].tolist() == [2, 3] and rows[2].item() == -1   # 4's speaker-mate unqueued
+    assert stats["ssps_speaker_acc"] == 1.0
+    small = SSPSQueues(SSPSConfig(k=2, oracle=True), n_items=6, ref_dim=2, pos_dim=1)
+    small.push_ref(torch.arange(6), ref)
+    with pytest.raises(ValueError, match="set ssps.k >= 3"):
+        small.cluster(speaker_of=speakers)
+    with pytest.raises(ValueError, match="no 'speaker' field"):
+        q.cluster()
+
+
 def _speaker_corpus(tmp_path, n_spk=4, per=4):
     """Speakers differ by pitch and a formant-like resonance; utterances by duration and noise."""
     rng = np.random.default_rng(0)

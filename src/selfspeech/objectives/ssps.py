@@ -45,6 +45,10 @@ class SSPSConfig:
     queue: int = 4096          # positive-queue length Q' (entries, not utterances)
     ref_seconds: float = 4.0   # un-augmented reference segment fed to the encoder for clustering
     kmeans_iters: int = 10
+    # Diagnostic, NOT self-supervised: the clusters are the manifest's true speakers (k >= speakers),
+    # so every pseudo-positive is another utterance of the anchor's speaker. It bounds what better
+    # clustering could give SSPS on a corpus; never use it for a reported SSL system.
+    oracle: bool = False
 
     def __post_init__(self):
         if not 0 <= self.start < 1:
@@ -89,22 +93,27 @@ class SSPSQueues(nn.Module):
         self.pos_ptr.copy_((self.pos_ptr + B) % Q)
 
     # ---------------------------------------------------------------- clustering
-    def cluster(self, seed: int = 0) -> dict:
+    def cluster(self, seed: int = 0, speaker_of: torch.Tensor | None = None) -> dict:
         """k-means (scikit-learn, k-means++) over the filled reference queue; returns statistics.
 
         Fewer filled entries than K: no clustering (counted as ``skipped``), the
-        previous assignment stays.
+        previous assignment stays. With ``cfg.oracle`` the clusters are
+        ``speaker_of`` (N,) (the manifest's speakers) instead of k-means.
         """
-        from sklearn.cluster import KMeans
-
         filled = self.ref_filled.nonzero().squeeze(1)
-        if len(filled) < self.cfg.k:
+        if len(filled) < self.cfg.k and not self.cfg.oracle:
             return {"skipped": 1, "filled": int(len(filled))}
-        x = self.ref[filled].numpy().astype(np.float64)
-        km = KMeans(self.cfg.k, n_init=1, max_iter=self.cfg.kmeans_iters, random_state=seed).fit(x)
+        if self.cfg.oracle:
+            labels, centroids = self._speaker_clusters(filled, speaker_of)
+        else:
+            from sklearn.cluster import KMeans
+
+            x = self.ref[filled].numpy().astype(np.float64)
+            km = KMeans(self.cfg.k, n_init=1, max_iter=self.cfg.kmeans_iters, random_state=seed).fit(x)
+            labels, centroids = km.labels_.astype(np.int64), torch.from_numpy(km.cluster_centers_).float()
         self.assign.fill_(-1)
-        self.assign[filled] = torch.from_numpy(km.labels_.astype(np.int64))
-        self.centroids.copy_(F.normalize(torch.from_numpy(km.cluster_centers_).float(), dim=-1))
+        self.assign[filled] = torch.from_numpy(labels)
+        self.centroids.copy_(F.normalize(centroids, dim=-1))
         sim = self.centroids @ self.centroids.T
         order = sim.argsort(dim=1, descending=True)
         if self.cfg.m == 0:
@@ -115,9 +124,21 @@ class SSPSQueues(nn.Module):
             others = order[order != own].view(self.cfg.k, self.cfg.k - 1)
             self.neighbours.copy_(others[:, : self.cfg.m])
         self.n_clusterings += 1
-        sizes = np.bincount(km.labels_, minlength=self.cfg.k)
+        sizes = np.bincount(labels, minlength=self.cfg.k)
         return {"skipped": 0, "filled": int(len(filled)), "empty_clusters": int((sizes == 0).sum()),
                 "largest_cluster": int(sizes.max())}
+
+    def _speaker_clusters(self, filled: torch.Tensor, speaker_of: torch.Tensor | None):
+        """Oracle clusters: (labels (F,) int64 numpy, centroids (K, D)) from the true speakers of ``filled``."""
+        if speaker_of is None:
+            raise ValueError("ssps.oracle clusters by the manifest's speakers, but its utterances have no "
+                             "'speaker' field; add speakers or drop ssps.oracle")
+        spk, labels = torch.unique(speaker_of[filled], return_inverse=True)
+        if len(spk) > self.cfg.k:
+            raise ValueError(f"ssps.oracle: {len(spk)} speakers in the reference queue but k={self.cfg.k}; "
+                             f"set ssps.k >= {len(spk)}")
+        centroids = torch.zeros(self.cfg.k, self.ref.shape[1]).index_add_(0, labels, self.ref[filled])
+        return labels.numpy().astype(np.int64), centroids
 
     # ---------------------------------------------------------------- sampling
     def sample(self, indices: torch.Tensor, gen: torch.Generator,

@@ -121,7 +121,9 @@ class SpeakerSSLTask(nn.Module):
         self.register_buffer("progress", torch.zeros(()))
         self.register_buffer("fill_ref", torch.zeros((), dtype=torch.bool))
         self.register_buffer("activated_at", torch.full((), -1, dtype=torch.long))
-        self.speaker_of = speaker_of  # monitoring only, never in the loss
+        if scfg is not None and scfg.oracle and speaker_of is None:
+            raise ValueError("ssps.oracle clusters by true speakers: the manifest has no 'speaker' field")
+        self.speaker_of = speaker_of  # monitoring only, never in the loss (except the ssps.oracle diagnostic)
 
     def export_encoder(self) -> ECAPATDNN:
         return self.teacher_encoder if self.cfg.method == "dino" else self.encoder
@@ -187,7 +189,7 @@ class SpeakerSSLTask(nn.Module):
             self.ssps.active.fill_(True)
             self.activated_at.fill_(step)
         if bool(self.ssps.active) and (step - int(self.activated_at)) % steps_per_epoch == 0:
-            stats = self.ssps.cluster(seed + step)
+            stats = self.ssps.cluster(seed + step, self.speaker_of)
             D.broadcast_module(self.ssps)  # rank 0's clustering everywhere
             return {f"kmeans_{k}": v for k, v in stats.items()}
         return None
