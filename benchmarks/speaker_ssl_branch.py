@@ -69,7 +69,8 @@ def configs(args, n_train: int, k: int, m: int, oracle: bool = False):
     base["loop"] = {**base["loop"], "keep_every": args.fork_at}
     per_epoch = n_train // args.batch_size
     start = round((args.fork_at + 2 * per_epoch) / args.steps, 4)  # queues fill for two epochs first
-    ssps = {**system_config(args.method, {"k": k, "m": m, "start": start, "oracle": oracle}, a).to_dict(), **extra}
+    branch = {"k": k, "m": m, "start": start, **({"oracle": True} if oracle else {})}  # old protocols unchanged
+    ssps = {**system_config(args.method, branch, a).to_dict(), **extra}
     return SpeakerSSLConfig.from_dict(base), SpeakerSSLConfig.from_dict(ssps)
 
 
