@@ -185,6 +185,8 @@ def main() -> None:
         sys.exit(f"{SO762} not found: this benchmark needs ../shared/data/speechocean762-train")
     if not 0 < args.fork_at < args.steps:
         sys.exit(f"--fork-at {args.fork_at} must lie inside the {args.steps} updates")
+    if args.oracle and (args.k, args.m) != (SSPS_MAIN["k"], SSPS_MAIN["m"]):
+        sys.exit("--oracle runs the recipe's K/M only (K >= the training speakers, M=0): drop --k/--m")
     import torch
 
     from selfspeech.models.ecapa import SpeakerEncoder

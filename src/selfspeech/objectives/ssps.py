@@ -101,10 +101,10 @@ class SSPSQueues(nn.Module):
         ``speaker_of`` (N,) (the manifest's speakers) instead of k-means.
         """
         filled = self.ref_filled.nonzero().squeeze(1)
-        if len(filled) < self.cfg.k and not self.cfg.oracle:
-            return {"skipped": 1, "filled": int(len(filled))}
         if self.cfg.oracle:
             labels, centroids = self._speaker_clusters(filled, speaker_of)
+        elif len(filled) < self.cfg.k:
+            return {"skipped": 1, "filled": int(len(filled))}
         else:
             from sklearn.cluster import KMeans
 
