@@ -254,7 +254,7 @@ def test_speaker_config_errors(tmp_path):
 
 def test_trained_encoder_plugs_into_pseudo2real_sc(tmp_path):
     """Pseudo2Real-SC takes a `sv train` folder as its extractor; its cache keys on the weights."""
-    from selfspeech.adapt.sc import extractor_fingerprint, get_extractor
+    from selfspeech.cluster.extractors import extractor_fingerprint, get_extractor
     from selfspeech.cluster.speakers import embed_manifest
     from selfspeech.data.manifest import read_manifest
     from selfspeech.models.ecapa import save_speaker_encoder
@@ -273,6 +273,22 @@ def test_trained_encoder_plugs_into_pseudo2real_sc(tmp_path):
     assert extractor_fingerprint(str(tmp_path / "run")) != before and "sha256" in before
     with pytest.raises(ValueError, match="sv train"):
         get_extractor(str(tmp_path / "nothing"))
+
+
+def test_sv_embed_does_not_load_the_pseudo2real_pipeline(tmp_path):
+    """`sv embed` depends on the cluster layer only: no module of selfspeech.adapt is imported."""
+    import subprocess
+    import sys
+
+    m = _speaker_corpus(tmp_path, n_spk=2, per=1)
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom selfspeech.cli import app\n"
+            f"res = CliRunner().invoke(app, ['sv', 'embed', 'melstats', {str(m)!r}, '--out', {str(tmp_path / 'e')!r},"
+            " '--no-plot'])\nassert res.exit_code == 0, res.output\n"
+            "print(sorted(n for n in sys.modules if n.startswith('selfspeech.adapt')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "e" / "utterances.npz").is_file()
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_sv_cli_train_embed_score(tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from selfspeech.adapt import prepare as P
-from selfspeech.adapt.recipe import Recipe, RecipeError
+from selfspeech.adapt.recipe import Recipe, RecipeError, check_recipe  # noqa: F401 (re-exported)
 from selfspeech.adapt.stages import StageRunner
 from selfspeech.arith.task_vector import TaskVector, apply_to_dir, diff_dirs
 from selfspeech.data.manifest import read_manifest
@@ -27,35 +27,7 @@ from selfspeech.eval.report import build_results, read_jsonl
 
 
 def _ft_config(recipe: Recipe):
-    from selfspeech.train.whisper_ft import FinetuneConfig
-
-    return FinetuneConfig.from_dict({"normalizer": recipe.normalizer, **dict(recipe.student.finetune)})
-
-
-def check_recipe(recipe: Recipe) -> None:
-    """Everything that can be checked before hours of compute."""
-    from selfspeech.models.zoo import resolve_model
-
-    P.load_items(recipe)  # data source exists
-    _ft_config(recipe)    # fine-tune overrides valid
-    for what, name in (("teacher.name", recipe.teacher.name), ("student.init", recipe.student.init)):
-        try:
-            resolve_model(name)
-        except Exception as e:  # unknown name, missing dir
-            raise RecipeError(f"{what}: {e}") from None
-    if recipe.lam.rule not in ("source_sim", "fixed"):
-        raise RecipeError(f"lambda.rule: {recipe.lam.rule!r}; choose source_sim or fixed")
-    if recipe.lam.rule == "fixed" and recipe.lam.fixed is None:
-        raise RecipeError("lambda.rule is fixed but lambda.fixed is not set")
-    if recipe.clusters.level not in ("speaker", "utterance"):
-        raise RecipeError(f"clusters.level: {recipe.clusters.level!r}; choose speaker or utterance")
-    if recipe.clusters.enabled:
-        from selfspeech.adapt.sc import get_extractor
-
-        try:
-            get_extractor(recipe.clusters.extractor)  # a missing or foreign model folder fails here
-        except (ValueError, FileNotFoundError) as e:
-            raise RecipeError(f"clusters.extractor: {e}") from None
+    return recipe.student.finetune  # typed by the recipe, with the recipe's normaliser
 
 
 def wer_of(ref_path: str, hyp_path: str, normalizer: str) -> float:

@@ -14,32 +14,10 @@ from pathlib import Path
 
 from selfspeech.adapt import prepare as P
 from selfspeech.arith.task_vector import TaskVector, apply_to_dir, diff_dirs
-from selfspeech.cluster.speakers import (MelStatsExtractor, embed_manifest, kmeans_clusters, load_embeddings,
+from selfspeech.cluster.extractors import extractor_fingerprint, get_extractor
+from selfspeech.cluster.speakers import (embed_manifest, kmeans_clusters, load_embeddings,
                                         random_clusters, save_embeddings, speaker_means)
 from selfspeech.data.manifest import read_manifest, write_manifest
-
-
-def get_extractor(name: str):
-    """``melstats`` (the baseline) or the directory of a trained speaker encoder (``selfspeech sv train``)."""
-    if name == "melstats":
-        return MelStatsExtractor()
-    if Path(name).is_dir():
-        from selfspeech.models.ecapa import SpeakerEncoder
-
-        return SpeakerEncoder.load(name)
-    raise ValueError(f"unknown speaker extractor {name!r}: use melstats or the folder written by "
-                     "`selfspeech sv train` (its encoder/ subfolder)")
-
-
-def extractor_fingerprint(name: str) -> str:
-    """What the embedding stage's cache keys on: a model folder's weights hash, not only its path."""
-    if name == "melstats" or not Path(name).is_dir():
-        return name
-    import hashlib
-
-    d = Path(name)
-    w = d / "model.safetensors" if (d / "model.safetensors").is_file() else d / "encoder" / "model.safetensors"
-    return f"{name}@sha256:{hashlib.sha256(w.read_bytes()).hexdigest()[:16]}"
 
 
 def _key(item: dict, level: str) -> str:

@@ -68,7 +68,7 @@ def embed(
     """
     import numpy as np
 
-    from selfspeech.adapt.sc import get_extractor
+    from selfspeech.cluster.extractors import get_extractor
     from selfspeech.cluster.speakers import EmbeddingWriter, iter_embeddings, load_embeddings, save_embeddings
     from selfspeech.data.manifest import read_manifest
 
