@@ -70,7 +70,7 @@ def _json(path: Path, obj) -> str:
 WHISPER_FT = ("import json, sys, torch\n"
               "from selfspeech.train.whisper_ft import FinetuneConfig, finetune\n"
               "torch.set_num_threads(1)\n"
-              "finetune(*sys.argv[1:5], FinetuneConfig(**json.loads(sys.argv[5])), progress=False)\n")
+              "finetune(*sys.argv[1:5], FinetuneConfig.from_dict(json.loads(sys.argv[5])), progress=False)\n")
 
 
 def build_stages(work: Path, manifest: Path, tiny_whisper: Path | None) -> dict[str, Stage]:
@@ -109,10 +109,10 @@ def build_stages(work: Path, manifest: Path, tiny_whisper: Path | None) -> dict[
     }
     if tiny_whisper is not None:
         ft = {"lr": 5e-3, "warmup_steps": 2, "max_epochs": 3, "batch_size": 4, "eval_every": 3, "patience": 9,
-              "max_new_tokens": 4, "log_every": 1}
+              "max_new_tokens": 4, "log_every": 1, "keep_last": True}
         st["whisper_ft"] = Stage("whisper_ft", (sys.executable, "-c", WHISPER_FT, str(train), str(dev),
                                                 str(tiny_whisper), "{out}", json.dumps(ft)),
-                                 ("last/model.safetensors", "best/model.safetensors", "train_log.jsonl"))
+                                 ("last/model.safetensors", "best/model.safetensors", "log.jsonl"))
         recipe = {
             "name": "reliability", "normalizer": "whisper_english",
             "data": {"manifest": str(manifest), "source_rule": "age_group==adult", "target_rule": "age_group==child",

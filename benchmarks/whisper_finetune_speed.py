@@ -5,7 +5,9 @@ same speechocean762 utterances and labels (whisper_english-normalised, the same
 token ids), batch size, lr, warm-up, grad clipping and optimizer (fused AdamW,
 transformers' default on torch >= 2.8):
 
-- ``ours``: :func:`selfspeech.train.whisper_ft.train_step` on length-bucketed
+- ``ours``: the toolkit's training loop (:func:`selfspeech.train.loop.train_loop` with
+  :class:`selfspeech.objectives.seq2seq.WhisperSeq2Seq`, the code path of
+  ``selfspeech finetune-whisper``) on length-bucketed
   batches (:class:`BucketBatchSampler`) of log-mels cut to the batch's longest
   utterance (no 30-s padding, positional embeddings sliced);
 - ``hf``: the standard Hugging Face Whisper fine-tuning recipe: WhisperProcessor
@@ -30,6 +32,8 @@ Usage: python benchmarks/whisper_finetune_speed.py [--batch 8] [--warmup 1] [--s
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import random
 import sys
 import tempfile
@@ -48,8 +52,9 @@ from selfspeech.data.kaldi import iter_kaldi_dir  # noqa: E402
 from selfspeech.models.zoo import pull  # noqa: E402
 from selfspeech.text.normalize import get_normalizer  # noqa: E402
 from selfspeech.train.sampler import BucketBatchSampler  # noqa: E402
-from selfspeech.train.whisper_ft import (FinetuneConfig, WhisperCollator, label_ids, load_processor, lr_at,  # noqa: E402
-                                         make_optimizer, train_step)
+from selfspeech.objectives.seq2seq import WhisperSeq2Seq  # noqa: E402
+from selfspeech.train.loop import train_loop  # noqa: E402
+from selfspeech.train.whisper_ft import FinetuneConfig, WhisperCollator, label_ids, load_processor  # noqa: E402
 
 
 @dataclass
@@ -80,17 +85,22 @@ def pick_items(n: int, seed: int) -> list[dict]:
 
 
 def run_ours(hf_dir: Path, coll: WhisperCollator, cfg: FinetuneConfig, warmup: int, steps: int) -> tuple[float, list[float]]:
+    """The toolkit's training loop on the Whisper objective; timed from the end of update ``warmup``
+    to the end of update ``warmup + steps`` (one more update follows, so the final checkpoint
+    write falls outside the window)."""
     from transformers import WhisperForConditionalGeneration
 
     model = WhisperForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32)
-    opt = make_optimizer(model, cfg)
-    batches = BucketBatchSampler([it["duration"] for it in coll.items], cfg.batch_size, seed=cfg.seed).batches(0)
-    losses, t0 = [], time.perf_counter()
-    for k, idx in enumerate(batches[: warmup + steps]):
-        if k == warmup:
-            t0 = time.perf_counter()
-        losses.append(train_step(model, opt, coll(idx), lr_at(k, cfg, warmup + steps), cfg.grad_clip)[0])
-    return time.perf_counter() - t0, losses
+    sampler = BucketBatchSampler([it["duration"] for it in coll.items], cfg.batch_size, seed=cfg.seed)
+    run_cfg = dataclasses.replace(cfg, max_steps=warmup + steps + 1, max_epochs=None, ckpt_every=10_000,
+                                  log_every=1, keep_last=False)
+    ends: dict[int, float] = {}
+    with tempfile.TemporaryDirectory() as out:
+        train_loop(model, WhisperSeq2Seq(model), sampler, lambda idx, rng: coll(idx), run_cfg, out,
+                   lambda d: None, {"benchmark": "whisper_finetune_speed"}, progress=False,
+                   load_model=lambda d: None, on_step=lambda rec: ends.__setitem__(rec["step"], time.perf_counter()))
+        losses = [json.loads(x)["loss"] for x in (Path(out) / "log.jsonl").read_text().splitlines() if '"loss"' in x]
+    return ends[warmup + steps] - ends[warmup], losses[: warmup + steps]
 
 
 def run_hf(hf_dir: Path, processor, dataset: list[dict], cfg: FinetuneConfig, warmup: int, steps: int) -> tuple[float, list[float]]:

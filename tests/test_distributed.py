@@ -109,7 +109,7 @@ torch.set_num_threads(1)
 from selfspeech.train.whisper_ft import FinetuneConfig, finetune
 d, init, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 cfg = FinetuneConfig(lr=5e-3, warmup_steps=1, max_epochs=4, max_steps=4, batch_size=batch, num_buckets=1,
-                     eval_every=2, patience=9, max_new_tokens=4, log_every=1)
+                     eval_every=2, patience=9, max_new_tokens=4, log_every=1, keep_last=True)
 finetune(d + "/train.jsonl", d + "/dev.jsonl", init, out, cfg, progress=False)
 """
 
@@ -134,16 +134,16 @@ def test_two_process_whisper_student_equals_one_process_with_the_combined_batch(
                           "--master_port", str(_free_port()), str(script), *args, str(tmp_path / "two"), "2"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    log1 = [json.loads(x) for x in open(tmp_path / "one" / "train_log.jsonl") if '"loss"' in x]
-    log2 = [json.loads(x) for x in open(tmp_path / "two" / "train_log.jsonl") if '"loss"' in x]
-    assert [r["step"] for r in log2] == [1, 2, 3, 4] and [r["batch_size"] for r in log2] == [2] * 4
+    log1 = [json.loads(x) for x in open(tmp_path / "one" / "log.jsonl") if '"loss"' in x]
+    log2 = [json.loads(x) for x in open(tmp_path / "two" / "log.jsonl") if '"loss"' in x]
+    assert [r["step"] for r in log2] == [1, 2, 3, 4] and [r["batch"] for r in log2] == [2] * 4
     assert [r["loss"] for r in log2] == pytest.approx([r["loss"] for r in log1], rel=1e-5)
     assert [r["grad_norm"] for r in log2] == pytest.approx([r["grad_norm"] for r in log1], rel=1e-4)
     a = load_file(str(tmp_path / "one" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
     assert a.keys() == b.keys() and not any(k.startswith("module.") for k in b)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 5e-3  # Adam on ~1e-7 gradient noise: < lr
-    evals = [json.loads(x) for x in open(tmp_path / "two" / "train_log.jsonl") if '"eval"' in x]
+    evals = [json.loads(x) for x in open(tmp_path / "two" / "log.jsonl") if '"eval"' in x]
     assert [e["step"] for e in evals] == [2, 4]  # rank 0 alone decodes the dev set and logs
 
 

@@ -5,6 +5,7 @@ from PyPI); without them these tests skip.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -19,8 +20,9 @@ import torch
 from selfspeech.data.manifest import write_manifest
 from selfspeech.train import checkpoint as ckpt
 from selfspeech.train.sampler import BucketBatchSampler
+from selfspeech.label.transcribe import transcribe_whisper
 from selfspeech.train.whisper_ft import (FinetuneConfig, WhisperCollator, encode, evaluate, finetune,
-                                         load_items, load_processor, pad_features, transcribe_dir)
+                                         load_items, load_processor, pad_features)
 
 TEXTS = ["Hello world", "The cat sat!", "green apples fall", "Quiet, please."]
 
@@ -54,7 +56,7 @@ def corpus(root: Path, texts: list[str], name: str = "train", extra: list[dict] 
 
 
 def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
 def test_trimmed_encoder_matches_stock_and_takes_short_input(tiny_init):
@@ -123,7 +125,7 @@ def test_overfits_tiny_batch_and_best_loads(tiny_init, tmp_path):
     other, _ = load_items(corpus(tmp_path, ["x y", "x y", "x y", "x y"], name="pseudo"), cfg)
     wer, hyps = evaluate(model, WhisperCollator(other, proc), cfg)
     assert wer > 1.0 and hyps == ["hello world", "the cat sat", "green apples fall", "quiet please"]
-    transcribe_dir(best, train, tmp_path / "hyp.jsonl")
+    transcribe_whisper(best, train, tmp_path / "hyp.jsonl")
     hyps = [json.loads(line)["text"] for line in (tmp_path / "hyp.jsonl").read_text().splitlines()]
     assert [h.lower() for h in hyps] == ["hello world", "the cat sat", "green apples fall", "quiet please"]
 
@@ -134,7 +136,7 @@ def test_resume_after_interruption_gives_same_weights(tiny_init, tmp_path):
     texts = TEXTS + ["blue sky", "red fox"]
     train, dev = corpus(tmp_path, texts), corpus(tmp_path, texts[::-1], name="dev")  # dev: "pseudo-labels"
     cfg = FinetuneConfig(lr=5e-3, warmup_steps=2, max_epochs=2, batch_size=2, eval_every=2, patience=9,
-                         max_new_tokens=4, log_every=1)
+                         max_new_tokens=4, log_every=1, keep_last=True)
     finetune(train, dev, tiny_init, tmp_path / "a", cfg, progress=False)
 
     # SIGKILL at step 3 in a child process: nothing gets to clean up; the last checkpoint was at step 2
@@ -144,7 +146,7 @@ def test_resume_after_interruption_gives_same_weights(tiny_init, tmp_path):
             "def kill(rec):\n"
             "    if rec['step'] == 3:\n"
             "        os.kill(os.getpid(), signal.SIGKILL)\n"
-            "finetune(*sys.argv[2:6], FinetuneConfig(**json.loads(sys.argv[1])), progress=False, on_step=kill)\n")
+            "finetune(*sys.argv[2:6], FinetuneConfig.from_dict(json.loads(sys.argv[1])), progress=False, on_step=kill)\n")
     args = [json.dumps(cfg.to_dict()), str(train), str(dev), str(tiny_init), str(tmp_path / "b")]
     assert subprocess.run([sys.executable, "-c", kill, *args], timeout=300).returncode == -signal.SIGKILL
     assert json.loads((tmp_path / "b/last/train_state.json").read_text())["state"]["step"] == 2
@@ -164,7 +166,7 @@ def test_resume_after_interruption_gives_same_weights(tiny_init, tmp_path):
 def test_early_stopping_and_atomic_checkpoint(tiny_init, tmp_path):
     train = corpus(tmp_path, TEXTS)
     cfg = FinetuneConfig(lr=0.0, warmup_steps=0, max_epochs=10, batch_size=2, eval_every=2, patience=1,
-                         max_new_tokens=2)
+                         max_new_tokens=2, keep_last=True)
     finetune(train, train, tiny_init, tmp_path / "out", cfg, progress=False)
     summary = json.loads((tmp_path / "out/summary.json").read_text())
     assert summary["stopped_early"] and summary["steps"] == 4 and summary["best_step"] == 2
@@ -195,3 +197,68 @@ def test_cli_finetune_whisper(tiny_init, tmp_path):
     cfg.write_text(json.dumps({"learning_rate": 1e-3}))
     r = runner.invoke(app, ["finetune-whisper", str(cfg), "--train", str(train), "--out", str(tmp_path / "y")])
     assert r.exit_code == 2 and "learning_rate" in r.output
+
+
+def _poison(monkeypatch, bad_calls: set[int]) -> None:
+    """Make the Whisper objective return NaN on the given (1-based) updates."""
+    from selfspeech.objectives.seq2seq import WhisperSeq2Seq
+
+    real, calls = WhisperSeq2Seq.loss, [0]
+
+    def loss(self, batch):
+        calls[0] += 1
+        value, rec = real(self, batch)
+        return (value * float("nan") if calls[0] in bad_calls else value), rec
+    monkeypatch.setattr(WhisperSeq2Seq, "loss", loss)
+
+
+def test_nonfinite_student_step_is_skipped_counted_and_logged(tiny_init, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    train = corpus(tmp_path, TEXTS)
+    cfg = FinetuneConfig(lr=5e-3, warmup_steps=0, max_steps=6, batch_size=2, log_every=1, ckpt_every=1)
+    weights = {}  # each step's weights, read from the checkpoint written at that step
+
+    def snapshot(rec):
+        weights[rec["step"]] = load_file(str(tmp_path / "out/last/model.safetensors"))["model.decoder.layers.0.fc1.weight"]
+    _poison(monkeypatch, {3})
+    finetune(train, None, tiny_init, tmp_path / "out", cfg, progress=False, on_step=snapshot)
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 1
+    events = [r for r in read_log(tmp_path / "out") if r.get("event") == "nonfinite"]
+    assert [e["step"] for e in events] == [3] and len(events[0]["ids"]) == 2  # names the batch's utterances
+    assert all(i.startswith("u") for i in events[0]["ids"])
+    assert torch.equal(weights[2], weights[3]) and not torch.equal(weights[3], weights[4])  # no update at step 3
+
+
+def test_a_streak_of_nonfinite_student_steps_stops_with_the_good_checkpoint(tiny_init, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    train = corpus(tmp_path, TEXTS)
+    cfg = FinetuneConfig(lr=5e-3, warmup_steps=0, schedule="constant", max_steps=8, batch_size=2, ckpt_every=2,
+                         max_bad_steps=3, log_every=1)  # constant lr: a 2-step run is the first 2 steps of this one
+    finetune(train, None, tiny_init, tmp_path / "ref", dataclasses.replace(cfg, max_steps=2), progress=False)
+    good = load_file(str(tmp_path / "ref/best/model.safetensors"))  # the weights after 2 good updates
+    _poison(monkeypatch, {3, 4, 5})
+    with pytest.raises(FloatingPointError, match="3 non-finite .* in a row"):
+        finetune(train, None, tiny_init, tmp_path / "run", cfg, progress=False)
+    saved = load_file(str(tmp_path / "run/last/model.safetensors"))
+    st = json.loads((tmp_path / "run/last/train_state.json").read_text())["state"]
+    # the checkpoint of step 4 was written mid-streak: its weights are still those of step 2
+    assert st["step"] == 4 and st["skipped_steps"] == 2
+    assert saved.keys() == good.keys() and all(torch.equal(saved[k], good[k]) for k in good)
+    assert not (tmp_path / "run/finished.json").exists()
+
+
+def test_finished_student_keeps_best_only_and_reruns_at_once(tiny_init, tmp_path):
+    train = corpus(tmp_path, TEXTS)
+    cfg = FinetuneConfig(max_steps=2, batch_size=2, eval_every=1, max_new_tokens=2)
+    best = finetune(train, train, tiny_init, tmp_path / "out", cfg, progress=False)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["best", "finished.json", "log.jsonl", "summary.json"]  # no last/: no optimizer state left
+    assert (best / "model.safetensors").is_file()
+    log_before = (tmp_path / "out/log.jsonl").read_text()
+    assert finetune(train, train, tiny_init, tmp_path / "out", cfg, progress=False) == best
+    assert (tmp_path / "out/log.jsonl").read_text() == log_before  # nothing was trained again
+    with pytest.raises(ValueError, match="another config"):
+        finetune(train, train, tiny_init, tmp_path / "out", FinetuneConfig(max_steps=3, batch_size=2), progress=False)

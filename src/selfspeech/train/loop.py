@@ -1,16 +1,24 @@
-"""One explicit training loop for encoder pretraining and CTC fine-tuning (nanoGPT style).
+"""The one training loop of the toolkit (nanoGPT style): every trainer runs its updates here.
 
 What differs between methods is passed in: ``loss_fn(batch, step) -> (loss,
-record)``, the batch sampler, ``collate(indices, rng)``, and an optional
-``evaluate() -> {"metric": lower-is-better, ...}``. The loop owns the rest:
-AdamW, linear warm-up then linear or cosine decay, gradient clipping, a JSONL
-log (plus TensorBoard scalars when asked and installed), a progress bar with
-ETA, periodic atomic checkpoints (weights, AdamW moments, sampler position, RNG)
-and resume after a kill to the same weights an uninterrupted run reaches.
+record)`` (the task modules of :mod:`selfspeech.objectives`), the batch sampler,
+``collate(indices, rng)``, an optional ``evaluate() -> {"metric":
+lower-is-better, ...}``, and how to write (``write_model(dir)``) and read back
+(``load_model(dir)``) the model. The loop owns the rest: AdamW (fused where
+available), warm-up in steps or as a fraction of the budget, then linear, cosine
+or no decay, gradient clipping (0 = off), budgets in steps, epochs (turned into
+steps through the sampler) or seconds, the non-finite loss/gradient guard,
+atomic checkpoints (weights, AdamW moments, sampler position, RNG) with
+``keep_every`` copies, resume after a kill to the weights an uninterrupted run
+reaches, forking from a kept checkpoint, a JSONL log (plus TensorBoard/MLflow
+when asked), and a progress bar with ETA.
 
-Budget: ``max_steps``, or a wall-clock ``budget_seconds`` (the same CPU time for
-every method of a comparison); the schedule follows the fraction of the budget
-used. A time budget is not bit-reproducible, a step budget is.
+A step or epoch budget is bit-reproducible; a time budget is not.
+
+Files in ``out_dir``: ``best/`` (the best model by ``evaluate()["metric"]``, or the
+final one), ``last/`` (the resumable checkpoint; removed when the run finishes
+unless ``keep_last``), ``keep/step-N/``, ``log.jsonl`` and ``finished.json``
+(the final state: a rerun of a finished run returns at once).
 """
 from __future__ import annotations
 
@@ -18,46 +26,57 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 
+from selfspeech.config import checked
 from selfspeech.train import checkpoint as ckpt
 from selfspeech.train import distributed as D
 from selfspeech.train.tracking import make_trackers
 
 RUN_CONFIG = "run_config.json"
+FINISHED = "finished.json"
 
 
 @dataclass(frozen=True)
 class LoopConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    betas: tuple = (0.9, 0.98)
-    warmup_fraction: float = 0.08   # of the budget (wav2vec 2.0 base: 32k of 400k steps)
-    schedule: str = "linear"        # after warm-up: linear | cosine decay to 0, or constant
-    grad_clip: float = 10.0
-    max_steps: int = 1000
-    budget_seconds: float | None = None  # if set: stop on time instead (max_steps stays a cap)
+    lr: float = checked(5e-4, gt=0)
+    weight_decay: float = checked(0.01, ge=0)      # AdamW, on >= 2-D weights only (nanoGPT)
+    betas: tuple[float, float] = (0.9, 0.98)       # wav2vec 2.0 / BEST-RQ; Whisper fine-tuning uses (0.9, 0.999)
+    fused: bool = True                             # fused AdamW kernel where torch has one (one pass over the weights)
+    warmup_fraction: float = checked(0.08, ge=0, lt=1)  # of the budget (wav2vec 2.0 base: 32k of 400k steps) ...
+    warmup_steps: int | None = checked(None, ge=0)      # ... or in updates (takes precedence; needs a step budget)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # after warm-up: decay to 0 at the end, or none
+    grad_clip: float = checked(10.0, ge=0)         # max global grad norm; 0 turns clipping off
+    max_steps: int | None = checked(1000, ge=1)    # updates (a cap when max_epochs or budget_seconds is set)
+    max_epochs: int | None = checked(None, ge=1)   # passes over the sampler, turned into steps up front
+    budget_seconds: float | None = checked(None, gt=0)  # stop on time instead (the same CPU time for every method)
     seed: int = 0
-    log_every: int = 10
-    ckpt_every: int = 100
-    keep_every: int = 0             # also keep the checkpoint of every N-th step as out/keep/step-N (0: none),
-    #                                 e.g. to branch a run (train/speaker.py fork) or to compare stages
-    eval_every: int = 0             # 0: evaluate only at the end
-    patience: int | None = None     # stop after this many evaluations without improvement
-    max_bad_steps: int = 5          # non-finite loss/gradient: skip the update; stop after this many in a row
-    tensorboard: bool = False       # shorthand for tracking: [tensorboard]
-    tracking: tuple = ()            # extra backends mirroring the JSONL log: tensorboard, mlflow (train/tracking.py)
+    log_every: int = checked(10, ge=1)
+    ckpt_every: int = checked(100, ge=1)
+    keep_every: int = checked(0, ge=0)             # also keep every N-th step's checkpoint as keep/step-N (0: none),
+    #                                                e.g. to fork a run (fork_from) or to compare stages
+    keep_last: bool = True                         # keep last/ (weights + AdamW moments) once the run has finished
+    eval_every: int = checked(0, ge=0)             # 0: evaluate only at the end
+    patience: int | None = checked(None, ge=1)     # stop after this many evaluations without improvement
+    max_bad_steps: int = checked(5, ge=1)          # non-finite loss/gradient: skip the update; stop after this many in a row
+    tensorboard: bool = False                      # shorthand for tracking: [tensorboard]
+    tracking: tuple[str, ...] = ()                 # backends mirroring the JSONL log: tensorboard, mlflow
 
     def __post_init__(self):
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"schedule {self.schedule!r}: choose linear, cosine or constant")
+        if self.max_steps is None and self.max_epochs is None:
+            raise ValueError("max_steps and max_epochs are both unset: give a step or epoch budget")
+        if self.warmup_steps is not None and self.budget_seconds is not None:
+            raise ValueError("warmup_steps needs a step budget: with budget_seconds give warmup_fraction")
         object.__setattr__(self, "tracking", tuple(self.tracking) + (("tensorboard",) if self.tensorboard
                                                                      and "tensorboard" not in self.tracking else ()))
 
@@ -78,32 +97,67 @@ def strict_from_dict(cls, d: dict, what: str):
     return cls(**d)
 
 
-def lr_at(progress: float, cfg: LoopConfig) -> float:
-    """Learning rate at ``progress`` in [0, 1] of the budget."""
-    w = cfg.warmup_fraction
-    if progress < w:
-        return cfg.lr * progress / w
+# -- schedule and optimizer ----------------------------------------------------------------
+
+def total_steps(cfg: LoopConfig, sampler) -> int:
+    """Updates the budget allows: ``max_epochs`` of this sampler's batches, capped by ``max_steps``."""
+    if cfg.max_epochs is None:
+        return int(cfg.max_steps)
+    n = sum(len(sampler.batches(e)) for e in range(cfg.max_epochs))
+    return min(n, cfg.max_steps) if cfg.max_steps is not None else n
+
+
+def progress_at(cfg: LoopConfig, step: int, total: int, seconds: float = 0.0) -> float:
+    """Fraction of the budget used after ``step`` updates and ``seconds`` of training, in [0, 1]."""
+    p = step / total
+    if cfg.budget_seconds:
+        p = max(p, seconds / cfg.budget_seconds)
+    return min(1.0, p)
+
+
+def lr_at(cfg: LoopConfig, step: int, total: int, seconds: float = 0.0) -> float:
+    """Learning rate of update ``step`` (0-based) of ``total``: linear warm-up, then ``cfg.schedule``.
+
+    The warm-up factor counts the update being made, ``(step + 1) / warm-up``, so
+    the first update already learns; the decay starts from the peak right after
+    warm-up and ends at 0 where the budget ends.
+    """
+    if cfg.budget_seconds is None:  # a step budget: integer arithmetic, the same on every machine
+        warm = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.warmup_fraction * total
+        if step < warm:
+            return min(cfg.lr, cfg.lr * (step + 1) / warm)
+        rest = min(1.0, (step - warm) / max(1, total - warm))
+    else:
+        w, now = cfg.warmup_fraction, progress_at(cfg, step, total, seconds)
+        if now < w:
+            return cfg.lr * min(1.0, progress_at(cfg, step + 1, total, seconds) / w)
+        rest = min(1.0, (now - w) / max(1e-9, 1 - w))
     if cfg.schedule == "constant":
         return cfg.lr
-    rest = min(1.0, (progress - w) / max(1e-9, 1 - w))
-    return cfg.lr * ((1 - rest) if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * rest)))
+    return cfg.lr * ((1.0 - rest) if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * rest)))
 
 
 def make_optimizer(module: torch.nn.Module, cfg: LoopConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms and embeddings (1-D parameters)."""
+    """AdamW; no weight decay on biases, norms and embeddings (1-D parameters); tied weights listed once."""
     params = [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    kw = {"lr": cfg.lr, "betas": tuple(cfg.betas)}
+    if cfg.fused:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kw)
+        except (RuntimeError, ValueError):  # no fused kernel for this device or torch version
+            pass
+    return torch.optim.AdamW(groups, foreach=True, **kw)
 
+
+# -- run configs: resume, finish, fork -----------------------------------------------------
 
 def config_diff(saved: dict, given: dict, prefix: str = "") -> dict:
     """Differences of two JSON configs as ``{"dotted.key": (saved, given)}``.
 
     An absent key counts as ``None``: an option added to a config after a run
-    started defaults to None (off, e.g. ``CTCConfig.init_seed``), and that run
-    must still resume or be reused."""
+    started defaults to None (off), and that run must still resume or be reused."""
     diff = {}
     for k in sorted(set(saved) | set(given), key=str):
         a, b = saved.get(k), given.get(k)
@@ -122,11 +176,10 @@ def resolved_configs(**configs) -> dict:
 def check_resume(out: Path, saved: dict, run_config: dict) -> str | None:
     """Raise unless the run saved with ``saved`` may continue as ``run_config``.
 
-    Callers put every config with its defaults filled in under ``run_config["resolved"]``
-    (the user-facing configs hold overrides only), so a default changed since the run
-    started stops the resume instead of silently changing the run half-way. A run saved
-    before ``resolved`` was recorded resumes when the rest matches; the returned warning
-    says its defaults could not be checked.
+    Callers put every config with its defaults filled in under ``run_config["resolved"]``,
+    so a default changed since the run started stops the resume instead of silently
+    changing the run half-way. A run saved before ``resolved`` was recorded resumes
+    when the rest matches; the returned warning says its defaults could not be checked.
     """
     legacy = "resolved" not in saved and "resolved" in run_config
     rest = {k: v for k, v in run_config.items() if k != "resolved"} if legacy else run_config
@@ -135,25 +188,105 @@ def check_resume(out: Path, saved: dict, run_config: dict) -> str | None:
         return (f"{out}: saved before resolved configs were recorded; resuming without checking that "
                 "the defaults are those it started with") if legacy else None
     hint = ("; only resolved values differ: a default (or a file the config points to) changed since this "
-            "run started; set the saved value explicitly to resume" if diff and all(
+            "run started; set the saved value explicitly to resume" if all(
                 k.startswith("resolved.") for k in diff) else "")
     raise ValueError(f"{out} holds a run with another config {diff} (saved, given){hint}; "
                      "use the same config to resume, or a new output directory")
 
 
+def _normalised(run_config: dict) -> dict:
+    return json.loads(json.dumps(run_config))  # as it will be compared after a JSON round trip
+
+
+def finished_state(out_dir: str | Path, run_config: dict) -> dict | None:
+    """The final state of a finished run in ``out_dir`` with this config; None if it has not finished.
+
+    Raises (:func:`check_resume`) if a run with another config finished there.
+    """
+    path = Path(out_dir) / FINISHED
+    if not path.is_file():
+        return None
+    rec = json.loads(path.read_text())
+    check_resume(Path(out_dir), rec["run_config"], _normalised(run_config))
+    return rec["state"]
+
+
+def _without(d: dict, dotted: tuple[str, ...]) -> dict:
+    d = json.loads(json.dumps(d))
+    for key in dotted:
+        *path, last = key.split(".")
+        node = d
+        for k in path:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return d
+
+
+def fork_checkpoint(base: str | Path, out: Path, run_config: dict, write_model: Callable[[Path], None],
+                    load_model: Callable[[Path], None], may_differ: tuple[str, ...] = ()) -> int:
+    """Start run ``out`` from checkpoint ``base`` of another run; returns the step it starts at.
+
+    The new run takes the weights (``load_model`` reads them into the caller's
+    module and raises if they do not fit), the optimizer, sampler position, RNG
+    and log of ``base``, so the two runs share their first steps bit for bit and
+    differ only in what comes after. Every config key but the dotted keys in
+    ``may_differ`` must match, or the continuation would not be one run.
+    """
+    src = ckpt.resolve(Path(base))
+    if src is None:
+        raise FileNotFoundError(f"{base}: no complete checkpoint to fork (train the base run with "
+                                "keep_every so its step is kept, or give its 'last' folder)")
+    saved = json.loads((src / RUN_CONFIG).read_text())
+    ignore = may_differ + (() if "resolved" in saved else ("resolved",))
+    diff = config_diff(_without(saved, ignore), _without(run_config, ignore))
+    if diff:
+        raise ValueError(f"cannot fork {src}: its run differs by more than {list(may_differ)}: {diff} (base, fork)")
+    load_model(src)
+    step = json.loads((src / ckpt.STATE_JSON).read_text())["state"]["step"]
+
+    def write(d: Path) -> None:
+        write_model(d)
+        (d / RUN_CONFIG).write_text(json.dumps(run_config, indent=1) + "\n")
+        for f in (ckpt.STATE_JSON, ckpt.STATE_TENSORS):
+            shutil.copyfile(src / f, d / f)
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir = src.parent.parent if src.parent.name == "keep" else src.parent
+    log = out / "log.jsonl"
+    if (run_dir / "log.jsonl").is_file():  # the base run's history up to the fork, as a resume keeps it
+        shutil.copyfile(run_dir / "log.jsonl", log)
+        ckpt.truncate_log(log, step)
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"event": "fork", "step": step, "from": str(src)}) + "\n")
+    ckpt.write_dir(out / "last", write)  # the loop resumes from it
+    return step
+
+
+def load_safetensors(module: torch.nn.Module) -> Callable[[Path], None]:
+    """The default ``load_model``: ``model.safetensors`` of a checkpoint into ``module``, strictly."""
+    def load(d: Path) -> None:
+        from safetensors.torch import load_file
+
+        module.load_state_dict(load_file(str(d / "model.safetensors")))
+    return load
+
+
+# -- the loop ------------------------------------------------------------------------------
+
 def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Callable, cfg: LoopConfig,
                out_dir: str | Path, write_model: Callable[[Path], None], run_config: dict,
                evaluate: Callable[[], dict] | None = None, warnings: Callable[[dict], list[str]] | None = None,
                progress: bool = True, desc: str = "train", on_step: Callable[[dict], None] | None = None,
-               after_update: Callable[[int, float], dict | None] | None = None) -> dict:
+               after_update: Callable[[int, float], dict | None] | None = None,
+               load_model: Callable[[Path], None] | None = None, info: dict | None = None,
+               fork_from: str | Path | None = None, fork_may_differ: tuple[str, ...] = ()) -> dict:
     """Train ``module`` in place; returns the final state (``step``, ``best``, ``seconds``...).
 
-    ``out_dir/last`` is the resumable checkpoint, ``out_dir/best`` the best model
-    by ``evaluate()["metric"]`` (or the final one without ``evaluate``),
-    ``out_dir/log.jsonl`` the log. A rerun with the same ``run_config`` resumes;
-    with another it stops with the differences, before any computation
-    (:func:`check_resume`; ``run_config["resolved"]`` holds the configs with
-    their defaults filled in).
+    A rerun with the same ``run_config`` resumes (or returns at once if the run
+    finished); with another it stops with the differences, before any
+    computation (:func:`check_resume`). ``fork_from``: a kept checkpoint of
+    another run to start from when ``out_dir`` holds no checkpoint yet
+    (:func:`fork_checkpoint`). ``info`` joins the log's start record.
 
     ``after_update(step, progress)`` runs right after each optimizer step and
     before any checkpoint is written, so state it changes (an EMA teacher, a
@@ -161,164 +294,227 @@ def train_loop(module: torch.nn.Module, loss_fn: Callable, sampler, collate: Cal
     weights; a dict it returns joins that step's log record (logged whatever
     ``log_every``). ``on_step(record)`` runs last and only observes.
     """
-    from tqdm.auto import tqdm
+    run = _Run(module, loss_fn, sampler, collate, cfg, Path(out_dir), write_model, _normalised(run_config),
+               evaluate, warnings, progress, desc, on_step, after_update,
+               load_model or load_safetensors(module), info or {})
+    return run.run(fork_from, fork_may_differ)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    last, best, log_path = out / "last", out / "best", out / "log.jsonl"
-    run_config = json.loads(json.dumps(run_config))  # JSON-normalised, as it will be compared
-    resumed, unchecked = ckpt.resolve(last), None
-    if resumed is not None:
-        unchecked = check_resume(out, json.loads((resumed / RUN_CONFIG).read_text()), run_config)
-        if unchecked and D.current().main:
-            print(f"warning: {unchecked}", file=sys.stderr)
 
-    def write(d: Path) -> None:
-        write_model(d)
-        (d / RUN_CONFIG).write_text(json.dumps(run_config, indent=1) + "\n")
+class _Run:
+    """One session of :func:`train_loop`; each phase of an update is one method."""
 
-    env = D.current()
-    main = env.main  # rank 0 writes logs and checkpoints; one process: always
-    optimizer = make_optimizer(module, cfg)
-    state = {"step": 0, "seconds": 0.0, "best": None, "best_step": None, "bad_evals": 0, "done": False,
-             "skipped_steps": 0, "bad_in_a_row": 0}
-    if resumed is not None:
-        from safetensors.torch import load_file
+    def __init__(self, module, loss_fn, sampler, collate, cfg: LoopConfig, out: Path, write_model, run_config,
+                 evaluate, warnings, progress, desc, on_step, after_update, load_model, info):
+        self.module, self.loss_fn, self.sampler, self.collate, self.cfg = module, loss_fn, sampler, collate, cfg
+        self.out, self.write_model, self.run_config = out, write_model, run_config
+        self.evaluate, self.warnings, self.on_step, self.after_update = evaluate, warnings, on_step, after_update
+        self.load_model, self.info, self.progress, self.desc = load_model, info, progress, desc
+        self.last, self.best, self.log_path = out / "last", out / "best", out / "log.jsonl"
+        self.env = D.current()
+        self.main = self.env.main  # rank 0 writes logs and checkpoints; one process: always
+        self.total = total_steps(cfg, sampler)
+        self.evaluated = False
+        self.state = {"step": 0, "seconds": 0.0, "best": None, "best_step": None, "bad_evals": 0, "done": False,
+                      "stopped_early": False, "skipped_steps": 0, "bad_in_a_row": 0}
 
-        module.load_state_dict(load_file(str(resumed / "model.safetensors")))
-        state = ckpt.load_checkpoint(resumed, optimizer)
-        sampler.load_state_dict(state["sampler"])
-        if main:
-            ckpt.truncate_log(log_path, state["step"])
-        if state["done"]:
-            return state
-    else:
-        if main:
-            log_path.unlink(missing_ok=True)
-        torch.manual_seed(cfg.seed + env.rank)  # per-rank randomness (masks, augmentation) in data parallel
-        random.seed(cfg.seed + env.rank)  # the global RNGs are checkpointed too: start them from the seed
-        np.random.seed(cfg.seed + env.rank)
-    D.broadcast_module(module)
-    D.barrier()  # nobody starts while rank 0 may still be truncating the log
-    trackers = make_trackers(cfg.tracking, out, run_config) if main else []
-    trainable = [p for p in module.parameters() if p.requires_grad]
+    def write(self, d: Path) -> None:
+        self.write_model(d)
+        (d / RUN_CONFIG).write_text(json.dumps(self.run_config, indent=1) + "\n")
 
-    def frac_at(step: int, seconds: float) -> float:
-        p = step / cfg.max_steps
-        if cfg.budget_seconds:
-            p = max(p, seconds / cfg.budget_seconds)
-        return min(1.0, p)
+    # -- start: fresh, resumed or forked
+    def start(self, fork_from, fork_may_differ) -> tuple[bool, str | None]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if fork_from is not None and self.main and ckpt.resolve(self.last) is None:
+            fork_checkpoint(fork_from, self.out, self.run_config, self.write, self.load_model, fork_may_differ)
+        D.barrier()
+        resumed, unchecked = ckpt.resolve(self.last), None
+        if resumed is not None:
+            unchecked = check_resume(self.out, json.loads((resumed / RUN_CONFIG).read_text()), self.run_config)
+            if unchecked and self.main:
+                print(f"warning: {unchecked}", file=sys.stderr)
+        self.optimizer = make_optimizer(self.module, self.cfg)
+        if resumed is not None:
+            self.load_model(resumed)
+            self.state = ckpt.load_checkpoint(resumed, self.optimizer)  # also restores the RNG states
+            self.sampler.load_state_dict(self.state["sampler"])
+            if self.main:
+                ckpt.truncate_log(self.log_path, self.state["step"])
+        else:
+            if self.main:
+                self.log_path.unlink(missing_ok=True)
+            seed = self.cfg.seed + self.env.rank  # per-rank randomness (masks, augmentation) in data parallel
+            torch.manual_seed(seed)
+            random.seed(seed)  # the global RNGs are checkpointed too: start them from the seed
+            np.random.seed(seed)
+        D.broadcast_module(self.module)
+        D.barrier()  # nobody starts while rank 0 may still be truncating the log
+        return resumed is not None, unchecked
 
-    def frac() -> float:
-        return frac_at(state["step"], state["seconds"])
+    def run(self, fork_from=None, fork_may_differ=()) -> dict:
+        from tqdm.auto import tqdm
 
-    total = cfg.max_steps if not cfg.budget_seconds else None
-    bar = tqdm(total=total if total else 100, initial=state["step"] if total else int(100 * frac()),
-               disable=not progress or not main, desc=desc, unit="step" if total else "%", dynamic_ncols=True)
-    module.train()
-    t_session = time.perf_counter()
-    with open(log_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as logf:
-        def emit(rec: dict) -> None:
-            if main:
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
+        if (done := finished_state(self.out, self.run_config)) is not None:
+            return done
+        resumed, unchecked = self.start(fork_from, fork_may_differ)
+        if self.state["done"]:
+            return self._finish()
+        self.trackers = make_trackers(self.cfg.tracking, self.out, self.run_config) if self.main else []
+        self.trainable = [p for p in self.module.parameters() if p.requires_grad]
+        timed = bool(self.cfg.budget_seconds)
+        self.bar = tqdm(total=100 if timed else self.total,
+                        initial=int(100 * self.frac()) if timed else self.state["step"],
+                        disable=not self.progress or not self.main, desc=self.desc, unit="%" if timed else "step",
+                        dynamic_ncols=True)
+        self.module.train()
+        t_session = time.perf_counter()
+        with open(self.log_path, "a", encoding="utf-8") if self.main else contextlib.nullcontext() as self.logf:
+            self.emit({"event": "resume" if resumed else "start", "step": self.state["step"],
+                       "total_steps": self.total, "config": self.run_config, **self.info,
+                       **({"warning": unchecked} if unchecked else {})})
+            try:
+                while not self.state["done"]:
+                    for idx in self.sampler:
+                        if self.step(idx):
+                            break
+            finally:
+                self.bar.close()
+                for t in self.trackers:
+                    t.close()
+        self.state["seconds_this_session"] = round(time.perf_counter() - t_session, 2)
+        return self._finish()
 
-        emit({"event": "resume" if resumed else "start", "step": state["step"], "config": run_config,
-              **({"warning": unchecked} if unchecked else {})})
-        try:
-            while not state["done"]:
-                for idx in sampler:
-                    t0 = time.perf_counter()
-                    step = state["step"]
-                    lr = lr_at(frac(), cfg)
-                    for g in optimizer.param_groups:
-                        g["lr"] = lr
-                    batch = collate(idx, random.Random(cfg.seed * 1_000_003 + step))
-                    loss, rec = loss_fn(batch, step)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    # no-op for one process; "_weight": this rank's share when the loss is a mean over counts
-                    lv = float(D.average_gradients(trainable, loss, rec.pop("_weight", None)))
-                    gnorm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip))
-                    finite = math.isfinite(gnorm) and math.isfinite(lv)
-                    if finite:
-                        optimizer.step()
-                        state["bad_in_a_row"] = 0
-                    else:
-                        # one bad batch (a corrupt utterance, an overflow) must not cost the run: skip the
-                        # update, count it; a streak means divergence, and the last checkpoint stays the good one
-                        optimizer.zero_grad(set_to_none=True)
-                        state["skipped_steps"] = state.get("skipped_steps", 0) + 1
-                        state["bad_in_a_row"] = state.get("bad_in_a_row", 0) + 1
-                        emit({"event": "nonfinite", "step": step + 1, "loss": repr(lv), "grad_norm": repr(gnorm),
-                              "ids": batch.get("ids") if isinstance(batch, dict) else None,
-                              "skipped_steps": state["skipped_steps"]})
-                        tqdm.write(f"warning (step {step + 1}): loss {lv} / grad norm {gnorm}: update skipped")
-                        if state["bad_in_a_row"] >= cfg.max_bad_steps:
-                            raise FloatingPointError(
-                                f"step {step + 1}: {state['bad_in_a_row']} non-finite losses/gradients in a row: "
-                                f"training diverged; lower the learning rate ({cfg.lr}) or check the input. "
-                                f"The last checkpoint ({last}) holds the weights before the streak")
-                    state["step"] = step = step + 1
-                    extra = None  # after_update may report what it did (e.g. a re-clustering) in this step's record
-                    if after_update is not None:
-                        with torch.no_grad():
-                            extra = after_update(step, frac_at(step, D.all_max(state["seconds"] + time.perf_counter()
-                                                                               - t0)))
-                    # every rank counts the slowest rank's time, so all stop at the same step
-                    state["seconds"] = D.all_max(state["seconds"] + time.perf_counter() - t0)
-                    rec = {"step": step, "loss": round(lv, 5), "lr": lr, "grad_norm": round(gnorm, 4),
-                           "batch": len(idx), "seconds": round(state["seconds"], 2), "progress": round(frac(), 4),
-                           **rec, **(extra or {})}
-                    if step % cfg.log_every == 0 or step == 1 or extra:
-                        emit(rec)
-                        for t in trackers:
-                            t.log(rec)
-                        for w in (warnings(rec) if warnings else []):
-                            emit({"event": "warning", "step": step, "message": w})
-                            tqdm.write(f"warning (step {step}): {w}")
-                    bar.update(1 if total else int(100 * frac()) - bar.n)
-                    bar.set_postfix(loss=f"{lv:.3f}", lr=f"{lr:.1e}", refresh=False)
-                    at_end = frac() >= 1.0 or step >= cfg.max_steps
-                    if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or at_end):
-                        better, metric = False, None  # other ranks only learn whether it improved
-                        if main:  # the dev set is scored once, by rank 0
-                            module.eval()
-                            ev = evaluate()
-                            module.train()
-                            metric = ev["metric"]
-                            better = state["best"] is None or metric < state["best"]
-                            if better:
-                                ckpt.write_dir(best, write)
-                            emit({"event": "eval", "step": step, **ev, "improved": better})
-                            for t in trackers:
-                                t.log({"step": step, **{f"eval_{k}": v for k, v in ev.items()}})
-                        better, = D.broadcast_flags(better)
-                        state["bad_evals"] = 0 if better else state["bad_evals"] + 1
-                        if better:
-                            state.update(best=metric, best_step=step)
-                        if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
-                            at_end = True
-                    elif evaluate is None and at_end:
-                        state["best_step"] = step
-                        if main:
-                            ckpt.write_dir(best, write)
-                    keep = bool(cfg.keep_every) and step % cfg.keep_every == 0
-                    if at_end or step % cfg.ckpt_every == 0 or keep:
-                        state.update(done=at_end, sampler=sampler.state_dict())
-                        if main:
-                            ckpt.save_checkpoint(last, write, optimizer, state)
-                            if keep:
-                                ckpt.save_checkpoint(out / "keep" / f"step-{step}", write, optimizer, state)
-                        D.barrier()
-                    if on_step is not None:
-                        on_step(rec)
-                    if at_end:
-                        break
-        finally:
-            bar.close()
-            for t in trackers:
-                t.close()
-    state["seconds_this_session"] = round(time.perf_counter() - t_session, 2)
-    return state
+    def _finish(self) -> dict:
+        """Record the final state; drop last/ (weights + optimizer moments) unless asked to keep it."""
+        if self.main:
+            ckpt.write_json(self.out / FINISHED, {"state": self.state, "run_config": self.run_config})
+            if not self.cfg.keep_last:
+                for d in (self.last, self.last.with_name(f".{self.last.name}.old")):
+                    shutil.rmtree(d, ignore_errors=True)
+        D.barrier()
+        return self.state
 
+    def emit(self, rec: dict) -> None:
+        if self.main:
+            self.logf.write(json.dumps(rec) + "\n")
+            self.logf.flush()
+
+    def frac(self, step: int | None = None, seconds: float | None = None) -> float:
+        return progress_at(self.cfg, self.state["step"] if step is None else step, self.total,
+                           self.state["seconds"] if seconds is None else seconds)
+
+    # -- one update
+    def step(self, idx: list[int]) -> bool:
+        """One update on the batch of items ``idx``; returns whether the run ends here."""
+        t0 = time.perf_counter()
+        st, cfg = self.state, self.cfg
+        step = st["step"]
+        lr = lr_at(cfg, step, self.total, st["seconds"])
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        batch = self.collate(idx, random.Random(cfg.seed * 1_000_003 + step))
+        loss, rec = self.loss_fn(batch, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # no-op for one process; "_weight": this rank's share when the loss is a mean over counts
+        lv = float(D.average_gradients(self.trainable, loss, rec.pop("_weight", None)))
+        gnorm = float(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+        if math.isfinite(gnorm) and math.isfinite(lv):
+            self.optimizer.step()
+            st["bad_in_a_row"] = 0
+        else:
+            self.skip(step, lv, gnorm, batch)
+        st["step"] = step = step + 1
+        extra = None  # after_update may report what it did (e.g. a re-clustering) in this step's record
+        if self.after_update is not None:
+            with torch.no_grad():
+                extra = self.after_update(step, self.frac(step, D.all_max(st["seconds"] + time.perf_counter() - t0)))
+        # every rank counts the slowest rank's time, so all stop at the same step
+        st["seconds"] = D.all_max(st["seconds"] + time.perf_counter() - t0)
+        rec = {"step": step, "epoch": getattr(self.sampler, "epoch", None), "loss": round(lv, 5), "lr": lr,
+               "grad_norm": round(gnorm, 4), "batch": len(idx), "seconds": round(st["seconds"], 2),
+               "progress": round(self.frac(), 4), **rec, **(extra or {})}
+        if step % cfg.log_every == 0 or step == 1 or extra:
+            self.log_record(rec)
+        self.bar.update(int(100 * self.frac()) - self.bar.n if cfg.budget_seconds else 1)
+        self.bar.set_postfix(loss=f"{lv:.3f}", lr=f"{lr:.1e}", best=st["best"], refresh=False)
+        at_end = self.frac() >= 1.0 or step >= self.total
+        at_end = self.maybe_evaluate(step, at_end)
+        self.maybe_checkpoint(step, at_end)
+        if self.on_step is not None:
+            self.on_step(rec)
+        return at_end
+
+    def skip(self, step: int, lv: float, gnorm: float, batch) -> None:
+        """A non-finite loss or gradient: no update, counted and logged; a streak stops the run.
+
+        One bad batch (a corrupt utterance, an overflow) must not cost the run; a
+        streak means divergence, and the last checkpoint stays the good one."""
+        from tqdm.auto import tqdm
+
+        st = self.state
+        self.optimizer.zero_grad(set_to_none=True)
+        st["skipped_steps"] = st.get("skipped_steps", 0) + 1
+        st["bad_in_a_row"] = st.get("bad_in_a_row", 0) + 1
+        self.emit({"event": "nonfinite", "step": step + 1, "loss": repr(lv), "grad_norm": repr(gnorm),
+                   "ids": batch.get("ids") if isinstance(batch, dict) else None, "skipped_steps": st["skipped_steps"]})
+        tqdm.write(f"warning (step {step + 1}): loss {lv} / grad norm {gnorm}: update skipped")
+        if st["bad_in_a_row"] >= self.cfg.max_bad_steps:
+            raise FloatingPointError(
+                f"step {step + 1}: {st['bad_in_a_row']} non-finite losses/gradients in a row: training diverged; "
+                f"lower the learning rate ({self.cfg.lr}) or check the input. The last checkpoint ({self.last}) "
+                "holds the weights before the streak")
+
+    def log_record(self, rec: dict) -> None:
+        from tqdm.auto import tqdm
+
+        self.emit(rec)
+        for t in self.trackers:
+            t.log(rec)
+        for w in (self.warnings(rec) if self.warnings else []):
+            self.emit({"event": "warning", "step": rec["step"], "message": w})
+            tqdm.write(f"warning (step {rec['step']}): {w}")
+
+    def maybe_evaluate(self, step: int, at_end: bool) -> bool:
+        """Score the dev set when due, keep the best model; returns whether the run ends (patience)."""
+        st, cfg = self.state, self.cfg
+        if self.evaluate is None:
+            if at_end:
+                st["best_step"] = step
+                if self.main:
+                    ckpt.write_dir(self.best, self.write)
+            return at_end
+        if not ((cfg.eval_every and step % cfg.eval_every == 0) or at_end):
+            return at_end
+        self.evaluated = True  # the early-stopping counters just changed: checkpoint them with the weights
+        better, metric = False, None  # other ranks only learn whether it improved
+        if self.main:  # the dev set is scored once, by rank 0
+            self.module.eval()
+            ev = self.evaluate()
+            self.module.train()
+            metric = ev["metric"]
+            better = st["best"] is None or metric < st["best"]
+            if better:
+                ckpt.write_dir(self.best, self.write)
+            self.emit({"event": "eval", "step": step, **ev, "improved": better})
+            for t in self.trackers:
+                t.log({"step": step, **{f"eval_{k}": v for k, v in ev.items()}})
+        better, = D.broadcast_flags(better)
+        st["bad_evals"] = 0 if better else st["bad_evals"] + 1
+        if better:
+            st.update(best=metric, best_step=step)
+        if cfg.patience is not None and st["bad_evals"] >= cfg.patience and not at_end:
+            st["stopped_early"] = True
+            return True
+        return at_end
+
+    def maybe_checkpoint(self, step: int, at_end: bool) -> None:
+        cfg = self.cfg
+        keep = bool(cfg.keep_every) and step % cfg.keep_every == 0
+        evaluated, self.evaluated = self.evaluated, False
+        if at_end or step % cfg.ckpt_every == 0 or keep or evaluated:
+            self.state.update(done=at_end, sampler=self.sampler.state_dict())
+            if self.main:
+                ckpt.save_checkpoint(self.last, self.write, self.optimizer, self.state)
+                if keep:
+                    ckpt.save_checkpoint(self.out / "keep" / f"step-{step}", self.write, self.optimizer, self.state)
+            D.barrier()

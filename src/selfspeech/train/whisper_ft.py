@@ -1,7 +1,8 @@
 """Whisper student fine-tuning on CPU for Pseudo2Real (Lin et al. 2025, arXiv 2510.08047).
 
 theta_sr (real labels) and theta_sp (teacher pseudo-labels) are fine-tuned from one
-init with this one loop; tau = theta_sr - theta_sp (:mod:`selfspeech.arith.task_vector`)
+init by the toolkit's one training loop (:mod:`selfspeech.train.loop`, the loss in
+:mod:`selfspeech.objectives.seq2seq`); tau = theta_sr - theta_sp (:mod:`selfspeech.arith.task_vector`)
 only means "what the teacher gets wrong" if the two runs differ in nothing but the
 labels. Hence:
 
@@ -22,13 +23,10 @@ with -100 (the model prepends ``<|startoftranscript|>`` when shifting right),
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import math
 import shutil
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +40,11 @@ from selfspeech.data.manifest import read_manifest, write_manifest
 from selfspeech.models.whisper import (MAX_FRAMES, encode, greedy_decode, load_processor, log_mel,  # noqa: F401
                                        pad_features)
 from selfspeech.text.normalize import NORMALIZERS, get_normalizer
+from selfspeech.config import checked
+from selfspeech.objectives.seq2seq import WhisperSeq2Seq
 from selfspeech.train import checkpoint as ckpt
 from selfspeech.train import distributed as D
+from selfspeech.train.loop import LoopConfig, finished_state, total_steps, train_loop
 from selfspeech.train.sampler import BucketBatchSampler
 
 log = logging.getLogger(__name__)
@@ -53,52 +54,50 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    lr: float = 1e-5                 # peak; 1e-5 / batch 8 / clip 1.0 fine-tuned tiny.en well in a probe
-    warmup_steps: int = 20           # linear warm-up from 0, then `schedule` decay to 0 at the last step
-    schedule: str = "linear"         # "linear" or "cosine"
-    max_epochs: int = 3
-    max_steps: int | None = None     # cap on optimizer updates (the schedule ends there)
-    batch_size: int | None = 8       # items per batch, and/or ...
-    max_batch_seconds: float | None = None  # ... padded seconds per batch (B * longest)
-    grad_clip: float = 1.0           # max global grad norm; 0 disables clipping
-    weight_decay: float = 0.0        # AdamW, on >= 2-D weights only (nanoGPT); 0 = HF Whisper recipe
-    eval_every: int = 50             # steps between dev evaluations (and `last` checkpoints)
-    patience: int = 3                # evaluations without dev-WER improvement before stopping
-    eval_batch_size: int = 16
-    max_new_tokens: int = 128
-    seed: int = 0
+class FinetuneConfig(LoopConfig):
+    """The shared loop's settings with Whisper fine-tuning defaults, plus the student's data and decoding."""
+
+    lr: float = checked(1e-5, gt=0)  # peak; 1e-5 / batch 8 / clip 1.0 fine-tune tiny.en well
+    weight_decay: float = checked(0.0, ge=0)      # the Hugging Face Whisper recipe
+    betas: tuple[float, float] = (0.9, 0.999)     # AdamW's defaults, as transformers' Trainer
+    warmup_steps: int | None = checked(20, ge=0)  # linear warm-up, then `schedule` decay to 0 at the last step
+    max_epochs: int | None = checked(3, ge=1)
+    max_steps: int | None = checked(None, ge=1)   # cap on optimizer updates (the schedule ends there)
+    grad_clip: float = checked(1.0, ge=0)         # max global grad norm; 0 disables clipping
+    eval_every: int = checked(50, ge=1)           # steps between dev evaluations (each also checkpoints last/)
+    patience: int | None = checked(3, ge=1)       # evaluations without dev-WER improvement before stopping
+    keep_last: bool = False                       # a finished student keeps best/ only (later stages read it)
+    batch_size: int | None = checked(8, ge=1)     # items per batch, and/or ...
+    max_batch_seconds: float | None = checked(None, gt=0)  # ... padded seconds per batch (B * longest)
+    eval_batch_size: int = checked(16, ge=1)
+    max_new_tokens: int = checked(128, ge=1)
     normalizer: str = "whisper_english"
     language: str = "en"             # prefix language of multilingual models; unused by *.en
     trim_input: bool = True          # False: 30-s padded features, the stock encoder path
     freeze_encoder: bool = False
-    min_duration: float = 0.1
-    max_duration: float = 30.0       # longer utterances are skipped (Whisper sees 30 s at most)
-    num_buckets: int = 10
+    min_duration: float = checked(0.1, ge=0)
+    max_duration: float = checked(30.0, gt=0, le=30.0)  # longer utterances are skipped (Whisper sees 30 s at most)
+    num_buckets: int = checked(10, ge=1)
     cache_features: bool = True      # log-mels in RAM: 80 x 100 x 4 B = 32 kB per second of audio
-    log_every: int = 10
 
     def __post_init__(self):
+        super().__post_init__()
         if self.batch_size is None and self.max_batch_seconds is None:
             raise ValueError("set batch_size or max_batch_seconds")
         if not 0 < self.max_duration <= 30.0:
             raise ValueError(f"max_duration must be in (0, 30] s (Whisper's window), got {self.max_duration}")
         if self.normalizer not in NORMALIZERS:
             raise ValueError(f"unknown normalizer {self.normalizer!r}; choose one of {', '.join(NORMALIZERS)}")
-        if self.schedule not in ("linear", "cosine"):
-            raise ValueError(f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
-        if self.eval_every < 1 or self.patience < 1:
-            raise ValueError("eval_every and patience must be >= 1")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict) -> "FinetuneConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         if unknown := set(d) - names:
             raise ValueError(f"unknown FinetuneConfig field(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 # -- labels ------------------------------------------------------------------------------
@@ -189,54 +188,13 @@ class WhisperCollator:
 
     def __call__(self, idx: list[int], with_labels: bool = True) -> dict[str, torch.Tensor]:
         x, xl = pad_features([self.features(i) for i in idx], self.trim)
-        batch = {"input_features": x, "feature_lengths": xl}
+        batch = {"input_features": x, "feature_lengths": xl, "ids": [str(self.items[i].get("id")) for i in idx]}
         if with_labels:
             batch["labels"], batch["label_lengths"] = pad_labels([self.labels(i) for i in idx])
         return batch
 
 
 # -- training -----------------------------------------------------------------------------
-
-def lr_at(step: int, cfg: FinetuneConfig, total: int) -> float:
-    """Learning rate of update ``step`` (0-based): linear warm-up, then linear or cosine decay to 0 at ``total``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    p = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.lr * ((1.0 - p) if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * p)))
-
-
-def make_optimizer(model, cfg: FinetuneConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on >= 2-D weights only (biases and LayerNorm gains are not shrunk).
-
-    Fused kernel (one pass over the weights; torch >= 2.4 on CPU, transformers'
-    default too): the per-tensor loop took a quarter of a tiny.en step.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]  # tied weights listed once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    try:
-        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
-    except (RuntimeError, ValueError):  # older torch: no fused CPU kernel
-        return torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
-
-
-def train_step(model, optimizer: torch.optim.Optimizer, batch: dict, lr: float, grad_clip: float = 1.0) -> tuple[float, float]:
-    """One AdamW update on a collated batch; returns (mean token loss, grad norm before clipping)."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-    model.train()
-    with torch.set_grad_enabled(any(p.requires_grad for p in model.get_encoder().parameters())):
-        h = encode(model, batch["input_features"])  # (B, T/2, D); no graph when the encoder is frozen
-    loss = model(encoder_outputs=(h,), labels=batch["labels"]).loss  # mean over non -100 tokens
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    # data parallel (torchrun): the token-weighted mean over ranks = one process's combined batch
-    loss = D.average_gradients(params, loss, weight=float((batch["labels"] != -100).sum()))
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-    optimizer.step()
-    return loss.item(), norm.item()
-
 
 def evaluate(model, collator: WhisperCollator, cfg: FinetuneConfig) -> tuple[float, list[str]]:
     """Greedy-decode ``collator.items``; (corpus WER against their normalised ``text``, normalised hyps)."""
@@ -256,75 +214,44 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
              on_step: Callable[[dict], None] | None = None) -> Path:
     """Fine-tune Whisper ``init_dir`` (a transformers dir or zoo name) on ``train_manifest``; returns ``out_dir/best``.
 
-    Every ``cfg.eval_every`` steps: greedy dev WER against the dev manifest's
-    ``text`` (pseudo-labels for a pseudo-label run), ``out_dir/best`` rewritten on
+    Runs on the shared loop (:func:`selfspeech.train.loop.train_loop`). Every
+    ``cfg.eval_every`` steps: greedy dev WER against the dev manifest's ``text``
+    (pseudo-labels for a pseudo-label run), ``out_dir/best`` rewritten on
     improvement, ``out_dir/last`` (model, AdamW moments, step, sampler position,
-    RNG, early-stopping counters) rewritten always; training stops after
+    RNG, early-stopping counters) rewritten; training stops after
     ``cfg.patience`` evaluations without improvement. Without a dev manifest
     ``best`` is the final model. Rerunning with the same arguments after a kill
     resumes from ``last`` and ends with the weights an uninterrupted run gets;
     rerunning a finished run returns at once. ``on_step(record)`` is called after
     every update (and after any checkpoint of that step). Writes
-    ``out_dir/train_log.jsonl`` and ``out_dir/summary.json``.
+    ``out_dir/log.jsonl`` and ``out_dir/summary.json``.
     """
-    from tqdm.auto import tqdm
     from transformers import WhisperForConditionalGeneration
 
     from selfspeech.models.zoo import resolve_model
 
     env = D.init_from_env()  # torchrun: data parallel over its processes (rank 0 logs and checkpoints)
-    init_dir, out_dir = resolve_model(init_dir).hf_dir if not Path(init_dir).is_dir() else Path(init_dir), Path(out_dir)
-    last, best, log_path = out_dir / "last", out_dir / "best", out_dir / "train_log.jsonl"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resumed = ckpt.resolve(last)
-    if resumed is not None and (saved := FinetuneConfig.from_dict(json.loads((resumed / CONFIG_NAME).read_text()))) != cfg:
-        diff = {k: (v, getattr(cfg, k)) for k, v in saved.to_dict().items() if v != getattr(cfg, k)}
-        raise ValueError(f"{out_dir} holds a run with another config {diff} (saved, given); "
-                         "pass the same config to resume or use a new out_dir")
-    if resumed is not None and json.loads((resumed / ckpt.STATE_JSON).read_text())["state"].get("done"):
-        return best  # a finished run: nothing to do
+    init_dir = Path(init_dir) if Path(init_dir).is_dir() else resolve_model(init_dir).hf_dir
+    out_dir = Path(out_dir)
+    run_config = {"finetune": cfg.to_dict(), "init": str(Path(init_dir).resolve()),
+                  "train": str(Path(train_manifest).resolve()),
+                  "dev": None if dev_manifest is None else str(Path(dev_manifest).resolve())}
+    if finished_state(out_dir, run_config) is not None:
+        return out_dir / "best"  # a finished run: nothing to load, nothing to do
     processor = load_processor(init_dir, cfg.language)
-    model = WhisperForConditionalGeneration.from_pretrained(str(resumed or init_dir), dtype=torch.float32,
+    model = WhisperForConditionalGeneration.from_pretrained(str(init_dir), dtype=torch.float32,
                                                             use_safetensors=True)  # never unpickle
     if cfg.freeze_encoder:
         model.get_encoder().requires_grad_(False)
-
     data, skipped = {}, {}
     for split, manifest in (("train", train_manifest), ("dev", dev_manifest)):
-        if manifest is None:
-            continue
-        items, skip = load_items(manifest, cfg)
-        keep = [it for it in items if len(label_ids(processor.tokenizer, it["text"])) <= model.config.max_target_positions]
-        if len(keep) < len(items):
-            skip["too_many_tokens"] = len(items) - len(keep)
-        data[split] = WhisperCollator(keep, processor, cfg.trim_input, cfg.cache_features)
-        bad = data[split].screen()  # the same decision on every (re)start
-        if bad:
-            skip["bad_audio"] += len(bad)
-            log.warning("%s: bad audio, skipped: %s", manifest, bad[:5])
-        skipped[split] = dict(skip)
-        if skip:
-            log.warning("%s: skipped %d %s utterance(s): %s", manifest, sum(skip.values()), split, dict(skip))
+        if manifest is not None:
+            data[split], skipped[split] = student_data(manifest, split, cfg, processor, model.config.max_target_positions)
     train, dev = data["train"], data.get("dev")
     if not train.items or (dev is not None and not dev.items):
         raise ValueError(f"no usable utterances left (skipped: {skipped})")
     sampler = D.shard(BucketBatchSampler([it["duration"] for it in train.items], cfg.batch_size,
                                          cfg.max_batch_seconds, seed=cfg.seed, num_buckets=cfg.num_buckets))
-    total = sum(len(sampler.batches(e)) for e in range(cfg.max_epochs))
-    total = min(total, cfg.max_steps) if cfg.max_steps is not None else total
-    optimizer = make_optimizer(model, cfg)
-    state = {"step": 0, "best_wer": None, "best_step": None, "bad_evals": 0, "done": False, "stopped_early": False}
-    if resumed is not None:
-        state = ckpt.load_checkpoint(resumed, optimizer)  # also restores the RNG states
-        sampler.load_state_dict(state["sampler"])
-        if env.main:
-            ckpt.truncate_log(log_path, state["step"])
-    else:
-        if env.main:
-            log_path.unlink(missing_ok=True)
-        torch.manual_seed(cfg.seed + env.rank)
-    D.broadcast_module(model)
-    D.barrier()  # nobody appends to the log while rank 0 may still be truncating it
 
     def write_model(d: Path) -> None:  # a save_pretrained dir that WhisperProcessor also loads
         model.save_pretrained(d)
@@ -333,69 +260,57 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
                 shutil.copy2(init_dir / name, d / name)
         (d / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
-    t0 = time.perf_counter()
-    bar = tqdm(total=total, initial=state["step"], disable=not progress or not env.main, unit="step",
-               dynamic_ncols=True)
-    with open(log_path, "a", encoding="utf-8") if env.main else contextlib.nullcontext() as logf:
-        def emit(rec: dict) -> None:
-            if env.main:
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
+    def dev_wer() -> dict:
+        wer, _ = evaluate(model, dev, cfg)
+        return {"metric": wer, "dev_wer": wer}
 
-        emit({"event": "resume" if resumed else "start", "step": state["step"], "total_steps": total,
-              "n_train": len(train.items), "n_dev": len(dev.items) if dev else 0, "skipped": skipped})
-        try:
-            while not state["done"]:
-                for idx in sampler:
-                    step = state["step"]
-                    lr = lr_at(step, cfg, total)
-                    loss, gnorm = train_step(model, optimizer, train(idx), lr, cfg.grad_clip)
-                    state["step"] = step = step + 1
-                    rec = {"step": step, "epoch": sampler.epoch, "loss": round(loss, 5), "lr": lr,
-                           "grad_norm": round(gnorm, 4), "batch_size": len(idx),
-                           "seconds": round(time.perf_counter() - t0, 2)}
-                    if step % cfg.log_every == 0:
-                        emit(rec)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", best_wer=state["best_wer"], refresh=False)
-                    at_end = step >= total
-                    if step % cfg.eval_every == 0 or at_end:
-                        if dev is not None:
-                            improved, wer = False, None  # the dev set is decoded once, by rank 0
-                            if env.main:
-                                wer, _ = evaluate(model, dev, cfg)
-                                improved = state["best_wer"] is None or wer < state["best_wer"]
-                            improved, = D.broadcast_flags(improved)
-                            state["bad_evals"] = 0 if improved else state["bad_evals"] + 1
-                            if improved:
-                                state.update(best_wer=wer, best_step=step)
-                                if env.main:
-                                    ckpt.write_dir(best, write_model)
-                            emit({"event": "eval", "step": step, "dev_wer": wer, "best_wer": state["best_wer"],
-                                  "improved": improved})
-                        elif at_end:
-                            state["best_step"] = step
-                            if env.main:
-                                ckpt.write_dir(best, write_model)
-                        early = dev is not None and state["bad_evals"] >= cfg.patience
-                        state.update(done=at_end or early, stopped_early=early and not at_end,
-                                     sampler=sampler.state_dict())
-                        if env.main:
-                            ckpt.save_checkpoint(last, write_model, optimizer, state)
-                        D.barrier()
-                    if on_step is not None:
-                        on_step(rec)
-                    if state["done"]:
-                        break
-        finally:
-            bar.close()
-    summary = {"best_dir": str(best), "best_step": state["best_step"], "best_dev_wer": state["best_wer"],
-               "steps": state["step"], "total_steps": total, "stopped_early": state["stopped_early"],
-               "n_train": len(train.items), "n_dev": len(dev.items) if dev else 0, "skipped": skipped,
-               "normalizer": cfg.normalizer, "seconds_this_session": round(time.perf_counter() - t0, 2)}
+    state = train_loop(model, WhisperSeq2Seq(model), sampler, lambda idx, rng: train(idx), cfg, out_dir,
+                       write_model, run_config, evaluate=dev_wer if dev is not None else None, progress=progress,
+                       desc="finetune whisper", on_step=on_step, load_model=lambda d: load_whisper_weights(model, d),
+                       info={"n_train": len(train.items), "n_dev": len(dev.items) if dev else 0, "skipped": skipped})
+    summary = {"best_dir": str(out_dir / "best"), "best_step": state["best_step"], "best_dev_wer": state["best"],
+               "steps": state["step"], "total_steps": total_steps(cfg, sampler), "stopped_early": state["stopped_early"],
+               "skipped_steps": state["skipped_steps"], "n_train": len(train.items),
+               "n_dev": len(dev.items) if dev else 0, "skipped": skipped, "normalizer": cfg.normalizer,
+               "seconds_this_session": state.get("seconds_this_session", 0.0)}
     if env.main:
         ckpt.write_json(out_dir / "summary.json", summary)
-    return best
+    return out_dir / "best"
+
+
+def student_data(manifest: str | Path, split: str, cfg: FinetuneConfig, processor,
+                 max_tokens: int) -> tuple["WhisperCollator", dict]:
+    """The usable utterances of ``manifest`` as a collator, and the skip counts by reason.
+
+    Every item's audio is decoded once up front (:meth:`WhisperCollator.screen`),
+    so a bad file is skipped and counted the same way on every (re)start instead
+    of stopping the run when a batch first reaches it.
+    """
+    items, skip = load_items(manifest, cfg)
+    keep = [it for it in items if len(label_ids(processor.tokenizer, it["text"])) <= max_tokens]
+    if len(keep) < len(items):
+        skip["too_many_tokens"] = len(items) - len(keep)
+    coll = WhisperCollator(keep, processor, cfg.trim_input, cfg.cache_features)
+    bad = coll.screen()
+    if bad:
+        skip["bad_audio"] += len(bad)
+        log.warning("%s: bad audio, skipped: %s", manifest, bad[:5])
+    if skip:
+        log.warning("%s: skipped %d %s utterance(s): %s", manifest, sum(skip.values()), split, dict(skip))
+    return coll, dict(skip)
+
+
+def load_whisper_weights(model, d: Path) -> None:
+    """A checkpoint's ``model.safetensors`` into ``model``; save_pretrained leaves out tied weights only."""
+    from safetensors.torch import load_file
+
+    missing, unexpected = model.load_state_dict(load_file(str(Path(d) / "model.safetensors")), strict=False)
+    tied = {"proj_out.weight"}  # tied to the decoder's token embedding
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{d}: weights do not fit this Whisper (missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    if missing:
+        model.tie_weights()
 
 
 def transcribe_dir(model_dir: str | Path, manifest: str | Path, out_jsonl: str | Path, trim_input: bool | None = None,
