@@ -24,19 +24,21 @@ from selfspeech.data.manifest import read_manifest, write_manifest
 from selfspeech.data.select import select, split_by_speaker
 
 
-def load_items(recipe: Recipe) -> list[dict]:
-    d = recipe.data
+def load_items(recipe: Recipe, durations: bool = True) -> list[dict]:
+    """The data source's items; ``durations=False``: a Kaldi directory's audio is not opened."""
+    d, where = recipe.data, recipe.source
     if bool(d.kaldi_dir) == bool(d.manifest):
-        raise RecipeError("data: give exactly one of kaldi_dir or manifest")
-    if d.kaldi_dir:
-        p = recipe.path(d.kaldi_dir)
-        if not p.is_dir():
-            raise RecipeError(f"data.kaldi_dir: {p} not found")
-        return list(iter_kaldi_dir(p))
-    p = recipe.path(d.manifest)
-    if not p.is_file():
-        raise RecipeError(f"data.manifest: {p} not found")
-    return list(read_manifest(p))
+        raise RecipeError(f"{where}: data: {d.kaldi_dir or d.manifest!r} is not one data source; "
+                          "give exactly one of data.kaldi_dir or data.manifest")
+    key, p = ("kaldi_dir", recipe.path(d.kaldi_dir)) if d.kaldi_dir else ("manifest", recipe.path(d.manifest))
+    if not (p.is_dir() if d.kaldi_dir else p.is_file()):
+        raise RecipeError(f"{where}: data.{key}: {str(p)!r} is not found; give an existing "
+                          f"{'Kaldi data directory' if d.kaldi_dir else 'manifest (JSONL)'} (relative paths start "
+                          "at the recipe's folder)")
+    try:
+        return list(iter_kaldi_dir(p, with_durations=durations)) if d.kaldi_dir else list(read_manifest(p))
+    except ValueError as e:
+        raise RecipeError(f"{where}: data.{key}: {' '.join(str(e).split())}") from None
 
 
 def _subsample(items: list[dict], per_speaker: int | None, seed: int) -> list[dict]:
@@ -53,25 +55,34 @@ def _subsample(items: list[dict], per_speaker: int | None, seed: int) -> list[di
     return out
 
 
-def make_parts(recipe: Recipe, out: Path) -> dict[str, str]:
-    """Write every part's reference manifest into ``out``; returns name -> path."""
-    d = recipe.data
-    items = load_items(recipe)
+def split_parts(recipe: Recipe, items: list[dict]) -> dict[str, list[dict]]:
+    """Every part (and the fit/stop splits of adapt and sim) as item lists; RecipeError if one is empty."""
+    d, where = recipe.data, recipe.source
     source = _subsample(list(select(items, d.source_rule)), d.max_utts_per_speaker, d.seed)
     target = _subsample(list(select(items, d.target_rule)), d.max_utts_per_speaker, d.seed)
     if not source or not target:
-        raise RecipeError(f"data: source rule {d.source_rule!r} selects {len(source)} and target rule "
-                          f"{d.target_rule!r} selects {len(target)} utterances; both must be non-empty")
+        key, rule = ("source_rule", d.source_rule) if not source else ("target_rule", d.target_rule)
+        raise RecipeError(f"{where}: data.{key}: {rule!r} selects no utterance (source {len(source)}, target "
+                          f"{len(target)}); write a rule the manifest's fields meet, e.g. age_group==adult")
     parts = {f"source_{k}": v for k, v in split_by_speaker(source, dict(d.source_parts), d.seed).items()}
     parts.update({f"target_{k}": v for k, v in split_by_speaker(target, dict(d.target_parts), d.seed).items()})
     for need in ("source_train", "source_dev", "source_sim", "target_adapt", "target_eval"):
         if not parts.get(need):
-            raise RecipeError(f"data: part {need!r} is empty; check source_parts/target_parts")
+            side = need.split("_")[0]
+            raise RecipeError(f"{where}: data.{side}_parts: {dict(getattr(d, f'{side}_parts'))!r} leaves part "
+                              f"{need!r} without speakers; give it speakers (more speakers or other sizes)")
     for name in ("target_adapt", "source_sim"):
         sub = split_by_speaker(parts[name], {"fit": 1 - d.dev_fraction, "stop": d.dev_fraction}, d.seed + 1)
         if not sub["stop"] or not sub["fit"]:
-            raise RecipeError(f"data: {name} has too few speakers to hold out {d.dev_fraction:.0%} for early stopping")
+            raise RecipeError(f"{where}: data.dev_fraction: {d.dev_fraction!r} holds out no speaker (or all) of "
+                              f"{name} for early stopping; give {name} more speakers or change dev_fraction")
         parts[f"{name}_fit"], parts[f"{name}_stop"] = sub["fit"], sub["stop"]
+    return parts
+
+
+def make_parts(recipe: Recipe, out: Path) -> dict[str, str]:
+    """Write every part's reference manifest into ``out``; returns name -> path."""
+    parts = split_parts(recipe, load_items(recipe))
     paths = {}
     for name, its in parts.items():
         paths[name] = str(out / f"{name}.jsonl")

@@ -1,19 +1,47 @@
-"""The ``selfspeech adapt`` recipe: a YAML file read into frozen dataclasses.
+"""The ``selfspeech adapt`` recipe: a YAML file read into typed, frozen dataclasses.
 
 Only plain values live here (paths, rules, numbers); the pipeline builds what
-it needs from them. Unknown keys are an error, so a typo cannot silently fall
-back to a default. Relative paths are resolved against the recipe's folder.
+it needs from them. The recipe is loaded by the one strict loader
+(:func:`selfspeech.config.from_mapping`): unknown keys, wrong types and values
+out of range stop with one line naming the dotted key and the fix, and
+:func:`check_recipe` then checks what needs the file system (the data source,
+its speakers, the model names) - all before any model is loaded or audio read.
+Relative data paths are resolved against the recipe's folder.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from selfspeech.arith.task_vector import SCOPES
+from selfspeech.config import ConfigError, apply_overrides, checked, from_mapping, invalid, to_mapping
+from selfspeech.text.normalize import NORMALIZERS
+from selfspeech.train.whisper_ft import FinetuneConfig
+
+Scope = Literal[tuple(SCOPES)]
+Normalizer = Literal[NORMALIZERS]
+System = Literal["teacher", "zero_shot", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random", "source_real_ft",
+                 "source_real_plus_target_pseudo", "oracle"]
+SOURCE_PARTS, TARGET_PARTS = ("train", "dev", "sim"), ("adapt", "eval")
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """A recipe that cannot run; raised before any long computation starts."""
+
+
+def _check_parts(key: str, parts: dict, names: tuple[str, ...]) -> None:
+    """Speaker counts (integers >= 1; the last part takes the rest) or fractions in (0, 1] summing to 1."""
+    if set(parts) != set(names):
+        raise invalid(key, parts, f"not the parts {', '.join(names)}", f"name exactly {', '.join(names)}")
+    values = list(parts.values())
+    if all(isinstance(v, int) for v in values):
+        return
+    if not all(0 < v <= 1 for v in values) or abs(sum(values) - 1) > 1e-6:
+        raise invalid(key, parts, f"neither speaker counts nor fractions summing to 1 (sum {sum(values):g})",
+                      "give fractions in (0, 1] summing to 1, or speaker counts (integers >= 1)")
 
 
 @dataclass(frozen=True)
@@ -23,67 +51,95 @@ class DataSpec:
     source_rule: str = "age_group==adult"   # source domain: real transcripts usable
     target_rule: str = "age_group==child"   # target domain: transcripts only to measure
     # source speakers: train (tau), dev (early stopping), sim (the label-free lambda rule)
-    source_parts: dict = field(default_factory=lambda: {"train": 0.6, "dev": 0.15, "sim": 0.25})
+    source_parts: dict[str, int | float] = checked(
+        default_factory=lambda: {"train": 0.6, "dev": 0.15, "sim": 0.25}, gt=0)
     # target speakers: adapt (unlabelled) and eval (measurement only)
-    target_parts: dict = field(default_factory=lambda: {"adapt": 0.5, "eval": 0.5})
-    dev_fraction: float = 0.2          # speakers of an adapt/sim set held out for early stopping
-    max_utts_per_speaker: int | None = None  # subsample (seeded) to bound compute
+    target_parts: dict[str, int | float] = checked(default_factory=lambda: {"adapt": 0.5, "eval": 0.5}, gt=0)
+    dev_fraction: float = checked(0.2, gt=0, lt=1)  # speakers of an adapt/sim set held out for early stopping
+    max_utts_per_speaker: int | None = checked(None, ge=1)  # subsample (seeded) to bound compute
     seed: int = 0
+
+    def __post_init__(self):
+        from selfspeech.data.select import parse_rule
+
+        _check_parts("source_parts", self.source_parts, SOURCE_PARTS)
+        _check_parts("target_parts", self.target_parts, TARGET_PARTS)
+        for key in ("source_rule", "target_rule"):
+            try:
+                parse_rule(getattr(self, key))
+            except ValueError:
+                raise invalid(key, getattr(self, key), "not a selection rule",
+                              "write e.g. age_group==adult or 'age>=18, gender==f'") from None
 
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    name: str = "whisper-base"
-    batch_size: int = 8
+    name: str = checked("whisper-base", nonempty=True)
+    batch_size: int = checked(8, ge=1)
     drop_flagged: bool = True          # train only on labels that pass the label-free filters
-    max_new_tokens: int = 128
-    window_s: float = 15.0             # encoder window, see label.teacher.DecodeOptions
+    max_new_tokens: int = checked(128, ge=1)
+    window_s: float = checked(15.0, gt=0, le=30)  # encoder window, see label.teacher.DecodeOptions
 
 
 @dataclass(frozen=True)
 class StudentSpec:
-    init: str = "whisper-tiny.en"
-    finetune: dict = field(default_factory=dict)   # FinetuneConfig overrides
-    decode_batch_size: int = 16
-    max_new_tokens: int = 128
+    init: str = checked("whisper-tiny.en", nonempty=True)
+    # the fine-tune of every student; its normaliser is the recipe's (Recipe.normalizer)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    decode_batch_size: int = checked(16, ge=1)
+    max_new_tokens: int = checked(128, ge=1)
 
 
 @dataclass(frozen=True)
 class LambdaSpec:
-    grid: tuple = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+    grid: tuple[float, ...] = checked((0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5), ge=0, nonempty=True)
     # "source_sim": tau from source-train, lambda picked on held-out source speakers (sim part)
     # fine-tuned on their own pseudo-labels and scored with their real labels: the target's
     # situation rehearsed inside the source, never touching target transcripts.
-    rule: str = "source_sim"
-    fixed: float | None = None        # rule "fixed": use this value
+    rule: Literal["source_sim", "fixed"] = "source_sim"
+    fixed: float | None = checked(None, ge=0)  # rule "fixed": use this value
     # where tau applies (arith.task_vector.SCOPES); with several, the rule picks the scope
     # together with lambda on the same held-out source speakers
-    scopes: tuple = ("all",)
+    scopes: tuple[Scope, ...] = checked(("all",), nonempty=True)
     oracle_sweep: bool = True          # also sweep on target labels, reported as an oracle only
+
+    def __post_init__(self):
+        if self.rule == "fixed" and self.fixed is None:
+            raise invalid("fixed", None, "not set although lambda.rule is fixed",
+                          "set lambda.fixed to the lambda to use, or lambda.rule: source_sim")
 
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    k: int = 2
-    level: str = "speaker"             # speaker | utterance
-    extractor: str = "melstats"        # or a speaker-model checkpoint directory
-    min_size: int = 3                  # clusters with fewer source speakers are merged
+    k: int = checked(2, ge=1)
+    level: Literal["speaker", "utterance"] = "speaker"
+    extractor: str = checked("melstats", nonempty=True)  # or a speaker-model checkpoint directory
+    min_size: int = checked(3, ge=1)   # clusters with fewer source speakers are merged
     random_control: bool = True
     enabled: bool = True
 
 
 @dataclass(frozen=True)
 class Recipe:
-    name: str = "pseudo2real"
-    data: DataSpec = DataSpec()
-    teacher: TeacherSpec = TeacherSpec()
-    student: StudentSpec = StudentSpec()
-    lam: LambdaSpec = LambdaSpec()
-    clusters: ClusterSpec = ClusterSpec()
-    normalizer: str = "whisper_english"
-    systems: tuple = ("teacher", "zero_shot", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random",
-                      "source_real_ft", "source_real_plus_target_pseudo", "oracle")
-    root: str = "."                    # folder the recipe's relative paths are resolved against
+    name: str = checked("pseudo2real", nonempty=True)
+    data: DataSpec = field(default_factory=DataSpec)
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    student: StudentSpec = field(default_factory=StudentSpec)
+    lam: LambdaSpec = checked(default_factory=LambdaSpec, key="lambda")
+    clusters: ClusterSpec = field(default_factory=ClusterSpec)
+    # the one text normaliser: student fine-tunes (dev WER), the lambda sweeps and the report
+    normalizer: Normalizer = "whisper_english"
+    systems: tuple[System, ...] = checked(("teacher", "zero_shot", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random",
+                                           "source_real_ft", "source_real_plus_target_pseudo", "oracle"),
+                                          nonempty=True)
+    root: str = field(default=".", metadata={"internal": True})  # folder relative data paths start from
+    source: str = field(default="recipe", metadata={"internal": True})  # the file, named in messages
+
+    def __post_init__(self):
+        ft = self.student.finetune
+        if ft.normalizer != self.normalizer:  # the fine-tunes use the recipe's normaliser, nothing else
+            ft = dataclasses.replace(ft, normalizer=self.normalizer)
+            object.__setattr__(self, "student", dataclasses.replace(self.student, finetune=ft))
 
     def path(self, p: str) -> Path:
         q = Path(p).expanduser()
@@ -92,53 +148,114 @@ class Recipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-
-_SECTIONS = {"data": DataSpec, "teacher": TeacherSpec, "student": StudentSpec, "lambda": LambdaSpec,
-             "clusters": ClusterSpec}
-_FIELD_OF = {"lambda": "lam"}
-
-
-def _build(cls, values: dict, where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    if cls is LambdaSpec:
-        from selfspeech.arith.task_vector import SCOPES
-
-        bad = [x for x in values.get("scopes", ()) if x not in SCOPES]
-        if bad or values.get("scopes") == ():
-            raise RecipeError(f"{where}: scopes {list(values.get('scopes'))}: each must be one of {', '.join(SCOPES)}")
-    return cls(**values)
+    def resolved(self) -> dict:
+        """The recipe with every default filled in, as a mapping ``recipe_from_dict`` reads back
+        (data paths made absolute, the normaliser only at the top level)."""
+        d = to_mapping(self)
+        d["student"]["finetune"].pop("normalizer", None)
+        for key in ("kaldi_dir", "manifest"):
+            if d["data"][key]:
+                d["data"][key] = str(self.path(d["data"][key]))
+        return d
 
 
-def recipe_from_dict(d: dict[str, Any], root: str | Path = ".", where: str = "recipe") -> Recipe:
-    d = dict(d or {})
-    kw: dict[str, Any] = {"root": str(root)}
-    for key, cls in _SECTIONS.items():
-        if key in d:
-            kw[_FIELD_OF.get(key, key)] = _build(cls, d.pop(key) or {}, f"{where}: {key}")
-    for key in ("name", "normalizer", "systems"):
-        if key in d:
-            kw[key] = tuple(d.pop(key)) if key == "systems" else d.pop(key)
-    if d:
-        raise RecipeError(f"{where}: unknown section(s) {', '.join(sorted(d))}; known: "
-                          f"{', '.join(sorted([*_SECTIONS, 'name', 'normalizer', 'systems']))}")
-    return Recipe(**kw)
+def _refuse_second_normalizer(d: Mapping, where: str) -> None:
+    student = d.get("student")
+    ft = student.get("finetune") if isinstance(student, Mapping) else None
+    if isinstance(ft, Mapping) and "normalizer" in ft:
+        raise RecipeError(f"{where}: student.finetune.normalizer: {ft['normalizer']!r} is a second normaliser; "
+                          "set the recipe's top-level `normalizer:` instead (one normaliser for the fine-tunes, "
+                          "the lambda sweeps and the report)")
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read a YAML recipe; RecipeError names the file and the problem."""
+def recipe_from_dict(d: Mapping[str, Any] | None, root: str | Path = ".", where: str = "recipe",
+                     overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """A Recipe from a mapping (plus dotted ``key=value`` overrides); RecipeError names the key."""
+    try:
+        d = apply_overrides(d or {}, overrides, Recipe, where=f"{where}: override") if overrides else (d or {})
+        _refuse_second_normalizer(d, where)
+        r = from_mapping(Recipe, d, where)
+    except RecipeError:
+        raise
+    except ConfigError as e:
+        raise RecipeError(str(e)) from None
+    return dataclasses.replace(r, root=str(root), source=where)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe (and dotted overrides); RecipeError names the file, the key and the fix."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"{path}: recipe not found")
+        raise RecipeError(f"{path}: recipe not found; give the path of a recipe YAML "
+                          "(e.g. recipes/speechocean762/pseudo2real.yaml)")
     try:
         d = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({e})") from None
+        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if d is not None and not isinstance(d, dict):
-        raise RecipeError(f"{path}: expected a mapping of sections at top level")
-    return recipe_from_dict(d or {}, path.resolve().parent, str(path))
+        raise RecipeError(f"{path}: {type(d).__name__} at top level is not a mapping; write sections "
+                          "such as data:, teacher:, student:")
+    return recipe_from_dict(d or {}, path.resolve().parent, str(path), overrides)
+
+
+# -- what needs the file system: checked before any model is loaded or audio read ---------------
+
+def check_recipe(recipe: Recipe) -> None:
+    """Everything that can be checked before hours of compute; opens no model file, reads no audio."""
+    from selfspeech.adapt import prepare as P
+
+    where = recipe.source
+    for key, name in (("teacher.name", recipe.teacher.name), ("student.init", recipe.student.init)):
+        check_model_name(name, f"{where}: {key}")
+    if recipe.clusters.enabled and {"p2r_sc", "p2r_sc_random"} & set(recipe.systems):
+        _check_extractor(where, recipe.clusters.extractor)
+    # a Kaldi directory's audio headers are read only when a rule selects by duration
+    rules = recipe.data.source_rule + recipe.data.target_rule
+    items = P.load_items(recipe, durations="duration" in rules)  # the data source exists and parses
+    _check_speakers(recipe, items)
+    P.split_parts(recipe, items)  # every part and early-stopping split gets speakers
+
+
+def check_model_name(name: str, key: str) -> None:
+    """A zoo name or a local Whisper folder; neither pulls nor opens a model. ``key`` leads the message."""
+    import difflib
+
+    from selfspeech.models.zoo import REGISTRY
+
+    p = Path(name).expanduser()
+    if name in REGISTRY or (p / "config.json").is_file() or (p / "model.bin").is_file():
+        return
+    if p.is_dir():
+        raise RecipeError(f"{key}: {name!r} is a folder without a model; give a transformers "
+                          "(config.json) or CTranslate2 (model.bin) Whisper folder")
+    close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+    raise RecipeError(f"{key}: {name!r} is neither a known model nor a folder; "
+                      f"{f'did you mean {close[0]!r}? ' if close else ''}choose one of "
+                      f"{', '.join(sorted(REGISTRY))} (`selfspeech models list`) or give a model folder")
+
+
+def _check_extractor(where: str, name: str) -> None:
+    p = Path(name).expanduser()
+    if name == "melstats" or any((d / "config.json").is_file() and (d / "model.safetensors").is_file()
+                                 for d in (p, p / "encoder")):
+        return
+    raise RecipeError(f"{where}: clusters.extractor: {name!r} is not a speaker extractor; use melstats or the "
+                      "folder written by `selfspeech sv train` (its encoder/ subfolder)")
+
+
+def _check_speakers(recipe: Recipe, items: list[dict]) -> None:
+    """Parts are split by speaker (and clusters.level speaker clusters speakers): each utterance needs one."""
+    from selfspeech.data.select import select
+
+    d = recipe.data
+    for side, rule in (("target", d.target_rule), ("source", d.source_rule)):
+        missing = [it.get("id") for it in select(items, rule) if it.get("speaker") in (None, "")]
+        if missing:
+            src = f"data.manifest: {str(recipe.path(d.manifest))!r}" if d.manifest else \
+                f"data.kaldi_dir: {str(recipe.path(d.kaldi_dir))!r}"
+            need = f"{side}_parts" + (" and clusters.level: speaker" if recipe.clusters.level == "speaker" else "")
+            raise RecipeError(f"{recipe.source}: {src} has {len(missing)} {side} utterance(s) without a speaker "
+                              f"field (first: {missing[0]!r}); {need} split by speaker: add \"speaker\" to each "
+                              "line of the manifest (Kaldi: utt2spk)")
