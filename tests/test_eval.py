@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from selfspeech.data.atomic import write_json
 from selfspeech.data.manifest import ManifestError
-from selfspeech.eval.report import build_results, plot_wer_bars, read_jsonl, render_markdown, write_json
+from selfspeech.eval.report import build_results, plot_wer_bars, read_jsonl, render_markdown
 from selfspeech.eval.wer import (
     FIELDS, ErrorCounts, bootstrap_ci, count_errors, count_errors_batch, group_indices,
     paired_bootstrap, score,

@@ -12,12 +12,12 @@ a killed demo resumes.
 """
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from selfspeech.data.atomic import write_json
 from selfspeech.data.manifest import read_manifest
 from selfspeech.data.synth import DEFAULT_SOURCE_ACCENT, DEFAULT_TARGET_ACCENT, make_accent_corpus
 from selfspeech.data.validate import validate_manifest
@@ -45,7 +45,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool
     """Run the demo into ``out_dir``; returns the path of ``report.md``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    write_json(out / "config.json", asdict(cfg))
     times: dict[str, float] = {}
 
     t = time.perf_counter()

@@ -14,11 +14,11 @@ pseudo-label fine-tune can early-stop on held-out pseudo-labels.
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from selfspeech.adapt.recipe import Recipe, RecipeError
+from selfspeech.data.atomic import write_json
 from selfspeech.data.kaldi import iter_kaldi_dir
 from selfspeech.data.manifest import read_manifest, write_manifest
 from selfspeech.data.select import select, split_by_speaker
@@ -91,7 +91,7 @@ def make_parts(recipe: Recipe, out: Path) -> dict[str, str]:
                                                     "target_eval") for it in parts[n]])
     paths["all"] = str(out / "all.jsonl")
     summary = {n: {"utterances": len(v), "speakers": len({i["speaker"] for i in v})} for n, v in parts.items()}
-    (out / "parts.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "parts.json", summary)
     return paths
 
 

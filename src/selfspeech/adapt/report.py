@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from selfspeech.data.atomic import write_json
 from selfspeech.data.manifest import read_manifest
-from selfspeech.eval.report import build_results, read_jsonl, write_json
+from selfspeech.eval.report import build_results, read_jsonl
 
 LABELS = {
     "teacher": "teacher", "zero_shot": "student zero-shot", "pseudo_ft": "student FT on target pseudo (baseline)",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from selfspeech.data.atomic import atomic_write
+from selfspeech.data.atomic import write_json
 
 MARKER = "STAGE.json"
 
@@ -29,11 +29,6 @@ def config_hash(config: Any) -> str:
     """Stable short hash of a JSON-able config (keys sorted)."""
     blob = json.dumps(config, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    with atomic_write(path) as f:
-        json.dump(obj, f, indent=2, default=str)
 
 
 @dataclass
@@ -66,6 +61,6 @@ class StageRunner:
         t = time.perf_counter()
         result = fn(d)
         seconds = time.perf_counter() - t
-        _write_json_atomic(marker, {"hash": h, "config": full, "result": result, "seconds": seconds})
+        write_json(marker, {"hash": h, "config": full, "result": result, "seconds": seconds}, default=str)
         self.cached[name], self.times[name] = False, seconds
         return result

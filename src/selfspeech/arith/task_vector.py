@@ -19,14 +19,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
-from selfspeech.data.atomic import drop_stale, temp_prefix
+from selfspeech.data.atomic import atomic_path, write_dir
 
 # Whisper ties its output projection to the decoder's token embedding.
 KNOWN_TIES = {"proj_out.weight": "model.decoder.embed_tokens.weight"}
@@ -185,19 +184,10 @@ class TaskVector:
         """Write as safetensors (atomic: temp file + rename)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        drop_stale(path)
-        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({n: v.contiguous() for n, v in self.deltas.items()}, tmp,
+        with atomic_path(path) as tmp:
+            save_file({n: v.contiguous() for n, v in self.deltas.items()}, str(tmp),
                       metadata={"format": "selfspeech.task_vector", **(metadata or {})})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TaskVector":
@@ -235,19 +225,18 @@ def diff_dirs(a_dir: str | os.PathLike, b_dir: str | os.PathLike, include: str |
 def apply_to_dir(base_dir: str | os.PathLike, tau: TaskVector, lam: float, out_dir: str | os.PathLike) -> Path:
     """Write ``base + lam * tau`` as a new checkpoint directory (configs and tokenizer copied).
 
-    The whole directory is built beside ``out_dir`` and renamed into place, so
-    a kill never leaves a half-written model behind.
+    The whole directory is built beside ``out_dir`` and renamed into place
+    (:func:`selfspeech.data.atomic.write_dir`): a kill never leaves a
+    half-written model, and never loses the one ``out_dir`` held before.
     """
     import shutil
 
     from safetensors.torch import save_file
 
-    base, out = Path(base_dir), Path(out_dir)
+    base = Path(base_dir)
     new = tau.apply(load_state(base), lam)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    drop_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         for f in base.iterdir():
             if f.is_file() and not f.name.startswith("model.safetensors") and not f.name.startswith("model-"):
                 shutil.copy2(f, tmp / f.name)
@@ -255,10 +244,5 @@ def apply_to_dir(base_dir: str | os.PathLike, tau: TaskVector, lam: float, out_d
                   metadata={"format": "pt"})
         (tmp / "task_arithmetic.json").write_text(json.dumps({"base": str(base), "lambda": lam,
                                                               "tau_tensors": len(tau), "tau_norm": tau.norm()}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+
+    return write_dir(out_dir, write)

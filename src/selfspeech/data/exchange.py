@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from selfspeech.data.atomic import atomic_write
+from selfspeech.data.atomic import atomic_path, atomic_write
 
 CORE = ("id", "audio_filepath", "duration", "text", "speaker", "offset", "end")
 
@@ -131,10 +131,8 @@ def to_lhotse_cuts(items: Iterable[dict]):
 def write_lhotse(items: Iterable[dict], path: str | os.PathLike) -> Path:
     """Save items as a Lhotse CutSet (``.jsonl.gz``; lhotse writes it)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.jsonl.gz")
-    to_lhotse_cuts(items).to_file(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix="".join(path.suffixes)) as tmp:  # lhotse picks the format from the suffix
+        to_lhotse_cuts(items).to_file(tmp)
     return path
 
 

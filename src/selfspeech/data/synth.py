@@ -30,6 +30,7 @@ import soundfile as sf
 import soxr
 
 from ..audio.io import SAMPLE_RATE, write_audio
+from .atomic import write_json
 from .manifest import write_manifest
 from .sentences import assign_sentences
 
@@ -466,7 +467,4 @@ def _check_config(path: Path, config: dict) -> None:
             raise ValueError(f"{path.parent} holds a corpus made with other settings ({path}); "
                              "use a fresh folder or delete that one")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, config)

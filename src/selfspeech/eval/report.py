@@ -9,7 +9,6 @@ counted, and every such fact is written into the report.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -23,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from selfspeech.data.atomic import atomic_write
+from selfspeech.data.atomic import atomic_write, write_json
 from selfspeech.data.manifest import ManifestError, parse_line
 from selfspeech.eval.sources import JsonlIndex, ListSource
 from selfspeech.eval.wer import (
@@ -276,25 +275,6 @@ def _results(refs: Iterable[dict], sources: Sequence, *, by, normalizer, n_resam
                           "unit": pb.unit, "n_units": pb.n_units})
         out["compare"] = {"system": b, "paired": tests}
     return out
-
-
-def _finite(x):
-    """JSON has no nan/inf: write them as null (an undefined rate)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
-def write_json(path: str | os.PathLike, obj) -> Path:
-    """Write ``obj`` as indented JSON atomically (temp file + rename); nan/inf become null."""
-    with atomic_write(path) as f:
-        json.dump(_finite(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
-        f.write("\n")
-    return Path(path)
 
 
 def _write_text(path: Path, text: str) -> Path:

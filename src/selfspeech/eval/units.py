@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selfspeech.data.atomic import write_json
 from selfspeech.data.audio_dataset import AudioDataset, collate_arrays
 from selfspeech.models.ssl import EncoderConfig, load_state
 
@@ -90,5 +91,5 @@ def write_unit_report(hists: dict[str, np.ndarray], out_dir: str | Path) -> dict
     fig.savefig(out / "units_histograms.png", dpi=120)
     res = {"groups": names, "similarity": sim.round(4).tolist(), "codewords_used": used,
            "perplexity_sum_over_codebooks": ppl, "frames": {n: int(hists[n][0].sum()) for n in names}}
-    (out / "units.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_json(out / "units.json", res)
     return res

@@ -18,9 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +26,9 @@ from typing import Iterator
 
 import numpy as np
 
-from selfspeech.data.atomic import drop_stale, temp_prefix
+from selfspeech.data.atomic import atomic_dir
 
-__all__ = ["Ct2FormatError", "WhisperDims", "atomic_dir", "ct2_to_hf", "read_ct2_model_bin"]
+__all__ = ["Ct2FormatError", "WhisperDims", "ct2_to_hf", "read_ct2_model_bin", "shared_dir"]
 
 _DTYPE_BY_ID = (np.float32, np.int8, np.int16, np.int32, np.float16, "bfloat16")
 
@@ -40,28 +38,16 @@ class Ct2FormatError(ValueError):
 
 
 @contextmanager
-def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temp sibling of ``out``; on success it becomes ``out`` by one rename.
-
-    Readers thus see ``out`` complete or absent, never half-written. Same filesystem
-    (a sibling) so the rename is atomic; files get 0644/0755 so a cache is shareable.
-    """
+def shared_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """:func:`selfspeech.data.atomic.atomic_dir` for a model cache: refuses an existing ``out`` unless
+    ``overwrite``, and leaves files 0644 / directories 0755 so that the cache is shareable."""
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    drop_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         yield tmp
         for f in tmp.rglob("*"):
             f.chmod(0o755 if f.is_dir() else 0o644)
         tmp.chmod(0o755)
-        if out.exists():  # move the old one aside first: rename onto a non-empty dir fails
-            out.rename(tmp.with_name(tmp.name + ".old"))
-            shutil.rmtree(tmp.with_name(tmp.name + ".old"), ignore_errors=True)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_ct2_model_bin(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray], dict[str, str]]:
@@ -250,7 +236,7 @@ def ct2_to_hf(ct2_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                               WhisperForConditionalGeneration, WhisperTokenizerFast)
 
     ct2_dir, out_dir = Path(ct2_dir), Path(out_dir)
-    if out_dir.exists() and not overwrite:  # fail before the slow part, atomic_dir re-checks
+    if out_dir.exists() and not overwrite:  # fail before the slow part, shared_dir re-checks
         raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
     for f in ("model.bin", "tokenizer.json"):
         if not (ct2_dir / f).is_file():
@@ -282,7 +268,7 @@ def ct2_to_hf(ct2_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     if wrong:
         raise Ct2FormatError(f"{ct2_dir}: weights do not fit transformers' Whisper: {wrong[:5]}")
 
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with shared_dir(out_dir, overwrite) as tmp:
         cfg.save_pretrained(tmp)
         gen.save_pretrained(tmp)
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})

