@@ -11,7 +11,7 @@ from selfspeech.train.loop import LoopConfig, train_loop
 from selfspeech.train.sampler import BucketBatchSampler
 
 
-def _run(tmp_path, bad_steps, **cfg):
+def _run(tmp_path, bad_steps, run_config=None, **cfg):
     torch.manual_seed(0)
     module = torch.nn.Linear(2, 1)
     x, y = torch.randn(8, 2), torch.randn(8, 1)
@@ -32,7 +32,7 @@ def _run(tmp_path, bad_steps, **cfg):
     sampler = BucketBatchSampler([1.0] * 8, batch_size=2, seed=0)
     state = train_loop(module, loss_fn, sampler, lambda idx, rng: {"idx": idx, "ids": [f"u{i}" for i in idx]},
                        LoopConfig(**{"max_steps": 8, "lr": 0.1, "log_every": 1, "ckpt_every": 2, **cfg}),
-                       tmp_path, write_model, {"t": 1}, progress=False, on_step=on_step)
+                       tmp_path, write_model, run_config or {"t": 1}, progress=False, on_step=on_step)
     return state, snapshots
 
 
@@ -76,3 +76,70 @@ def test_unknown_tracking_backend_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="tracking.*wandb"):
         _run(tmp_path, bad_steps=set(), tracking=("wandb",))
     assert not (tmp_path / "last").exists()
+
+
+def test_schedule_first_update_learns_and_warmup_in_steps_or_fraction():
+    from selfspeech.train.loop import lr_at
+
+    frac = LoopConfig(lr=1.0, warmup_fraction=0.1, max_steps=100)
+    lrs = [lr_at(frac, s, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and max(lrs) == 1.0 and lrs[10] == 1.0    # no update at lr 0
+    assert lrs[-1] == pytest.approx(1 / 90) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # decays to ~0
+    steps = LoopConfig(lr=1.0, warmup_steps=4, max_steps=20, schedule="cosine")
+    assert [lr_at(steps, s, 20) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_at(LoopConfig(lr=2.0, warmup_steps=0, schedule="constant"), 999, 1000) == 2.0
+    timed = LoopConfig(lr=1.0, warmup_fraction=0.5, max_steps=10_000, budget_seconds=100.0)
+    assert 0 < lr_at(timed, 0, 10_000, seconds=0.0) < 1e-3 and lr_at(timed, 5, 10_000, seconds=50.0) == 1.0
+    with pytest.raises(ValueError, match="step budget"):
+        LoopConfig(warmup_steps=3, budget_seconds=10.0)
+    with pytest.raises(ValueError, match="budget"):
+        LoopConfig(max_steps=None)
+
+
+def test_epochs_become_steps_through_the_sampler_and_clip_zero_is_off(tmp_path):
+    from selfspeech.train.loop import total_steps
+
+    sampler = BucketBatchSampler([1.0] * 8, batch_size=3, seed=0)  # 3 batches an epoch (3 + 3 + 2)
+    assert total_steps(LoopConfig(max_epochs=2, max_steps=None), sampler) == 6
+    assert total_steps(LoopConfig(max_epochs=2, max_steps=4), sampler) == 4
+    state, _ = _run(tmp_path / "a", bad_steps=set(), max_steps=None, max_epochs=3)
+    assert state["step"] == 12  # 4 batches of 2 an epoch
+    # clip 0: the update uses the raw gradient; a tiny clip shrinks it
+    _, free = _run(tmp_path / "b", bad_steps=set(), grad_clip=0.0, max_steps=1, betas=(0.0, 0.0), fused=False)
+    _, clipped = _run(tmp_path / "c", bad_steps=set(), grad_clip=1e-6, max_steps=1, betas=(0.0, 0.0), fused=False)
+    assert not torch.equal(free[1], clipped[1])
+
+
+def test_a_finished_run_returns_at_once_and_drops_last_unless_kept(tmp_path):
+    state, _ = _run(tmp_path / "drop", bad_steps=set(), keep_last=False)
+    assert state["done"] and not (tmp_path / "drop" / "last").exists()
+    assert (tmp_path / "drop" / "best" / "model.safetensors").is_file()
+    log = (tmp_path / "drop" / "log.jsonl").read_text()
+    again, snaps = _run(tmp_path / "drop", bad_steps=set(), keep_last=False)
+    assert again["step"] == 8 and snaps == {} and (tmp_path / "drop" / "log.jsonl").read_text() == log
+    with pytest.raises(ValueError, match="another config"):
+        _run(tmp_path / "drop", bad_steps=set(), run_config={"t": 2}, keep_last=False)
+    _run(tmp_path / "keep", bad_steps=set())
+    assert (tmp_path / "keep" / "last" / "model.safetensors").is_file()  # keep_last defaults to True
+
+
+def test_fork_starts_from_a_kept_checkpoint_and_refuses_another_run(tmp_path):
+    from selfspeech.train.loop import fork_checkpoint, load_safetensors
+
+    base, _ = _run(tmp_path / "base", bad_steps=set(), keep_every=4)
+    module = torch.nn.Linear(2, 1)
+
+    def write(d):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(d / "model.safetensors"))
+    step = fork_checkpoint(tmp_path / "base" / "keep" / "step-4", tmp_path / "fork", {"t": 1}, write,
+                           load_safetensors(module))
+    assert step == 4 and (tmp_path / "fork" / "last" / "train_state.json").is_file()
+    events = [json.loads(x) for x in open(tmp_path / "fork" / "log.jsonl")]
+    assert events[-1]["event"] == "fork" and max(e.get("step", 0) for e in events) == 4  # history up to the fork
+    with pytest.raises(ValueError, match="differs"):
+        fork_checkpoint(tmp_path / "base" / "keep" / "step-4", tmp_path / "fork2", {"t": 2}, write,
+                        load_safetensors(module))
+    fork_checkpoint(tmp_path / "base" / "keep" / "step-4", tmp_path / "fork3", {"t": 2}, write,
+                    load_safetensors(module), may_differ=("t",))
