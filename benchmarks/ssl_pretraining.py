@@ -51,7 +51,8 @@ from selfspeech.data.kaldi import iter_kaldi_dir  # noqa: E402
 from selfspeech.data.manifest import write_manifest  # noqa: E402
 from selfspeech.data.select import split_by_speaker  # noqa: E402
 from selfspeech.eval.report import build_results, read_jsonl  # noqa: E402
-from selfspeech.train.ctc import CTCConfig, finetune_ctc, phone_references, transcribe_ctc  # noqa: E402
+from selfspeech.label.transcribe import transcribe_ctc  # noqa: E402
+from selfspeech.train.ctc import CTCConfig, finetune_ctc, phone_references  # noqa: E402
 from selfspeech.train.pretrain import PretrainConfig, pretrain  # noqa: E402
 
 PRETRAINED = {

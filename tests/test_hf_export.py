@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from selfspeech.train.hf_export import export_wav2vec2_ctc
 from selfspeech.models.ssl import EncoderConfig, SpeechEncoder, save_encoder
 from selfspeech.text.phones import Vocabulary
-from selfspeech.train.ctc import CTCModel, greedy_ctc
+from selfspeech.models.ctc import CTCModel, greedy_ctc
 
 PHONES = Vocabulary("phone", ("AE", "AH", "B", "D", "K", "T"))
 

@@ -144,7 +144,8 @@ def test_dataset_screen_drops_bad_audio_and_keeps_cache_aligned(tmp_path):
 
 
 def test_ctc_decode_marks_unreadable_audio_and_goes_on(tmp_path):
-    from selfspeech.train.ctc import CTCConfig, finetune_ctc, transcribe_ctc
+    from selfspeech.label.transcribe import transcribe_ctc
+    from selfspeech.train.ctc import CTCConfig, finetune_ctc
 
     manifest = reliability.make_corpus(tmp_path / "c", adults=2, children=0, per_speaker=3)
     items = [json.loads(x) for x in manifest.read_text().splitlines()]
@@ -183,7 +184,7 @@ def test_pickled_whisper_checkpoint_is_refused(tmp_path, tiny_whisper_dir):
 
     from transformers import WhisperForConditionalGeneration
 
-    from selfspeech.train.whisper_ft import transcribe_dir
+    from selfspeech.label.transcribe import transcribe_whisper
 
     d = tmp_path / "pickled"
     shutil.copytree(tiny_whisper_dir, d)
@@ -192,11 +193,12 @@ def test_pickled_whisper_checkpoint_is_refused(tmp_path, tiny_whisper_dir):
     (d / "model.safetensors").unlink()
     manifest = reliability.make_corpus(tmp_path / "c", adults=1, children=0, per_speaker=1)
     with pytest.raises(OSError, match="safetensors"):
-        transcribe_dir(d, manifest, tmp_path / "h.jsonl")
+        transcribe_whisper(d, manifest, tmp_path / "h.jsonl")
 
 
 def test_whisper_decode_and_finetune_skip_unreadable_audio(tmp_path, tiny_whisper_dir):
-    from selfspeech.train.whisper_ft import FinetuneConfig, finetune, transcribe_dir
+    from selfspeech.label.transcribe import transcribe_whisper
+    from selfspeech.train.whisper_ft import FinetuneConfig, finetune
 
     manifest = reliability.make_corpus(tmp_path / "c", adults=2, children=0, per_speaker=2)
     items = [json.loads(x) for x in manifest.read_text().splitlines()]
@@ -208,7 +210,7 @@ def test_whisper_decode_and_finetune_skip_unreadable_audio(tmp_path, tiny_whispe
     finetune(m, m, tiny_whisper_dir, tmp_path / "ft", cfg, progress=False)
     summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
     assert summary["skipped"]["train"] == {"bad_audio": 1}, summary["skipped"]
-    hyps = [json.loads(x) for x in transcribe_dir(tmp_path / "ft" / "best", m, tmp_path / "h.jsonl")
+    hyps = [json.loads(x) for x in transcribe_whisper(tmp_path / "ft" / "best", m, tmp_path / "h.jsonl")
             .read_text().splitlines()]
     assert [h["id"] for h in hyps] == [i["id"] for i in items]
     assert hyps[2]["status"] == "failed" and "trunc" in hyps[2]["reason"]

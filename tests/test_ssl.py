@@ -237,7 +237,9 @@ def test_resume_refuses_a_default_that_changed_since_the_run_started(tmp_path, c
 
 def test_ctc_finetune_phones_and_bad_input(tmp_path):
     from selfspeech.text.phones import Lexicon, Vocabulary
-    from selfspeech.train.ctc import CTCConfig, finetune_ctc, greedy_ctc, transcribe_ctc
+    from selfspeech.label.transcribe import transcribe_ctc
+    from selfspeech.models.ctc import greedy_ctc
+    from selfspeech.train.ctc import CTCConfig, finetune_ctc
     from selfspeech.train.pretrain import pretrain
 
     torch.set_num_threads(1)
@@ -273,7 +275,8 @@ def test_ctc_finetune_phones_and_bad_input(tmp_path):
 def test_ctc_init_seed_separates_the_initial_weights_from_the_loop_seed(tmp_path):
     from safetensors.torch import load_file
 
-    from selfspeech.train.ctc import CTCConfig, CTCModel, finetune_ctc
+    from selfspeech.models.ctc import CTCModel
+    from selfspeech.train.ctc import CTCConfig, finetune_ctc
 
     torch.set_num_threads(1)
     lex = tmp_path / "lex.txt"
@@ -395,7 +398,7 @@ def test_wav2vec2_feature_penalty_weight_follows_input_normalisation():
 
 
 def test_ctc_beam_search_beats_best_path_when_it_should():
-    from selfspeech.train.ctc import beam_ctc, greedy_ctc
+    from selfspeech.models.ctc import beam_ctc, greedy_ctc
 
     # best path is blank,blank (p .36) -> "", but "a" has p = 1 - .36 - ... : the classic example
     p = torch.tensor([[0.6, 0.4], [0.6, 0.4]])

@@ -1,9 +1,10 @@
 """Self-supervised methods: an encoder, its heads and targets, and named loss terms.
 
 Each task is a small ``nn.Module`` whose ``forward(x, lengths, step)`` returns a
-dict of named terms (scalars) and monitors; the training loop combines terms
-with :func:`losses.weighted_sum` and the task's ``weights``. Nothing else
-differs between methods, so one loop trains them all.
+dict of named terms (scalars) and monitors; :meth:`SSLTask.loss` combines the
+terms with :func:`losses.weighted_sum` and the task's ``weights`` into the
+``(loss, record)`` the training loop takes. Nothing else differs between
+methods, so one loop trains them all.
 
 - :class:`Wav2Vec2Task` (Baevski et al. 2020; XLSR, Conneau et al. 2020 is the
   same objective with group-balanced batches, see ``train.sampler``);
@@ -75,7 +76,27 @@ def stack_frames(x: torch.Tensor, k: int) -> torch.Tensor:
     return x[:, : T // k * k].reshape(B, T // k, k * Fd)
 
 
-class Wav2Vec2Task(nn.Module):
+class SSLTask(nn.Module):
+    """Base of the tasks: ``forward`` gives named terms and ``monitor``; :meth:`loss` weighs them."""
+
+    weights: dict[str, float]
+
+    def loss(self, batch: dict, step: int = 0) -> tuple[torch.Tensor, dict]:
+        """The training loop's ``loss_fn``: batch ``x`` (B, T[, F]), ``lengths`` (B,), ``seeds`` (B,) ints.
+
+        One random stream per utterance (masks, noise, distractors), seeded by the
+        batch, gives the same draws in any batch or process. The terms are means
+        over masked frames, so data parallel weighs each rank by its count (``_weight``).
+        """
+        gens = [torch.Generator().manual_seed(s) for s in batch["seeds"]]
+        terms = self(batch["x"], batch["lengths"], step, generator=gens)
+        mon = terms.pop("monitor")
+        loss = L.weighted_sum(terms, self.weights)
+        return loss, {**{k: round(float(v.detach()), 5) for k, v in terms.items()}, **mon,
+                      "_weight": mon.get("masked_frames")}
+
+
+class Wav2Vec2Task(SSLTask):
     """Contrastive task over Gumbel-quantized features (waveform front-end)."""
 
     name = "wav2vec2"
@@ -125,7 +146,7 @@ class Wav2Vec2Task(nn.Module):
         return out
 
 
-class BestRQTask(nn.Module):
+class BestRQTask(SSLTask):
     """Masked prediction of random-projection labels of the input log-mel (mel front-end)."""
 
     name = "bestrq"

@@ -1,10 +1,10 @@
 """CTC fine-tuning of a (pretrained or scratch) speech encoder for phones or characters.
 
 As in wav2vec 2.0's fine-tuning (Baevski et al. 2020, sec. 4.3): a linear
-output layer on the encoder, CTC loss (Graves et al. 2006), time masking with
-the learned mask embedding and channel masking on the front-end features, the
-encoder frozen for the first ``freeze_steps`` updates (only the new output layer
-learns while it is random), early stopping on a labelled dev set's error rate.
+output layer on the encoder (:mod:`selfspeech.models.ctc`), CTC loss with time
+and channel masking and the encoder frozen for the first ``freeze_steps``
+updates (:mod:`selfspeech.objectives.ctc`), early stopping on a labelled dev
+set's error rate. Decoding a manifest: :func:`selfspeech.label.transcribe.transcribe_ctc`.
 Utterances whose targets cannot be built (a word missing from the lexicon) or
 cannot be aligned (more target tokens than frames) are skipped and counted.
 """
@@ -14,16 +14,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from selfspeech.audio.io import AudioError
-from selfspeech.data.audio_dataset import AudioDataset, check_lengths, collate_arrays
+from selfspeech.data.audio_dataset import AudioDataset, check_lengths
 from selfspeech.data.manifest import read_manifest, unique_ids, write_manifest
-from selfspeech.models.ssl import EncoderConfig, SpeechEncoder, load_state, read_config, save_encoder
-from selfspeech.objectives.masking import span_mask
+from selfspeech.models.ctc import CTCModel, top_layer_state, transcribe_arrays
+from selfspeech.models.ssl import EncoderConfig, load_state, read_config, save_encoder
+from selfspeech.objectives.ctc import CTCTask
 from selfspeech.text.phones import Lexicon, Vocabulary
 from selfspeech.train import distributed as D
 from selfspeech.train.checkpoint import write_json
@@ -62,80 +59,6 @@ class CTCConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-class CTCModel(nn.Module):
-    def __init__(self, enc: EncoderConfig, vocab_size: int, head_init: str | None = None):
-        super().__init__()
-        self.encoder = SpeechEncoder(enc)
-        self.head = nn.Linear(enc.d_model, vocab_size)
-        if head_init == "zero":
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-        elif head_init is not None:
-            raise ValueError(f"head_init {head_init!r}: use None (PyTorch's default) or 'zero'")
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor, time_mask=None, channel_mask=None):
-        """(B, T[, F]) -> log-probs (B, T', V) and lengths T'."""
-        feats, flen = self.encoder.features(x, lengths)
-        if channel_mask is not None:
-            feats = feats.masked_fill(channel_mask[:, None, :], 0.0)
-        h = self.encoder.encode(feats, flen, time_mask)[-1]
-        return self.head(h).log_softmax(-1), flen
-
-
-def greedy_ctc(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
-    """Best path: argmax per frame, repeats collapsed, blanks (0) removed."""
-    out = []
-    for lp, n in zip(log_probs.argmax(-1), lengths.tolist()):
-        ids = torch.unique_consecutive(lp[:n]).tolist()
-        out.append([i for i in ids if i != 0])
-    return out
-
-
-def beam_ctc(log_probs: torch.Tensor, beam: int = 8) -> list[int]:
-    """CTC prefix beam search without a language model (Hannun et al. 2014, alg. 1) for one
-    utterance: (T, V) log-probs -> the most probable label sequence (blank = 0).
-
-    Each prefix keeps two log-scores, ending in blank and not; a repeated symbol
-    extends a prefix only through a blank. beam=1 is not greedy decoding: it ranks
-    prefixes, greedy ranks frames.
-    """
-    lp = log_probs.float().cpu().numpy()
-    ninf = float("-inf")
-    beams: dict[tuple, tuple[float, float]] = {(): (0.0, ninf)}   # prefix -> (log p_blank, log p_nonblank)
-    top = list(range(lp.shape[1]))
-    for t in range(lp.shape[0]):
-        row = lp[t]
-        cands = sorted(top, key=lambda v: -row[v])[: beam + 1]       # only the likeliest symbols this frame
-        nxt: dict[tuple, list[float]] = {}
-
-        def add(prefix, b, nb):
-            cur = nxt.setdefault(prefix, [ninf, ninf])
-            cur[0], cur[1] = np.logaddexp(cur[0], b), np.logaddexp(cur[1], nb)
-
-        for prefix, (pb, pnb) in beams.items():
-            total = np.logaddexp(pb, pnb)
-            for v in cands:
-                p = row[v]
-                if v == 0:
-                    add(prefix, total + p, ninf)
-                    continue
-                last = prefix[-1] if prefix else None
-                if v == last:
-                    add(prefix, ninf, pnb + p)                 # "aa" collapses to "a"
-                    add(prefix + (v,), ninf, pb + p)           # "a_a" is two symbols
-                else:
-                    add(prefix + (v,), ninf, total + p)
-        beams = dict(sorted(((k, (v[0], v[1])) for k, v in nxt.items()),
-                            key=lambda kv: -np.logaddexp(*kv[1]))[:beam])
-    return list(max(beams.items(), key=lambda kv: np.logaddexp(*kv[1]))[0])
-
-
-def _channel_mask(B: int, C: int, prob: float, span: int, gen=None) -> torch.Tensor | None:
-    if prob <= 0:
-        return None
-    return span_mask(torch.full((B,), C, dtype=torch.long), C, prob, min(span, C), min_spans=0, generator=gen)
 
 
 def prepare_items(manifest, vocab: Vocabulary, lexicon: Lexicon | None, enc: EncoderConfig) -> tuple[list, dict]:
@@ -192,17 +115,6 @@ def _model_and_vocab(cfg: CTCConfig, init: str | Path | None) -> tuple[CTCModel,
     return model, enc, vocab, lexicon
 
 
-def top_layer_state(encoder: nn.Module, n: int) -> dict[str, torch.Tensor]:
-    """Copies of the weights of the top ``n`` Transformer layers and the output layer norm (empty for 0)."""
-    layers = len(encoder.layers)
-    if not 0 <= n <= layers:
-        raise ValueError(f"reinit_top {n}: the encoder has {layers} Transformer layers; use 0..{layers}")
-    if n == 0:
-        return {}
-    keep = tuple(f"layers.{i}." for i in range(layers - n, layers)) + ("out_norm.",)
-    return {k: v.clone() for k, v in encoder.state_dict().items() if k.startswith(keep)}
-
-
 def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: str | Path | None = None,
                  progress: bool = True) -> dict:
     """Fine-tune ``init`` (an ``ssl_encoder`` directory, or None for scratch) with CTC; best model in ``out_dir/best``."""
@@ -231,26 +143,11 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
         b["tokens"] = [train[i]["tokens"] for i in idx]
         return b
 
-    def loss_fn(batch, step):
-        x, lengths = batch["x"], batch["lengths"]
-        flen = enc.out_lengths(lengths)
-        tmask = span_mask(flen, int(flen.max()), cfg.mask_time_prob, min(cfg.mask_time_span, int(flen.min())),
-                          min_spans=0) if cfg.mask_time_prob > 0 else None
-        cmask = _channel_mask(x.shape[0], model.encoder.feat_dim, cfg.mask_channel_prob, cfg.mask_channel_span)
-        if step < cfg.freeze_steps:
-            with torch.no_grad():
-                feats, flen = model.encoder.features(x, lengths)
-                h = model.encoder.encode(feats, flen, tmask)[-1]
-            lp = model.head(h).log_softmax(-1)
-        else:
-            lp, flen = model(x, lengths, tmask, cmask)
-        tgt = [torch.tensor(t) for t in batch["tokens"]]
-        loss = F.ctc_loss(lp.transpose(0, 1), torch.cat(tgt), flen, torch.tensor([len(t) for t in tgt]),
-                          blank=0, zero_infinity=True)
-        return loss, {"frozen": step < cfg.freeze_steps}
-
-    def evaluate() -> dict:
-        hyps = decode_items(model, dev_data, vocab)
+    def evaluate() -> dict:  # the loop has put the model in eval mode
+        hyps = [""] * len(dev)
+        for idx in BucketBatchSampler(dev_data.durations(), max_batch_seconds=120.0, shuffle=False).batches(0):
+            for i, h in zip(idx, transcribe_arrays(model, vocab, [dev_data.load(i) for i in idx])):
+                hyps[i] = h
         refs = [vocab.decode(it["tokens"]) for it in dev]
         import jiwer  # corpus-level token error rate (PER for phones): total edits / reference tokens
 
@@ -261,7 +158,7 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
         save_encoder(model, enc, d, kind="ctc", extra={"vocab": {"kind": vocab.kind, "symbols": list(vocab.symbols)},
                                                         "ctc": cfg.to_dict(), "init": str(init) if init else None})
 
-    state = train_loop(model, loss_fn, sampler, collate, loop_cfg, out, write_model,
+    state = train_loop(model, CTCTask(model, cfg).loss, sampler, collate, loop_cfg, out, write_model,
                        {"ctc": cfg.to_dict(), "init": str(init) if init else None, "train": str(train_manifest),
                         "dev": str(dev_manifest),
                         "resolved": resolved_configs(loop=loop_cfg, encoder=enc)},
@@ -273,60 +170,6 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
                "n_dev": len(dev), "skipped": {"train": skip_train, "dev": skip_dev}, "targets": cfg.targets}
     write_json(out / "summary.json", summary)
     return summary
-
-
-@torch.no_grad()
-def decode_items(model: CTCModel, data: AudioDataset, vocab: Vocabulary, max_batch_seconds: float = 120.0,
-                 beam: int = 0, failed: dict | None = None) -> list[str]:
-    """Transcripts in item order. With ``failed`` (a dict), an item whose audio cannot be
-    loaded gets "" and ``failed[index] = reason`` instead of stopping the run."""
-    was = model.training
-    model.eval()
-    order = BucketBatchSampler(data.durations(), max_batch_seconds=max_batch_seconds, shuffle=False)
-    out: dict[int, str] = {}
-    for idx in order.batches(0):
-        xs = []
-        for i in idx:
-            try:
-                xs.append(data.load(i))
-            except (AudioError, ValueError) as e:
-                if failed is None:
-                    raise
-                failed[i], out[i] = str(e), ""
-        idx = [i for i in idx if i not in out]
-        if not idx:
-            continue
-        b = collate_arrays(xs)
-        lp, flen = model(b["x"], b["lengths"])
-        paths = greedy_ctc(lp, flen) if beam <= 0 else [beam_ctc(lp[b, : flen[b]], beam) for b in range(len(idx))]
-        for i, ids in zip(idx, paths):
-            out[i] = vocab.decode(ids)
-    model.train(was)
-    return [out[i] for i in range(len(data))]
-
-
-def load_ctc(model_dir: str | Path) -> tuple[CTCModel, Vocabulary]:
-    meta = read_config(model_dir, "ctc")
-    vocab = Vocabulary(meta["vocab"]["kind"], tuple(meta["vocab"]["symbols"]))
-    model = CTCModel(EncoderConfig(**meta["config"]), vocab.size)
-    model.load_state_dict(load_state(model_dir))
-    return model.eval(), vocab
-
-
-def transcribe_ctc(model_dir: str | Path, manifest, out_jsonl, beam: int = 0) -> Path:
-    """CTC output of every utterance -> JSONL ``{"id", "text"}`` (phones or words, space-separated).
-
-    ``beam`` 0: greedy (best path); > 0: prefix beam search of that width (no LM)."""
-    model, vocab = load_ctc(model_dir)
-    items = list(read_manifest(manifest))
-    failed: dict[int, str] = {}
-    hyps = decode_items(model, AudioDataset(items, model.encoder.cfg.frontend, model.encoder.cfg.n_mels, cache=False),
-                        vocab, beam=beam, failed=failed)
-    # an utterance whose audio failed keeps its line (empty text, status and reason): scored as all deletions
-    write_manifest(out_jsonl, ({"id": it["id"], "text": h} | ({"status": "failed", "reason": failed[n]}
-                                                               if n in failed else {})
-                               for n, (it, h) in enumerate(zip(items, hyps))))
-    return Path(out_jsonl)
 
 
 def phone_references(manifest, lexicon_path, out_jsonl) -> tuple[Path, dict]:

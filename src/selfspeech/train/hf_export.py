@@ -42,7 +42,7 @@ import torch
 from selfspeech.models.ssl import WAVE_CONV, EncoderConfig, read_config
 from selfspeech.text.phones import WORD_SEP, Vocabulary
 from selfspeech.train.checkpoint import write_dir
-from selfspeech.train.ctc import load_ctc
+from selfspeech.models.ctc import load_ctc
 
 PAD = "<pad>"   # transformers' name for the CTC blank (pad_token_id, id 0 like our blank)
 

@@ -22,7 +22,6 @@ import torch
 from selfspeech.data.audio_dataset import AudioDataset, Skipped, check_lengths
 from selfspeech.data.manifest import read_manifest, unique_ids
 from selfspeech.models.ssl import EncoderConfig, save_encoder
-from selfspeech.objectives.losses import weighted_sum
 from selfspeech.objectives.tasks import build_task
 from selfspeech.train import distributed as D
 from selfspeech.train.checkpoint import write_json
@@ -96,16 +95,6 @@ def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
 
     sampler = D.shard(sampler)
 
-    def loss_fn(batch: dict, step: int):
-        # one random stream per utterance (masks, noise, distractors): the same draws in any batch or process
-        gens = [torch.Generator().manual_seed(s) for s in batch["seeds"]]
-        terms = task(batch["x"], batch["lengths"], step, generator=gens)
-        mon = terms.pop("monitor")
-        loss = weighted_sum(terms, task.weights)
-        # the losses are means over masked frames: data parallel weights each rank by its count
-        return loss, {**{k: round(float(v.detach()), 5) for k, v in terms.items()}, **mon,
-                      "_weight": mon.get("masked_frames")}
-
     def write_model(d: Path) -> None:
         save_encoder(task, enc_cfg, d, kind=f"ssl_task:{cfg.objective}", extra={"pretrain": cfg.to_dict()})
 
@@ -114,7 +103,7 @@ def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
             return []
         return task.warnings(rec, rec)
 
-    state = train_loop(task, loss_fn, sampler, data.collate, loop_cfg, out, write_model,
+    state = train_loop(task, task.loss, sampler, data.collate, loop_cfg, out, write_model,
                        {"pretrain": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items),
                         "resolved": resolved_configs(loop=loop_cfg, encoder=enc_cfg, task=task.cfg)},
                        warnings=warn, progress=progress, desc=f"pretrain {cfg.objective}")

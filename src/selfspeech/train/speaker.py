@@ -1,8 +1,9 @@
 """Self-supervised speaker encoders: ECAPA-TDNN trained by SimCLR or DINO, optionally with SSPS.
 
-``train_speaker(manifest, out_dir, cfg)`` runs the shared training loop
-(``train/loop.py``: AdamW, schedule, clipping, JSONL log, resumable atomic
-checkpoints) and writes:
+``train_speaker(manifest, out_dir, cfg)`` trains the task of
+:mod:`selfspeech.objectives.speaker_ssl` on augmented views through the shared
+training loop (``train/loop.py``: AdamW, schedule, clipping, JSONL log,
+resumable atomic checkpoints) and writes:
 
 - ``out_dir/best``: the whole task (encoder, heads, DINO teacher and centre,
   SSPS queues) as safetensors + config;
@@ -18,7 +19,6 @@ share of SSPS pseudo-positives that are truly the anchor's speaker is logged
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import random
@@ -28,17 +28,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from selfspeech.audio.features import log_mel
 from selfspeech.data.audio_dataset import AudioDataset, Skipped, collate_arrays
 from selfspeech.data.augment import AugmentConfig, Augmenter, load_or_build_rir_pool, random_segment
 from selfspeech.data.manifest import read_manifest, unique_ids
-from selfspeech.models.ecapa import ECAPAConfig, ECAPATDNN, save_speaker_encoder
+from selfspeech.models.ecapa import ECAPAConfig, save_speaker_encoder
 from selfspeech.models.ssl import save_encoder
-from selfspeech.objectives.speaker import (DINOHead, Projector, cosine_momentum, dino_loss, ema_update,
-                                           nt_xent, prototype_entropy, update_center)
-from selfspeech.objectives.ssps import SSPSConfig, SSPSQueues
+from selfspeech.objectives.speaker_ssl import SpeakerSSLTask
+from selfspeech.objectives.ssps import SSPSConfig
 from selfspeech.train import distributed as D
 from selfspeech.train.checkpoint import write_json
 from selfspeech.train.loop import LoopConfig, loop_config, resolved_configs, strict_from_dict, train_loop
@@ -97,102 +95,6 @@ class SpeakerSSLConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SpeakerSSLConfig":
         return strict_from_dict(cls, d, "speaker-SSL")
-
-
-class SpeakerSSLTask(nn.Module):
-    """Encoder + head (+ EMA teacher, centre) (+ SSPS queues); ``forward(batch) -> (loss, record)``."""
-
-    def __init__(self, cfg: SpeakerSSLConfig, n_items: int, speaker_of: torch.Tensor | None = None):
-        super().__init__()
-        self.cfg, self.ecfg = cfg, cfg.ecapa_config()
-        self.encoder = ECAPATDNN(self.ecfg)
-        E = self.ecfg.embed_dim
-        if cfg.method == "simclr":
-            self.head = Projector(E, *cfg.projector) if cfg.projector else nn.Identity()
-            pos_dim, n_views = (cfg.projector[1] if cfg.projector else E), 1
-        else:
-            self.head = DINOHead(E, cfg.dino_hidden, cfg.dino_bottleneck, cfg.dino_out)
-            self.teacher_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
-            self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
-            self.register_buffer("center", torch.zeros(cfg.dino_out))
-            pos_dim, n_views = cfg.dino_out, 2
-        scfg = cfg.ssps_config()
-        self.ssps = SSPSQueues(scfg, n_items, E, pos_dim, n_views) if scfg else None
-        self.register_buffer("progress", torch.zeros(()))
-        self.register_buffer("fill_ref", torch.zeros((), dtype=torch.bool))
-        self.register_buffer("activated_at", torch.full((), -1, dtype=torch.long))
-        if scfg is not None and scfg.oracle and speaker_of is None:
-            raise ValueError("ssps.oracle clusters by true speakers: the manifest has no 'speaker' field")
-        self.speaker_of = speaker_of  # monitoring only, never in the loss (except the ssps.oracle diagnostic)
-
-    def export_encoder(self) -> ECAPATDNN:
-        return self.teacher_encoder if self.cfg.method == "dino" else self.encoder
-
-    def forward(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-        cfg, views, idx = self.cfg, batch["views"], batch["indices"]
-        rec: dict = {}
-        rows = None
-        if self.ssps is not None and bool(self.ssps.active):
-            rows, rec = self.ssps.sample(idx, gen, self.speaker_of)
-        if cfg.method == "simclr":
-            z = self.head(self.encoder(torch.cat(views)))
-            z1, z2 = z.chunk(2)
-            if rows is not None:
-                z2p = self.ssps.apply(0, z2, rows)
-                loss, acc = nt_xent(z1, z2p, cfg.temperature)
-            else:
-                loss, acc = nt_xent(z1, z2, cfg.temperature)
-            pos = [z2]
-            rec["acc"] = round(float(acc), 4)
-        else:
-            B = len(idx)
-            glob = self.head(self.encoder(torch.cat(views[:2])))
-            student = list(glob.chunk(2))
-            if len(views) > 2:
-                student += list(self.head(self.encoder(torch.cat(views[2:]))).split(B))
-            with torch.no_grad():
-                teacher = list(self.teacher_head(self.teacher_encoder(torch.cat(views[:2]))).chunk(2))
-            pos = teacher
-            targets = teacher if rows is None else [self.ssps.apply(i, t, rows) for i, t in enumerate(teacher)]
-            loss = dino_loss(student, targets, self.center, cfg.t_student, cfg.t_teacher)
-            mean_h, sample_h = prototype_entropy(teacher, self.center, cfg.t_teacher)
-            rec.update(teacher_entropy=round(mean_h, 4), teacher_sample_entropy=round(sample_h, 4))
-            with torch.no_grad():  # the centre follows the global batch (all ranks) in data parallel
-                update_center(self.center, [D.gather_cat(torch.cat(teacher))], cfg.center_momentum)
-        if self.ssps is not None:
-            with torch.no_grad():  # queues hold every rank's entries: identical on all ranks
-                all_idx = D.gather_cat(idx)
-                self.ssps.push_pos(all_idx, [D.gather_cat(z) for z in pos])
-                if bool(self.fill_ref) and batch.get("ref") is not None:
-                    self.encoder.eval()  # clean reference embeddings, BN in inference mode
-                    self.ssps.push_ref(all_idx, D.gather_cat(self.encoder(batch["ref"])))
-                    self.encoder.train()
-        return loss, rec
-
-    def after_update(self, step: int, progress: float, steps_per_epoch: int, seed: int) -> dict | None:
-        """After each optimizer step: teacher EMA, SSPS activation and per-epoch re-clustering.
-
-        Returns the clustering's statistics when it re-clustered (logged with this step: the
-        clusters are in this step's checkpoint, so a resumed run must not expect them later)."""
-        self.progress.fill_(progress)
-        if self.cfg.method == "dino":
-            m = cosine_momentum(progress, self.cfg.momentum)
-            ema_update(self.teacher_encoder, self.encoder, m)
-            ema_update(self.teacher_head, self.head, m)
-        if self.ssps is None:
-            return
-        # start refreshing the reference queue about one epoch (+20%) before SSPS switches on
-        per_step = progress / max(step, 1)
-        if progress + 1.2 * steps_per_epoch * per_step >= self.ssps.cfg.start:
-            self.fill_ref.fill_(True)
-        if progress >= self.ssps.cfg.start and not bool(self.ssps.active):
-            self.ssps.active.fill_(True)
-            self.activated_at.fill_(step)
-        if bool(self.ssps.active) and (step - int(self.activated_at)) % steps_per_epoch == 0:
-            stats = self.ssps.cluster(seed + step, self.speaker_of)
-            D.broadcast_module(self.ssps)  # rank 0's clustering everywhere
-            return {f"kmeans_{k}": v for k, v in stats.items()}
-        return None
 
 
 class ViewCollator:
@@ -326,7 +228,7 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
         codes = {s: i for i, s in enumerate(sorted(set(spk)))}
         speaker_of = torch.tensor([codes[s] for s in spk], dtype=torch.long)
     torch.manual_seed(loop_cfg.seed)  # the same initial weights on every (re)start
-    task = SpeakerSSLTask(cfg, len(items), speaker_of)
+    task = SpeakerSSLTask(cfg, len(items), speaker_of, gather=D.gather_cat)
     # equal-length views: batches of batch_size utterances, every epoch reshuffled
     sampler = BucketBatchSampler([1.0] * len(items), batch_size=cfg.batch_size, seed=loop_cfg.seed, num_buckets=1,
                                  drop_last=True)
@@ -335,11 +237,14 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
     collate = ViewCollator(data, cfg, build_augmenter(cfg, data, loop_cfg.seed), task.ecfg.n_mels,
                            with_ref=cfg.ssps is not None)
 
-    def loss_fn(batch: dict, step: int):
-        return task(batch, batch["gen"])
-
     def write_model(d: Path) -> None:
         save_encoder(task, task.ecfg, d, kind=f"speaker_ssl_task:{cfg.method}", extra={"speaker_ssl": cfg.to_dict()})
+
+    def after_update(step: int, progress: float) -> dict | None:
+        stats = task.after_update(step, progress, steps_per_epoch, loop_cfg.seed)
+        if stats is not None:  # it re-clustered: rank 0's clustering everywhere
+            D.broadcast_module(task.ssps)
+        return stats
 
     run_config = {"speaker_ssl": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items),
                   "resolved": resolved_configs(loop=loop_cfg, ecapa=task.ecfg, augment=cfg.augment_config(),
@@ -350,9 +255,9 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
         if resolve(out / "last") is None:
             fork_checkpoint(Path(fork_from), out, task, run_config, write_model)
     D.barrier()
-    state = train_loop(task, loss_fn, sampler, collate, loop_cfg, out, write_model, run_config,
+    state = train_loop(task, task.loss, sampler, collate, loop_cfg, out, write_model, run_config,
                        progress=progress, desc=f"sv {cfg.method}{'+ssps' if cfg.ssps is not None else ''}",
-                       after_update=lambda step, p: task.after_update(step, p, steps_per_epoch, loop_cfg.seed))
+                       after_update=after_update)
     from selfspeech.train.checkpoint import write_dir
 
     if not env.main:

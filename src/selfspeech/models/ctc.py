@@ -1,0 +1,122 @@
+"""A speech encoder with a linear CTC output layer, and decoding of its log-probabilities.
+
+The model is wav2vec 2.0's fine-tuning architecture (Baevski et al. 2020,
+sec. 4.3): :class:`~selfspeech.models.ssl.SpeechEncoder` and one linear layer
+over the output vocabulary, blank = 0 (Graves et al. 2006). Decoding is greedy
+best path or CTC prefix beam search without a language model (Hannun et al.
+2014). Saved as ``model.safetensors`` + ``config.json`` of kind ``ctc``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from selfspeech.data.audio_dataset import collate_arrays
+from selfspeech.models.ssl import EncoderConfig, SpeechEncoder, load_state, read_config
+from selfspeech.text.phones import Vocabulary
+
+
+class CTCModel(nn.Module):
+    def __init__(self, enc: EncoderConfig, vocab_size: int, head_init: str | None = None):
+        super().__init__()
+        self.encoder = SpeechEncoder(enc)
+        self.head = nn.Linear(enc.d_model, vocab_size)
+        if head_init == "zero":
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        elif head_init is not None:
+            raise ValueError(f"head_init {head_init!r}: use None (PyTorch's default) or 'zero'")
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, time_mask=None, channel_mask=None):
+        """(B, T[, F]) -> log-probs (B, T', V) and lengths T'."""
+        feats, flen = self.encoder.features(x, lengths)
+        if channel_mask is not None:
+            feats = feats.masked_fill(channel_mask[:, None, :], 0.0)
+        h = self.encoder.encode(feats, flen, time_mask)[-1]
+        return self.head(h).log_softmax(-1), flen
+
+
+def top_layer_state(encoder: nn.Module, n: int) -> dict[str, torch.Tensor]:
+    """Copies of the weights of the top ``n`` Transformer layers and the output layer norm (empty for 0)."""
+    layers = len(encoder.layers)
+    if not 0 <= n <= layers:
+        raise ValueError(f"reinit_top {n}: the encoder has {layers} Transformer layers; use 0..{layers}")
+    if n == 0:
+        return {}
+    keep = tuple(f"layers.{i}." for i in range(layers - n, layers)) + ("out_norm.",)
+    return {k: v.clone() for k, v in encoder.state_dict().items() if k.startswith(keep)}
+
+
+def greedy_ctc(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+    """Best path: argmax per frame, repeats collapsed, blanks (0) removed."""
+    out = []
+    for lp, n in zip(log_probs.argmax(-1), lengths.tolist()):
+        ids = torch.unique_consecutive(lp[:n]).tolist()
+        out.append([i for i in ids if i != 0])
+    return out
+
+
+def beam_ctc(log_probs: torch.Tensor, beam: int = 8) -> list[int]:
+    """CTC prefix beam search without a language model (Hannun et al. 2014, alg. 1) for one
+    utterance: (T, V) log-probs -> the most probable label sequence (blank = 0).
+
+    Each prefix keeps two log-scores, ending in blank and not; a repeated symbol
+    extends a prefix only through a blank. beam=1 is not greedy decoding: it ranks
+    prefixes, greedy ranks frames.
+    """
+    lp = log_probs.float().cpu().numpy()
+    ninf = float("-inf")
+    beams: dict[tuple, tuple[float, float]] = {(): (0.0, ninf)}   # prefix -> (log p_blank, log p_nonblank)
+    top = list(range(lp.shape[1]))
+    for t in range(lp.shape[0]):
+        row = lp[t]
+        cands = sorted(top, key=lambda v: -row[v])[: beam + 1]       # only the likeliest symbols this frame
+        nxt: dict[tuple, list[float]] = {}
+
+        def add(prefix, b, nb):
+            cur = nxt.setdefault(prefix, [ninf, ninf])
+            cur[0], cur[1] = np.logaddexp(cur[0], b), np.logaddexp(cur[1], nb)
+
+        for prefix, (pb, pnb) in beams.items():
+            total = np.logaddexp(pb, pnb)
+            for v in cands:
+                p = row[v]
+                if v == 0:
+                    add(prefix, total + p, ninf)
+                    continue
+                last = prefix[-1] if prefix else None
+                if v == last:
+                    add(prefix, ninf, pnb + p)                 # "aa" collapses to "a"
+                    add(prefix + (v,), ninf, pb + p)           # "a_a" is two symbols
+                else:
+                    add(prefix + (v,), ninf, total + p)
+        beams = dict(sorted(((k, (v[0], v[1])) for k, v in nxt.items()),
+                            key=lambda kv: -np.logaddexp(*kv[1]))[:beam])
+    return list(max(beams.items(), key=lambda kv: np.logaddexp(*kv[1]))[0])
+
+
+def decode_logits(log_probs: torch.Tensor, lengths: torch.Tensor, beam: int = 0) -> list[list[int]]:
+    """(B, T', V) log-probs and (B,) lengths -> label ids per utterance; ``beam`` 0: greedy, > 0: beam width."""
+    if beam <= 0:
+        return greedy_ctc(log_probs, lengths)
+    return [beam_ctc(log_probs[b, : lengths[b]], beam) for b in range(len(log_probs))]
+
+
+@torch.no_grad()
+def transcribe_arrays(model: CTCModel, vocab: Vocabulary, arrays: list[np.ndarray], beam: int = 0) -> list[str]:
+    """Model inputs of one batch (waveforms (T,) or log-mels (T, F), any lengths) -> their transcripts."""
+    b = collate_arrays(arrays)
+    lp, flen = model(b["x"], b["lengths"])
+    return [vocab.decode(ids) for ids in decode_logits(lp, flen, beam)]
+
+
+def load_ctc(model_dir: str | Path) -> tuple[CTCModel, Vocabulary]:
+    """A saved CTC model folder (``OUT/best`` of finetune-ctc) -> (model in eval mode, its vocabulary)."""
+    meta = read_config(model_dir, "ctc")
+    vocab = Vocabulary(meta["vocab"]["kind"], tuple(meta["vocab"]["symbols"]))
+    model = CTCModel(EncoderConfig(**meta["config"]), vocab.size)
+    model.load_state_dict(load_state(model_dir))
+    return model.eval(), vocab
