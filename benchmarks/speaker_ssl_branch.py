@@ -79,7 +79,7 @@ def encoder_at(run: Path, step: int, cfg):
     from safetensors.torch import load_file
 
     from selfspeech.models.ecapa import SpeakerEncoder
-    from selfspeech.train.speaker import SpeakerSSLTask
+    from selfspeech.objectives.speaker_ssl import SpeakerSSLTask
 
     task = SpeakerSSLTask(cfg, n_items=1)  # the base run has no SSPS queues, so no per-item state
     task.load_state_dict(load_file(str(run / "keep" / f"step-{step}" / "model.safetensors")))

@@ -195,7 +195,8 @@ def test_simclr_lowers_its_loss(tmp_path):
 
 def test_simclr_without_projector_trains_the_embedding_itself(tmp_path):
     """projector None (sslsv's SSPS configs): NT-Xent and the SSPS positive queue on the 32-dim embedding."""
-    from selfspeech.train.speaker import SpeakerSSLConfig, SpeakerSSLTask, train_speaker
+    from selfspeech.objectives.speaker_ssl import SpeakerSSLTask
+    from selfspeech.train.speaker import SpeakerSSLConfig, train_speaker
 
     torch.set_num_threads(1)
     m = _speaker_corpus(tmp_path)

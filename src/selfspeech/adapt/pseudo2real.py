@@ -38,7 +38,8 @@ def wer_of(ref_path: str, hyp_path: str, normalizer: str) -> float:
 def run_pseudo2real(recipe: Recipe, out: str | Path, log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Run (or resume) every stage into ``out``; returns a dict of hypothesis files and choices."""
     from selfspeech.models.zoo import resolve_model
-    from selfspeech.train.whisper_ft import finetune, transcribe_dir
+    from selfspeech.label.transcribe import transcribe_whisper as transcribe_dir
+    from selfspeech.train.whisper_ft import finetune
 
     check_recipe(recipe)
     out = Path(out)

@@ -111,7 +111,7 @@ def decode_ctc(
     """Greedy CTC transcripts. For PER, score against phone references:
     `selfspeech eval --ref phones.jsonl --hyp OUT --normalizer none`.
     """
-    from selfspeech.train.ctc import transcribe_ctc
+    from selfspeech.label.transcribe import transcribe_ctc
 
     try:
         transcribe_ctc(model, manifest, out, beam=beam)
