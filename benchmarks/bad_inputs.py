@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from selfspeech.eval.faults import cli, one_thread_env
+from faults import cli, one_thread_env
 
 SR = 16_000
 

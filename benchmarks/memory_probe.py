@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from selfspeech.eval.faults import cli, one_thread_env
+from faults import cli, one_thread_env
 
 LABEL = ("import sys\n"
          "from selfspeech.label.run import label_manifest\n"

@@ -1,6 +1,6 @@
 """Reliability campaign: SIGKILL-and-resume of every long stage, bad inputs, bounded memory.
 
-1. Kill and resume (``selfspeech.eval.faults``): each stage below runs once
+1. Kill and resume (``faults.py`` beside this script): each stage below runs once
    uninterrupted, then ``--trials`` times with 1-2 SIGKILLs of its whole process
    group at random moments, each time rerun with the same command until done;
    outputs compared with the reference (weights, optimizer/RNG state, logs,
@@ -31,7 +31,7 @@ import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from selfspeech.eval.faults import Stage, cli, kill_campaign  # noqa: E402
+from faults import Stage, cli, kill_campaign, tiny_random_whisper  # noqa: E402
 
 WORDS = "red green blue cat dog sun moon tree fish bird apple water light stone river".split()
 
@@ -139,8 +139,6 @@ def tiny_whisper_dir(work: Path) -> Path | None:
     except Exception as e:  # no cache, no PyPI: the Whisper stages are left out (reported)
         print(f"whisper-tiny.en unavailable ({e}): skipping the whisper_ft and adapt stages")
         return None
-    from selfspeech.models.whisper import tiny_random_whisper
-
     out = work / "tiny_whisper"
     return out if (out / "config.json").is_file() else tiny_random_whisper(hf, out)
 

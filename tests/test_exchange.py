@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from selfspeech.data.exchange import from_hf_dataset, merge_kaldi_meta, read_lhotse, write_kaldi_dir, write_lhotse
-from selfspeech.data.kaldi import iter_kaldi_dir
+from selfspeech.data.exchange import from_hf_dataset, read_lhotse, write_kaldi_dir, write_lhotse
+from selfspeech.data.kaldi import KaldiError, iter_kaldi_dir
 from selfspeech.data.manifest import write_manifest
 
 from conftest import tone
@@ -34,9 +34,15 @@ def test_kaldi_round_trip(tmp_path):
     items = _items(tmp_path)
     d = write_kaldi_dir(items, tmp_path / "kaldi")
     assert (d / "spk2utt").read_text().splitlines()[0] == "A A-0 A-1"
-    back = list(merge_kaldi_meta(iter_kaldi_dir(d), d))
+    back = list(iter_kaldi_dir(d))
     keys = ("id", "text", "speaker", "age", "gender", "accent", "score", "duration")
     assert len(back) == 4 and all(_same(a, b, keys) for a, b in zip(items, back))
+    write_kaldi_dir([{k: v for k, v in it.items() if k not in ("accent", "score")} for it in items], d)
+    assert not (d / "utt2meta.jsonl").exists()  # nothing left for the importer to merge into other items
+    assert "accent" not in next(iter_kaldi_dir(d))
+    (d / "utt2meta.jsonl").write_text('{"id": "A-0", "accent": "x"}\n[1, 2]\n')
+    with pytest.raises(KaldiError, match=r"utt2meta.jsonl:2: expected a JSON object"):
+        list(iter_kaldi_dir(d))
     with pytest.raises(ValueError, match="whitespace"):
         write_kaldi_dir([{**items[0], "id": "has space"}], tmp_path / "bad")
     with pytest.raises(ValueError, match="duplicate"):
@@ -102,6 +108,6 @@ def test_exchange_cli_round_trip(tmp_path):
     assert r.invoke(app, ["data", "export-lhotse", str(tmp_path / "m.jsonl"), str(tmp_path / "c.jsonl.gz")]).exit_code == 0
     assert r.invoke(app, ["data", "import-lhotse", str(tmp_path / "c.jsonl.gz"), str(tmp_path / "m2.jsonl")]).exit_code == 0
     assert r.invoke(app, ["data", "export-kaldi", str(tmp_path / "m2.jsonl"), str(tmp_path / "k")]).exit_code == 0
-    back = list(merge_kaldi_meta(iter_kaldi_dir(tmp_path / "k"), tmp_path / "k"))
+    back = list(iter_kaldi_dir(tmp_path / "k"))
     assert [(b["id"], b["text"], b["speaker"], b["accent"]) for b in back] == \
         [(i["id"], i["text"], i["speaker"], i["accent"]) for i in read_manifest(tmp_path / "m.jsonl")]

@@ -20,10 +20,10 @@ from selfspeech.data.audio_dataset import AudioDataset
 from selfspeech.data.kaldi import KaldiError, iter_kaldi_dir
 from selfspeech.data.manifest import ManifestError, read_manifest, unique_ids
 from selfspeech.data.validate import validate_manifest
-from selfspeech.eval.faults import Stage, compare_outputs, kill_after, kill_campaign
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bad_inputs  # noqa: E402
+from faults import Stage, compare_outputs, kill_after, kill_campaign  # noqa: E402
 import reliability  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Speaker-verification evaluation (selfspeech.eval.sv): metrics, trial lists, scoring, plots."""
+"""Speaker-verification evaluation (selfspeech.eval.sv, eval.sv_metrics): metrics, trial lists, scoring, plots."""
 from __future__ import annotations
 
 import logging
@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from selfspeech.eval.sv import (SVMetrics, Trial, as_norm, cosine_scores, det_curve, det_plot, eer_mindcf,
-                                embedding_plot, make_trials, metrics_table, read_trials,
-                                single_utterance_speakers, write_trials)
+from selfspeech.eval.sv import (Trial, as_norm, cosine_scores, det_plot, embedding_plot, make_trials, metrics_table,
+                                read_trials, single_utterance_speakers)
+from selfspeech.eval.sv_metrics import SVMetrics, det_curve, eer_mindcf
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -140,7 +140,7 @@ def test_kaldi_convention_within_one_target_step():
 
 
 def test_chunked_sweep_matches_single_chunk(monkeypatch):
-    import selfspeech.eval.sv as sv
+    import selfspeech.eval.sv_metrics as sv
 
     s, lab = gaussian_trials(20_000, seed=1, decimals=2)
     whole = eer_mindcf(s, lab)
@@ -233,7 +233,8 @@ def test_target_fraction_limits():
 
 def test_trials_round_trip(tmp_path):
     trials = make_trials(U2S, 12, seed=2)
-    p = write_trials(tmp_path / "trials.txt", trials)
+    p = tmp_path / "trials.txt"  # the Kaldi/VoxCeleb list: ``enrol test target|nontarget``
+    p.write_text("".join(f"{t.enrol} {t.test} {'target' if t.target else 'nontarget'}\n" for t in trials))
     assert p.read_text().splitlines()[0].split()[2] in ("target", "nontarget")
     assert read_trials(p) == (trials, 0)
     assert read_trials(p, known_ids=set(U2S)) == (trials, 0)

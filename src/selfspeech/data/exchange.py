@@ -7,7 +7,7 @@ Our manifest item is ``{"id", "audio_filepath", "duration", "text", "speaker",
   ``segments`` when items are segments of longer files, ``text``,
   ``utt2spk``/``spk2utt``, ``spk2age``/``spk2gender``. Kaldi has no place for
   other metadata; those fields go to ``utt2meta.jsonl`` (ours, ignored by Kaldi
-  tools) so a round trip through our importer keeps them only if you merge it.
+  tools), which our importer merges back.
 - **Lhotse** (import and export, ``lhotse`` an optional extra): one cut per
   item, a ``Recording`` per audio file and one ``SupervisionSegment`` carrying
   text, speaker, gender and every other field in ``custom``; saved as
@@ -83,19 +83,9 @@ def write_kaldi_dir(items: Iterable[dict], out_dir: str | os.PathLike) -> Path:
         with atomic_write(out / "utt2meta.jsonl") as f:
             for u in sorted(meta):
                 f.write(json.dumps({"id": u, **meta[u]}, ensure_ascii=False) + "\n")
+    else:  # an earlier export's would be merged into these items on import
+        (out / "utt2meta.jsonl").unlink(missing_ok=True)
     return out
-
-
-def merge_kaldi_meta(items: Iterable[dict], kaldi_dir: str | os.PathLike) -> Iterator[dict]:
-    """Items from ``iter_kaldi_dir`` with the fields ``write_kaldi_dir`` kept in ``utt2meta.jsonl``."""
-    p = Path(kaldi_dir) / "utt2meta.jsonl"
-    meta = {}
-    if p.is_file():
-        for line in open(p, encoding="utf-8"):
-            d = json.loads(line)
-            meta[d.pop("id")] = d
-    for it in items:
-        yield {**it, **meta.get(it["id"], {})}
 
 
 # ---------------------------------------------------------------- Lhotse

@@ -4,16 +4,20 @@ Files read (``utt_id`` first on each line, as Kaldi has them):
 
 - ``wav.scp`` (required): ``rec_id path``; a path relative to the directory is
   resolved against it. Piped commands (``cmd |``) are refused: we never run a
-  shell on data (DEVELOPERS.md, safe loading).
+  shell on data.
 - ``text`` (optional): ``utt_id transcript`` (the transcript may be empty).
 - ``utt2spk`` (optional): ``utt_id spk_id``; without it each utterance is its own
   speaker, as Kaldi's convention says.
 - ``segments`` (optional): ``utt_id rec_id start end`` in seconds.
 - ``spk2age``, ``spk2gender`` (optional): per-speaker metadata copied to every
   utterance, with ``age_group`` derived from age (see :func:`age_group`).
+- ``utt2meta.jsonl`` (optional, ours): ``{"id": utt_id, ...}`` per line, the fields
+  Kaldi has no file for, as ``data.exchange.write_kaldi_dir`` writes them; they
+  are merged into the items, so an export and import keep every field.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterator
@@ -61,6 +65,21 @@ def _read_table(path: Path, min_fields: int = 2, rest_joined: bool = False) -> d
     return out
 
 
+def _read_meta(path: Path) -> dict[str, dict]:
+    """``utt2meta.jsonl`` -> ``{utt_id: fields}``."""
+    meta: dict[str, dict] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            fields = json.loads(line)
+            meta[str(fields.pop("id"))] = fields
+        except (ValueError, KeyError, AttributeError, TypeError):
+            raise KaldiError(f"{path}:{n}: expected a JSON object with an \"id\" per line; "
+                             "fix the line or delete the file") from None
+    return meta
+
+
 def iter_kaldi_dir(data_dir: str | os.PathLike, with_durations: bool = True) -> Iterator[dict]:
     """Yield manifest items (sorted by utterance id) for a Kaldi data directory.
 
@@ -84,6 +103,7 @@ def iter_kaldi_dir(data_dir: str | os.PathLike, with_durations: bool = True) -> 
     ages = _read_table(d / "spk2age") if (d / "spk2age").is_file() else {}
     genders = _read_table(d / "spk2gender") if (d / "spk2gender").is_file() else {}
     segments = _read_table(d / "segments", min_fields=4) if (d / "segments").is_file() else None
+    meta = _read_meta(d / "utt2meta.jsonl") if (d / "utt2meta.jsonl").is_file() else {}
 
     if segments is None:
         utts = {u: (u, None, None) for u in wavs}
@@ -125,4 +145,4 @@ def iter_kaldi_dir(data_dir: str | os.PathLike, with_durations: bool = True) -> 
             item["age_group"] = age_group(int(ages[spk]))
         if spk in genders:
             item["gender"] = genders[spk]
-        yield item
+        yield {**item, **meta.get(utt, {})}

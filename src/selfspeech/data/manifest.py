@@ -114,12 +114,3 @@ def write_manifest(path: str | os.PathLike, items: Iterable[dict]) -> int:
             n += 1
     return n
 
-
-def index_by_id(path: str | os.PathLike) -> dict[str, dict]:
-    """Map id -> item for a manifest (metadata only, no audio); duplicate ids are an error."""
-    out: dict[str, dict] = {}
-    for item in read_manifest(path):
-        if item["id"] in out:
-            raise ManifestError(f"{path}: duplicate id {item['id']!r}")
-        out[item["id"]] = item
-    return out

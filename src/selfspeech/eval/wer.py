@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jiwer
 import numpy as np
@@ -135,34 +135,8 @@ def count_errors(ref: str, hyp: str) -> ErrorCounts:
     return ErrorCounts.from_array(count_errors_batch([ref], [hyp])[0])
 
 
-@dataclass(frozen=True)
-class Scored:
-    """Hypotheses matched to references by id.
-
-    ``ids`` are the reference ids in reference order and ``counts`` their (n, 10)
-    rows. A reference without a hypothesis is scored against an empty string
-    (all deletions) and listed in ``missing``; hypothesis ids that are not in
-    the reference are listed in ``extra`` and not scored.
-    """
-
-    ids: list[str]
-    counts: np.ndarray
-    missing: list[str]
-    extra: list[str]
-
-
 def as_text(text) -> str:
     return "" if text is None else str(text)  # a failed decode may write null
-
-
-def score(refs: Mapping[str, str], hyps: Mapping[str, str], normalizer: Callable[[str], str]) -> Scored:
-    """Normalise both sides with the same function and count errors per reference id."""
-    ids = list(refs)
-    missing = [i for i in ids if i not in hyps]
-    extra = [i for i in hyps if i not in refs]
-    r = [normalizer(as_text(refs[i])) for i in ids]
-    h = [normalizer(as_text(hyps.get(i))) for i in ids]
-    return Scored(ids, count_errors_batch(r, h), missing, extra)
 
 
 # --------------------------------------------------------------------------- groups
@@ -192,24 +166,6 @@ def group_value_order(v: str):
         return (0, float(v), "")
     except ValueError:
         return (1 if v != MISSING else 2, 0.0, v)
-
-
-def group_indices(items: Sequence[Mapping], fields: Sequence[str]) -> list[Group]:
-    """``all`` plus one group per value of each field, each field on its own.
-
-    Utterances lacking a field go to ``field=(missing)`` so nothing is dropped.
-    Raises ValueError for a field no item has (most likely a typo).
-    """
-    groups = [Group("all", None, None, np.arange(len(items)))]
-    for field in fields:
-        values = [field_value(it, field) for it in items]
-        if items and all(v is None for v in values):
-            known = sorted({k for it in items for k in it} | {k for it in items for k in (it.get("metadata") or {})})
-            raise ValueError(f"no reference line has field {field!r}; available: {', '.join(known)}")
-        labels = np.array([MISSING if v is None else str(v) for v in values], dtype=object)
-        for v in sorted(set(labels), key=group_value_order):
-            groups.append(Group(f"{field}={v}", field, v, np.flatnonzero(labels == v)))
-    return groups
 
 
 def group_seed(seed: int, name: str) -> list[int]:

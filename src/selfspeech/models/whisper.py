@@ -103,28 +103,3 @@ def greedy_decode(model, input_features: torch.Tensor, prefix: list[int], max_ne
             break
         step_in, cache = nxt[:, None], out.past_key_values
     return [row[: row.index(eot)] if eot in row else row for row in tokens.tolist()]
-
-
-def tiny_random_whisper(reference_dir: str | Path, out: str | Path, seed: int = 0) -> Path:
-    """A randomly initialised 1+1-layer Whisper (d_model 64) with ``reference_dir``'s tokenizer and processor.
-
-    For tests and fault-injection campaigns: seconds to fine-tune on a CPU, yet
-    the real vocabulary, feature extractor and generation config. Written with
-    ``save_pretrained`` (safetensors) into ``out``.
-    """
-    import shutil
-
-    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
-
-    reference_dir, out = Path(reference_dir), Path(out)
-    config = WhisperConfig.from_pretrained(reference_dir)
-    config.update(dict(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                       decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128))
-    torch.manual_seed(seed)
-    model = WhisperForConditionalGeneration(config)
-    model.generation_config = GenerationConfig.from_pretrained(reference_dir)
-    model.save_pretrained(out)
-    for f in reference_dir.iterdir():
-        if f.is_file() and f.suffix in (".json", ".txt") and f.name not in ("config.json", "generation_config.json"):
-            shutil.copy2(f, out / f.name)
-    return out

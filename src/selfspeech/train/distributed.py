@@ -118,15 +118,6 @@ def gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def all_mean(x: torch.Tensor) -> torch.Tensor:
-    world = current().world
-    if world == 1:
-        return x
-    y = x.clone()
-    dist.all_reduce(y)
-    return y / world
-
-
 def barrier() -> None:
     if current().world > 1:
         dist.barrier()

@@ -14,7 +14,9 @@ reruns the same command until it finishes, and compares the outputs:
   and the start/resume markers a training log gets at each process start;
 - anything else: the same bytes.
 
-Used by ``tests/test_reliability.py`` (a fast subset) and ``benchmarks/reliability.py``.
+Used by ``benchmarks/reliability.py``, ``bad_inputs.py`` and ``memory_probe.py``
+and by ``tests/test_reliability.py`` (a fast subset); :func:`tiny_random_whisper`
+gives the tests and the campaigns a Whisper that fine-tunes in seconds on a CPU.
 """
 from __future__ import annotations
 
@@ -175,3 +177,26 @@ def kill_campaign(stage: Stage, work: Path, trials: int = 2, max_kills: int = 2,
         res["differences"] += [f"trial {t}: {d}" for d in diffs]
         log(f"  {stage.name} trial {t}: {res['kills']} kill(s) so far -> {'identical' if not diffs else diffs}")
     return res
+
+
+def tiny_random_whisper(reference_dir: str | Path, out: str | Path, seed: int = 0) -> Path:
+    """A randomly initialised 1+1-layer Whisper (d_model 64) with ``reference_dir``'s tokenizer and processor.
+
+    Seconds to fine-tune on a CPU, yet the real vocabulary, feature extractor
+    and generation config. Written with ``save_pretrained`` (safetensors) into ``out``.
+    """
+    import torch
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+
+    reference_dir, out = Path(reference_dir), Path(out)
+    config = WhisperConfig.from_pretrained(reference_dir)
+    config.update(dict(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                       decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128))
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config = GenerationConfig.from_pretrained(reference_dir)
+    model.save_pretrained(out)
+    for f in reference_dir.iterdir():
+        if f.is_file() and f.suffix in (".json", ".txt") and f.name not in ("config.json", "generation_config.json"):
+            shutil.copy2(f, out / f.name)
+    return out
