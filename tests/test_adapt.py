@@ -38,6 +38,63 @@ def test_stage_cache_reruns_only_on_change(tmp_path):
     assert calls[-1] == "b3"
 
 
+def _writer(calls, tag):
+    def fn(d):
+        calls.append(tag)
+        (d / "weights.bin").write_bytes(b"w" * 100)
+        (d / "log.jsonl").write_text("{}\n")
+        return str(d / "weights.bin")
+    return fn
+
+
+def test_stage_declarations_rerun_a_changed_stage_and_its_dependants_only(tmp_path):
+    from selfspeech.adapt.stages import Stage
+
+    calls = []
+
+    def graph(b):  # a -> b -> c, a -> d
+        return [Stage("a", _writer(calls, "a"), {"n": 1}), Stage("b", _writer(calls, "b"), {"n": b}, ("a",)),
+                Stage("c", _writer(calls, "c"), {}, ("b",)), Stage("d", _writer(calls, "d"), {"m": 0}, ("a",))]
+
+    def run(stages):
+        S = StageRunner(tmp_path, log=lambda m: None)
+        return S, [S(st) for st in stages]
+
+    S, results = run(graph(1))
+    assert calls == ["a", "b", "c", "d"] and results[2] == str(tmp_path / "c" / "weights.bin")
+    S, _ = run(graph(2))
+    assert calls[4:] == ["b", "c"] and S.cached == {"a": True, "b": False, "c": False, "d": True}
+    S, _ = run(graph(2))
+    assert len(calls) == 6 and all(S.cached.values())
+
+
+def test_freed_files_go_and_come_back_only_when_read_again(tmp_path):
+    from selfspeech.adapt.stages import Stage
+
+    calls, logs = [], []
+    stages = [Stage("a", _writer(calls, "a")), Stage("b", _writer(calls, "b"), {}, ("a",), frees=("a",))]
+    S = StageRunner(tmp_path, log=logs.append)
+    for st in stages:
+        S(st)
+    rec = json.loads((tmp_path / "a" / "STAGE.json").read_text())
+    assert rec["freed"] and not (tmp_path / "a" / "weights.bin").exists() and (tmp_path / "a" / "log.jsonl").is_file()
+    assert (tmp_path / "b" / "weights.bin").is_file() and any(m.startswith("[freed] a") for m in logs)
+    S = StageRunner(tmp_path, log=logs.append)
+    for st in stages:  # nothing to rerun: the freed stage stays cached, its files are not rebuilt
+        S(st)
+    assert calls == ["a", "b"] and all(S.cached.values())
+    (tmp_path / "b" / "STAGE.json").unlink()  # b must run again (a kill): it reads a, so a is rebuilt first
+    S = StageRunner(tmp_path, log=logs.append)
+    for st in stages:
+        S(st)
+    assert calls == ["a", "b", "a", "b"] and "[rebuild] a: b reads its freed files" in logs
+    assert json.loads((tmp_path / "a" / "STAGE.json").read_text())["freed"]  # and freed again once b is done
+    keep = StageRunner(tmp_path / "keep", log=logs.append, keep_all=True)
+    for st in stages:
+        keep(st)
+    assert (tmp_path / "keep" / "a" / "weights.bin").is_file()
+
+
 def test_recipe_errors_before_compute(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("data: {manifest: nowhere.jsonl, bogus: 1}\n")
@@ -98,7 +155,6 @@ class WordTeacher:
 def test_pipeline_end_to_end_tiny(tmp_path, tiny_whisper_dir, monkeypatch):
     import selfspeech.label.teacher as teacher_mod
     from selfspeech.adapt.pseudo2real import run_pseudo2real
-    from selfspeech.adapt.report import score_systems, write_report
 
     monkeypatch.setattr(teacher_mod, "load_teacher", lambda *a, **k: WordTeacher())
 
@@ -131,12 +187,12 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_whisper_dir, monkeypatch):
            for p in ("source_train", "source_dev", "source_sim", "target_adapt", "target_eval")}
     names = list(spk)
     assert all(not (spk[a] & spk[b]) for i, a in enumerate(names) for b in names[i + 1:])
-    scores = score_systems(str(tmp_path / "run" / "data" / "target_eval.jsonl"), res["hyps"], "whisper_english",
-                           n_resamples=50)
-    assert "p2r_vs_pseudo_ft" in scores["paired"]
-    report = write_report(tmp_path / "run", res, scores, "tiny")
+    # the pipeline scores every system and writes its own report
+    assert "p2r_vs_pseudo_ft" in res["scores"]["paired"] and set(res["scores"]["systems"]) == set(res["hyps"])
+    report = tmp_path / "run" / "report.md"
+    assert res["report"] == str(report) and "Pseudo2Real: tiny" in report.read_text()
     assert (tmp_path / "run" / "wer_systems.png").is_file() and (tmp_path / "run" / "wer_lambda.png").is_file()
-    assert "Pseudo2Real" in report.read_text()
+    _assert_disk_kept_small(tmp_path / "run", res)
     # a rerun recomputes nothing
     logs.clear()
     res2 = run_pseudo2real(recipe, tmp_path / "run", log=logs.append, progress=False)
@@ -147,6 +203,54 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_whisper_dir, monkeypatch):
     sc = {k: v for k, v in res3["cached"].items() if k.startswith(("ft_sc_", "decode_sc_", "sc_clusters"))}
     assert sc and not any(sc.values()), sc
     assert res3["cached"]["ft_target_pseudo"] and res3["cached"]["sc_embed"]
+    _assert_disk_kept_small(tmp_path / "run", res3)
+    _finer_grid_and_rebuild(tmp_path, spec, res3)
+
+
+def _assert_disk_kept_small(run, res):
+    """Sweeps keep hypotheses only, fine-tunes read by a tau alone are freed, the report states the disk used."""
+    import re
+
+    from selfspeech.adapt.stages import folder_bytes
+
+    holders = {p.relative_to(run).parts[0] for p in run.rglob("*.safetensors")}
+    sc_taus = {n for n in res["cached"] if n.startswith("sc_") and n.endswith("_tau")}
+    assert {n.split("_")[1] for n in sc_taus} == {"kmeans", "random"}
+    assert holders == {"ft_source_real", "ft_target_pseudo", "ft_sim_pseudo", "tau", "model_p2r"} | sc_taus, holders
+    assert [p.name for p in run.glob("model_*")] == ["model_p2r"] and not list(run.glob("decode_*/model"))
+    freed = [n for n in res["cached"] if n.startswith("ft_sc_")] + ["ft_source_pseudo"]
+    for n in freed:  # the marker stays (the stage stays cached) and says so; the training log stays
+        assert json.loads((run / n / "STAGE.json").read_text())["freed"] and list((run / n).glob("*.jsonl"))
+        assert not (run / n / "best").exists() and not (run / n / "last").exists()
+    text = (run / "report.md").read_text()
+    m = re.search(r"Disk used by the run folder: ([\d.]+) MB \(largest stages: ", text)
+    assert m and float(m.group(1)) == round(res["disk"]["total"] / 1e6, 1), text[:400]
+    assert res["disk"]["total"] <= folder_bytes(run) < res["disk"]["total"] + 2_000_000  # + report, charts, json
+    assert res["disk"]["stages"]["ft_target_pseudo"] > 10 * res["disk"]["stages"]["ft_source_pseudo"]
+    assert "| MB on disk |" in text
+
+
+def _finer_grid_and_rebuild(tmp_path, spec, before):
+    """A finer lambda grid decodes only the new lambdas; a tau to redo rebuilds the freed model it reads."""
+    from selfspeech.adapt.pseudo2real import run_pseudo2real
+
+    run, logs = tmp_path / "run", []
+    stale = run / "model_sim_l0.25"  # a per-lambda model folder of an earlier layout: removed
+    (stale / "model").mkdir(parents=True)
+    (stale / "model" / "model.safetensors").write_bytes(b"0" * 1000)
+    (stale / "STAGE.json").write_text("{}")
+    (run / "tau" / "STAGE.json").unlink()  # as if killed before tau finished
+    spec = {**spec, "clusters": {"k": 2, "min_size": 1, "level": "utterance"},
+            "lambda": {**spec["lambda"], "grid": [0.0, 0.5, 1.0]}}
+    res = run_pseudo2real(recipe_from_dict(spec, root=tmp_path), run, log=logs.append, progress=False)
+    c = res["cached"]
+    assert not c["decode_sim_l0.5"] and not c["decode_sim_encoder_l0.5"]
+    assert c["decode_sim_l0"] and c["decode_sim_l1"] and c["decode_sim_encoder_l1"]
+    assert not c["tau"] and "[rebuild] ft_source_pseudo: tau reads its freed files" in logs
+    assert c["ft_source_real"] and c["ft_target_pseudo"] and c["ft_sim_pseudo"] and c["sc_kmeans_c0_tau"]
+    assert not stale.exists() and any(m.startswith("[removed] model_sim_l0.25") for m in logs)
+    assert set(res["lambda"]["curve_source_sim"]) == {0.0, 0.5, 1.0}
+    _assert_disk_kept_small(run, res)
 
 
 def test_pipeline_stops_clearly_when_teacher_gives_nothing(tmp_path, tiny_whisper_dir, monkeypatch):

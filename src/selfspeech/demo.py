@@ -113,18 +113,15 @@ def demo_recipe(cfg: DemoConfig, manifest: Path):
 
 def _adapt(cfg: DemoConfig, manifest: Path, out: Path, log, progress: bool) -> str:
     from selfspeech.adapt.pseudo2real import run_pseudo2real
-    from selfspeech.adapt.report import score_systems, write_report
-
-    recipe = demo_recipe(cfg, manifest)
-    result = run_pseudo2real(recipe, out, log=log, progress=progress)
-    scores = score_systems(str(out / "data" / "target_eval.jsonl"), result["hyps"], cfg.normalizer, cfg.seed)
-    write_report(out, result, scores, f"Pseudo2Real demo: {cfg.accents[0]} -> {cfg.accents[-1]}")
     from selfspeech.adapt.report import LABELS
 
+    result = run_pseudo2real(demo_recipe(cfg, manifest), out, log=log, progress=progress,
+                             title=f"Pseudo2Real demo: {cfg.accents[0]} -> {cfg.accents[-1]}")
     rows = "\n".join(f"| {LABELS.get(k, k)} | {v['wer'] * 100:.1f} [{v['wer_ci95'][0] * 100:.1f}, "
-                      f"{v['wer_ci95'][1] * 100:.1f}] |" for k, v in scores["systems"].items())
+                      f"{v['wer_ci95'][1] * 100:.1f}] |" for k, v in result["scores"]["systems"].items())
     return (f"\n## Pseudo2Real: {cfg.accents[0]} -> {cfg.accents[-1]}\n\n"
             f"lambda = {result['lambda']['lambda']:g} (chosen on held-out source speakers, no target labels). "
+            f"The adaptation's run folder holds {result['disk']['total'] / 1e9:.2f} GB. "
             f"Full report: [adapt/report.md](adapt/report.md).\n\n| system | WER % [95% CI] |\n| --- | --- |\n"
             f"{rows}\n\n![WER per system](adapt/wer_systems.png)\n")
 

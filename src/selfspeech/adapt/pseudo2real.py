@@ -11,17 +11,29 @@ lambda is chosen without target transcripts (``LambdaSpec.rule``): the
 speakers (exactly as the target student is made) and picks the lambda whose
 ``theta_simp + lambda * tau`` has the lowest WER on those speakers' real
 labels. The sweep on target labels is reported as an oracle only.
+
+Each line above is a declared stage (:mod:`selfspeech.adapt.student`) run by a
+:class:`~selfspeech.adapt.stages.StageRunner` into the run folder: cached by its
+config slice and its inputs, resumed in place after a kill. What stays on disk
+is what later stages read: a sweep decodes each ``theta + lambda * tau`` without
+keeping it, the fine-tunes that only feed a tau (theta_sp, and both models of
+every tau_c) are freed once it exists, and ``model_p2r`` stays for export.
+``run_pseudo2real`` then scores every system and writes ``report.md``.
 """
 from __future__ import annotations
 
 import json
+import shutil
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from selfspeech.adapt import prepare as P
 from selfspeech.adapt.recipe import Recipe, RecipeError, check_recipe  # noqa: F401 (re-exported)
-from selfspeech.adapt.stages import StageRunner
-from selfspeech.arith.task_vector import TaskVector, apply_to_dir, diff_dirs
+from selfspeech.adapt.stages import MARKER, Stage, StageRunner, folder_bytes
+from selfspeech.adapt.student import (Output, Student, corrected_decode_stage, corrected_model_stage, decode_stage,
+                                      finetune_stage, produce, tau_stage)
+from selfspeech.data.atomic import write_json
 from selfspeech.data.manifest import read_manifest
 from selfspeech.eval.report import build_results, read_jsonl
 
@@ -35,142 +47,167 @@ def wer_of(ref_path: str, hyp_path: str, normalizer: str) -> float:
     return res["system"]["groups"][0]["wer"]
 
 
-def run_pseudo2real(recipe: Recipe, out: str | Path, log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Run (or resume) every stage into ``out``; returns a dict of hypothesis files and choices."""
-    from selfspeech.models.zoo import resolve_model
-    from selfspeech.label.transcribe import transcribe_whisper as transcribe_dir
-    from selfspeech.train.whisper_ft import finetune
+def run_pseudo2real(recipe: Recipe, out: str | Path, log: Callable[[str], None] = print, progress: bool = True,
+                    title: str | None = None, keep_all: bool = False) -> dict:
+    """Run (or resume) every stage into ``out``, score every system and write ``out/report.md``.
+
+    Returns each system's hypothesis file (``hyps``), the lambda choice and its
+    curves, the clusters, per-stage wall times and cache hits, data and label
+    counts, ``scores``, ``disk`` (bytes of the run folder, per stage) and
+    ``report`` (the path of report.md). ``keep_all`` keeps the models nothing
+    reads any more (the fine-tunes behind each tau), which are deleted otherwise.
+    """
+    from selfspeech.adapt.report import score_systems, write_report
 
     check_recipe(recipe)
     out = Path(out)
-    S = StageRunner(out, log)
-    ft_cfg = _ft_config(recipe)
-    init = str(resolve_model(recipe.student.init).hf_dir)
-    norm = recipe.normalizer
-    systems = set(recipe.systems)
+    _drop_superseded(out, log)
+    S = StageRunner(out, log, keep_all=keep_all)
+    result = run_stages(recipe, S, progress)
+    result["scores"] = score_systems(str(out / "data" / "target_eval.jsonl"), result["hyps"], recipe.normalizer,
+                                     recipe.data.seed)
+    result["disk"] = {"total": folder_bytes(out), "stages": {n: folder_bytes(out / n) for n in S.times}}
+    result["report"] = str(write_report(out, result, result["scores"], title or f"Pseudo2Real: {recipe.name}"))
+    write_json(out / "pipeline.json", result, default=str)
+    return result
 
-    parts = S.run("data", {"data": recipe.to_dict()["data"]}, lambda d: P.make_parts(recipe, d))
 
-    def label(d: Path) -> dict:
-        from selfspeech.label.run import label_manifest
-        from selfspeech.label.teacher import DecodeOptions, load_teacher
+def run_stages(recipe: Recipe, S: StageRunner, progress: bool = True) -> dict:
+    """Every stage of the module docstring, in order; returns hypotheses, choices and counts."""
+    from selfspeech.models.zoo import resolve_model
 
-        import torch
-
-        t = load_teacher(recipe.teacher.name, "faster-whisper", cpu_threads=torch.get_num_threads(),
-                         options=DecodeOptions(max_new_tokens=recipe.teacher.max_new_tokens,
-                                             window_s=recipe.teacher.window_s))
-        st = label_manifest(parts["all"], d / "labels.jsonl", t, recipe.teacher.name, recipe.teacher.batch_size,
-                            progress=progress)
-        return {"labels": str(d / "labels.jsonl"), "stats": st.as_dict()}
-
-    lab = S.run("label", {"teacher": recipe.to_dict()["teacher"]}, label, deps=("data",))
-
-    def pseudo(d: Path) -> dict:
-        labels = {r["id"]: r for r in read_jsonl(lab["labels"])}
-        res = {}
-        for name in ("source_train", "source_dev", "source_sim_fit", "source_sim_stop", "target_adapt_fit",
-                     "target_adapt_stop"):
-            res[name] = {"path": str(d / f"{name}.jsonl"),
-                         **P.pseudo_manifest(parts[name], labels, d / f"{name}.jsonl", recipe.teacher.drop_flagged)}
-        empty = [n for n, r in res.items() if r["kept"] == 0]
-        if empty:
-            raise RecipeError(f"teacher {recipe.teacher.name!r} left no usable pseudo-label in {', '.join(empty)} "
-                              f"(counts: {res}); check the teacher, or set teacher.drop_flagged: false")
-        # tau must differ only in the labels, not in the audio: the real-label run uses exactly
-        # the utterances whose pseudo-label survived (Pseudo2Real eq. 3 pairs the same audio).
-        kept = {i["id"] for i in read_manifest(res["source_train"]["path"])}
-        res["source_train_real"] = {"path": P.subset(parts["source_train"], kept, d / "source_train_real.jsonl"),
-                                    "kept": len(kept)}
-        P.subset(lab["labels"], {i["id"] for i in read_manifest(parts["target_eval"])}, d / "teacher_eval.jsonl")
-        res["teacher_eval"] = {"path": str(d / "teacher_eval.jsonl")}
-        return res
-
-    ps = S.run("pseudo", {"drop_flagged": recipe.teacher.drop_flagged, "paired_real": True}, pseudo, deps=("label",))
-
-    def ft(name: str, train: str, dev: str, deps=("pseudo",)) -> str:
-        return S.run(f"ft_{name}", {"init": init, "ft": ft_cfg.to_dict(), "train": train, "dev": dev},
-                     lambda d: str(finetune(train, dev, init, d, ft_cfg, progress=progress)), deps=deps)
-
-    def decode(name: str, model_dir: str, manifest: str, deps: tuple, trim: bool | None = None) -> str:
-        return S.run(f"decode_{name}", {"model": model_dir, "manifest": manifest, "trim": trim},
-                     lambda d: str(transcribe_dir(model_dir, manifest, d / "hyp.jsonl", trim_input=trim,
-                                                  batch_size=recipe.student.decode_batch_size,
-                                                  max_new_tokens=recipe.student.max_new_tokens)), deps=deps)
-
-    hyps: dict[str, str] = {"teacher": ps["teacher_eval"]["path"]}
-    evalm = parts["target_eval"]
-    sr = ft("source_real", ps["source_train_real"]["path"], parts["source_dev"])
-    sp = ft("source_pseudo", ps["source_train"]["path"], ps["source_dev"]["path"])
-    tp = ft("target_pseudo", ps["target_adapt_fit"]["path"], ps["target_adapt_stop"]["path"])
-    tau_path = S.run("tau", {}, lambda d: str(diff_dirs(sr, sp).save(d / "tau.safetensors")),
-                     deps=("ft_source_real", "ft_source_pseudo"))
-    tau = TaskVector.load(tau_path)
-
-    # ---- lambda (and tau's scope) without target labels
-    grid = [float(x) for x in recipe.lam.grid]
-    scopes = list(recipe.lam.scopes)
-
-    def sweep(tag: str, base: str, manifest: str, base_dep: str, scope: str) -> dict:
-        # stage names of the "all" scope carry no suffix (caches of earlier runs stay valid)
-        tag = tag if scope == "all" else f"{tag}_{scope}"
-        tau_s, res = tau.scope(scope), {}
-        for lam in grid:
-            cfg = {"lambda": lam, "base": base} | ({} if scope == "all" else {"scope": scope})
-            mdir = S.run(f"model_{tag}_l{lam:g}", cfg,
-                         lambda d, lam=lam: str(apply_to_dir(base, tau_s, lam, d / "model")), deps=(base_dep, "tau"))
-            h = decode(f"{tag}_l{lam:g}", mdir, manifest, (f"model_{tag}_l{lam:g}",))
-            res[lam] = wer_of(manifest, h, norm)
-            log(f"  {tag} lambda={lam:g}: WER {res[lam]:.4f}")
-        return res
-
-    def curve_key(kind: str, scope: str) -> str:
-        return f"curve_{kind}" if scope == "all" else f"curve_{kind}_{scope}"
-
-    choice: dict = {"rule": recipe.lam.rule, "scopes": scopes}
-    if recipe.lam.rule == "fixed":
-        lam, scope = float(recipe.lam.fixed), scopes[0]
-    else:
-        simp = ft("sim_pseudo", ps["source_sim_fit"]["path"], ps["source_sim_stop"]["path"])
-        cand = []
-        for sc in scopes:
-            curve = choice[curve_key("source_sim", sc)] = sweep("sim", simp, parts["source_sim"], "ft_sim_pseudo", sc)
-            cand += [(w, abs(lam_), scopes.index(sc), lam_, sc) for lam_, w in curve.items()]
-        # lowest held-out source WER; ties: the smaller correction, then the scope listed first
-        _, _, _, lam, scope = min(cand)
-    choice["lambda"], choice["scope"] = lam, scope
-    p2r_tau = tau.scope(scope)
-
-    if "zero_shot" in systems:  # un-fine-tuned Whisper decoded the standard way (30-s padded input)
-        hyps["zero_shot"] = decode("zero_shot", init, evalm, ("data",), trim=False)
-    hyps["pseudo_ft"] = decode("pseudo_ft", tp, evalm, ("ft_target_pseudo",))
-    p2r_cfg = {"lambda": lam} | ({} if scope == "all" else {"scope": scope})
-    p2r_dir = S.run("model_p2r", p2r_cfg, lambda d: str(apply_to_dir(tp, p2r_tau, lam, d / "model")),
-                    deps=("ft_target_pseudo", "tau"))
-    hyps["p2r"] = decode("p2r", p2r_dir, evalm, ("model_p2r",))
-    if "source_real_ft" in systems:
-        hyps["source_real_ft"] = decode("source_real_ft", sr, evalm, ("ft_source_real",))
-    if "source_real_plus_target_pseudo" in systems:
-        tr = P.concat([parts["source_train"], ps["target_adapt_fit"]["path"]], out / "pseudo" / "union_train.jsonl")
-        dv = P.concat([parts["source_dev"], ps["target_adapt_stop"]["path"]], out / "pseudo" / "union_dev.jsonl")
-        u = ft("source_real_plus_target_pseudo", tr, dv)
-        hyps["source_real_plus_target_pseudo"] = decode("union", u, evalm, ("ft_source_real_plus_target_pseudo",))
-    if "oracle" in systems:  # measurement only: real target labels
-        o = ft("oracle", parts["target_adapt_fit"], parts["target_adapt_stop"], deps=("data",))
-        hyps["oracle"] = decode("oracle", o, evalm, ("ft_oracle",))
-    if recipe.lam.oracle_sweep:
-        for sc in scopes:
-            choice[curve_key("target_oracle", sc)] = sweep("target_oracle", tp, evalm, "ft_target_pseudo", sc)
-
-    clusters_info = {}
-    if recipe.clusters.enabled and ({"p2r_sc", "p2r_sc_random"} & systems):
+    st = Student(recipe, str(resolve_model(recipe.student.init).hf_dir), _ft_config(recipe), progress)
+    parts = S(Stage("data", partial(P.make_parts, recipe), {"data": recipe.to_dict()["data"]}))
+    lab = S(Stage("label", partial(_label, recipe, parts["all"], progress), {"teacher": recipe.to_dict()["teacher"]},
+                  ("data",)))
+    ps = S(Stage("pseudo", partial(_pseudo, recipe, parts, lab["labels"]),
+                 {"drop_flagged": recipe.teacher.drop_flagged, "paired_real": True}, ("label",)))
+    theta_sr = produce(S, finetune_stage(st, "source_real", ps["source_train_real"]["path"], parts["source_dev"]))
+    theta_sp = produce(S, finetune_stage(st, "source_pseudo", ps["source_train"]["path"], ps["source_dev"]["path"]))
+    theta_tp = produce(S, finetune_stage(st, "target_pseudo", ps["target_adapt_fit"]["path"],
+                                         ps["target_adapt_stop"]["path"]))
+    tau = produce(S, tau_stage("tau", theta_sr, theta_sp, frees=(theta_sp.stage,)))  # theta_sp: read by tau only
+    choice = choose_lambda(S, st, parts, ps, tau)
+    hyps = {"teacher": ps["teacher_eval"]["path"], **decode_systems(S, st, parts, ps, theta_sr, theta_tp, tau, choice)}
+    clusters: dict = {}
+    if recipe.clusters.enabled and {"p2r_sc", "p2r_sc_random"} & set(recipe.systems):
         from selfspeech.adapt.sc import run_sc
 
-        sc_hyps, clusters_info = run_sc(recipe, S, parts, ps, tp, lam, scope, ft, decode, progress)
+        sc_hyps, clusters = run_sc(S, st, parts, ps, theta_tp, choice["lambda"], choice["scope"])
         hyps.update(sc_hyps)
-    result = {"hyps": hyps, "lambda": choice, "clusters": clusters_info, "times": S.times, "cached": S.cached,
-              "label_stats": lab["stats"], "pseudo_counts": {k: {kk: vv for kk, vv in v.items() if kk != "path"}
-                                                              for k, v in ps.items()},
-              "parts": json.loads((out / "data" / "parts.json").read_text())}
-    (out / "pipeline.json").write_text(json.dumps(result, indent=2, default=str))
-    return result
+    return {"hyps": hyps, "lambda": choice, "clusters": clusters, "times": S.times, "cached": S.cached,
+            "label_stats": lab["stats"], "pseudo_counts": {k: {kk: vv for kk, vv in v.items() if kk != "path"}
+                                                            for k, v in ps.items()},
+            "parts": json.loads((S.root / "data" / "parts.json").read_text())}
+
+
+def _label(recipe: Recipe, manifest: str, progress: bool, d: Path) -> dict:
+    """The teacher's pseudo-label of every utterance of every part (resumable)."""
+    import torch
+
+    from selfspeech.label.run import label_manifest
+    from selfspeech.label.teacher import DecodeOptions, load_teacher
+
+    t = load_teacher(recipe.teacher.name, "faster-whisper", cpu_threads=torch.get_num_threads(),
+                     options=DecodeOptions(max_new_tokens=recipe.teacher.max_new_tokens,
+                                           window_s=recipe.teacher.window_s))
+    st = label_manifest(manifest, d / "labels.jsonl", t, recipe.teacher.name, recipe.teacher.batch_size,
+                        progress=progress)
+    return {"labels": str(d / "labels.jsonl"), "stats": st.as_dict()}
+
+
+def _pseudo(recipe: Recipe, parts: dict, labels_path: str, d: Path) -> dict:
+    """Pseudo-labelled copies of the parts the students train on, and the teacher's eval hypotheses."""
+    labels = {r["id"]: r for r in read_jsonl(labels_path)}
+    res = {}
+    for name in ("source_train", "source_dev", "source_sim_fit", "source_sim_stop", "target_adapt_fit",
+                 "target_adapt_stop"):
+        res[name] = {"path": str(d / f"{name}.jsonl"),
+                     **P.pseudo_manifest(parts[name], labels, d / f"{name}.jsonl", recipe.teacher.drop_flagged)}
+    empty = [n for n, r in res.items() if r["kept"] == 0]
+    if empty:
+        raise RecipeError(f"teacher {recipe.teacher.name!r} left no usable pseudo-label in {', '.join(empty)} "
+                          f"(counts: {res}); check the teacher, or set teacher.drop_flagged: false")
+    # tau must differ only in the labels, not in the audio: the real-label run uses exactly
+    # the utterances whose pseudo-label survived (Pseudo2Real eq. 3 pairs the same audio).
+    kept = {i["id"] for i in read_manifest(res["source_train"]["path"])}
+    res["source_train_real"] = {"path": P.subset(parts["source_train"], kept, d / "source_train_real.jsonl"),
+                                "kept": len(kept)}
+    P.subset(labels_path, {i["id"] for i in read_manifest(parts["target_eval"])}, d / "teacher_eval.jsonl")
+    res["teacher_eval"] = {"path": str(d / "teacher_eval.jsonl")}
+    return res
+
+
+def _curve_key(kind: str, scope: str) -> str:
+    return f"curve_{kind}" if scope == "all" else f"curve_{kind}_{scope}"
+
+
+def sweep(S: StageRunner, st: Student, tag: str, base: Output, tau: Output, scope: str, manifest: str) -> dict:
+    """WER on ``manifest`` of theta_base + lambda * tau[scope] for each lambda of the grid (models not kept)."""
+    tag = tag if scope == "all" else f"{tag}_{scope}"
+    curve = {}
+    for lam in (float(x) for x in st.recipe.lam.grid):
+        h = S(corrected_decode_stage(st, f"{tag}_l{lam:g}", base, tau, lam, scope, manifest))
+        curve[lam] = wer_of(manifest, h, st.recipe.normalizer)
+        S.log(f"  {tag} lambda={lam:g}: WER {curve[lam]:.4f}")
+    return curve
+
+
+def choose_lambda(S: StageRunner, st: Student, parts: dict, ps: dict, tau: Output) -> dict:
+    """(lambda, tau scope) by the recipe's rule, without target transcripts; with the curves it read."""
+    lam_spec = st.recipe.lam
+    scopes = list(lam_spec.scopes)
+    choice: dict = {"rule": lam_spec.rule, "scopes": scopes}
+    if lam_spec.rule == "fixed":
+        return choice | {"lambda": float(lam_spec.fixed), "scope": scopes[0]}
+    # source_sim: the target's situation rehearsed on held-out source speakers
+    theta_simp = produce(S, finetune_stage(st, "sim_pseudo", ps["source_sim_fit"]["path"],
+                                           ps["source_sim_stop"]["path"]))
+    cand = []
+    for i, sc in enumerate(scopes):
+        curve = choice[_curve_key("source_sim", sc)] = sweep(S, st, "sim", theta_simp, tau, sc, parts["source_sim"])
+        cand += [(w, abs(lam), i, lam, sc) for lam, w in curve.items()]
+    _, _, _, lam, scope = min(cand)  # lowest held-out source WER; ties: the smaller correction, then the first scope
+    return choice | {"lambda": lam, "scope": scope}
+
+
+def decode_systems(S: StageRunner, st: Student, parts: dict, ps: dict, theta_sr: Output, theta_tp: Output,
+                   tau: Output, choice: dict) -> dict[str, str]:
+    """Hypotheses on the target-eval speakers of Pseudo2Real and the recipe's baselines (and oracle curves)."""
+    r, evalm = st.recipe, parts["target_eval"]
+    systems, hyps = set(r.systems), {}
+    if "zero_shot" in systems:  # un-fine-tuned Whisper decoded the standard way (30-s padded input)
+        hyps["zero_shot"] = S(decode_stage(st, "zero_shot", Output("data", st.init), evalm, trim=False))
+    hyps["pseudo_ft"] = S(decode_stage(st, "pseudo_ft", theta_tp, evalm))
+    # eq. 4; kept on disk: the model a user exports (`selfspeech export`)
+    p2r = produce(S, corrected_model_stage("model_p2r", theta_tp, tau, choice["lambda"], choice["scope"]))
+    hyps["p2r"] = S(decode_stage(st, "p2r", p2r, evalm))
+    if "source_real_ft" in systems:
+        hyps["source_real_ft"] = S(decode_stage(st, "source_real_ft", theta_sr, evalm))
+    if "source_real_plus_target_pseudo" in systems:
+        tr = P.concat([parts["source_train"], ps["target_adapt_fit"]["path"]], S.root / "pseudo" / "union_train.jsonl")
+        dv = P.concat([parts["source_dev"], ps["target_adapt_stop"]["path"]], S.root / "pseudo" / "union_dev.jsonl")
+        union = produce(S, finetune_stage(st, "source_real_plus_target_pseudo", tr, dv))
+        hyps["source_real_plus_target_pseudo"] = S(decode_stage(st, "union", union, evalm))
+    if "oracle" in systems:  # measurement only: real target labels
+        oracle = produce(S, finetune_stage(st, "oracle", parts["target_adapt_fit"], parts["target_adapt_stop"],
+                                           inputs=("data",)))
+        hyps["oracle"] = S(decode_stage(st, "oracle", oracle, evalm))
+    if r.lam.oracle_sweep:
+        for sc in r.lam.scopes:
+            choice[_curve_key("target_oracle", sc)] = sweep(S, st, "target_oracle", theta_tp, tau, sc, evalm)
+    return hyps
+
+
+# Stage folders of an earlier layout that kept one model per lambda of a sweep (and per speaker
+# cluster); sweeps now decode theta + lambda * tau without keeping it, so nothing reads these.
+_SUPERSEDED = ("model_sim_*", "model_target_oracle_*", "model_sc_*")
+
+
+def _drop_superseded(out: Path, log: Callable[[str], None]) -> None:
+    for pattern in _SUPERSEDED:
+        for d in sorted(out.glob(pattern)):
+            if (d / MARKER).is_file():
+                size = folder_bytes(d)
+                shutil.rmtree(d)
+                log(f"[removed] {d.name}: a per-lambda model no stage reads ({size / 1e6:.0f} MB)")

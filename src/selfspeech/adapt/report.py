@@ -84,6 +84,23 @@ def _pct(x) -> str:
     return "—" if x is None else f"{x * 100:.1f}"
 
 
+def _mb(n: int | None) -> str:
+    return "—" if n is None else f"{n / 1e6:.1f}"
+
+
+def _disk_line(disk: dict) -> str:
+    """How much the run folder holds, and which stages hold most of it."""
+    if disk.get("total") is None:
+        return "Disk used by the run folder: not measured."
+    top = sorted(disk["stages"].items(), key=lambda kv: -kv[1])[:3]
+    return (f"Disk used by the run folder: {_size(disk['total'])} (largest stages: "
+            + ", ".join(f"{k} {_size(v)}" for k, v in top) + ").")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 def write_report(out: Path, result: dict, scores: dict, title: str) -> Path:
     out = Path(out)
     write_json(out / "scores.json", scores)
@@ -103,7 +120,7 @@ def write_report(out: Path, result: dict, scores: dict, title: str) -> Path:
     s = scores["systems"]
     lines = [f"# {title}", "",
              f"lambda = {lam['lambda']:g}, tau scope `{lam.get('scope', 'all')}`, chosen by rule `{lam['rule']}` "
-             "(no target transcript used).", "",
+             "(no target transcript used).", "", _disk_line(result.get("disk") or {}), "",
              "![WER per system](wer_systems.png)", "", "| system | WER % [95% CI] | CER % | utterances | speakers |",
              "| --- | --- | --- | --- | --- |"]
     for k, v in s.items():
@@ -125,8 +142,11 @@ def write_report(out: Path, result: dict, scores: dict, title: str) -> Path:
         c = result["clusters"]
         lines += [f"Speaker clusters: k = {c.get('k')}, source members {c.get('source_sizes')}, "
                   f"target members {c.get('target_sizes')}, merged {c.get('merged')}.", ""]
-    lines += ["## Stage wall times (s)", "", "| stage | seconds | cached |", "| --- | --- | --- |"]
-    lines += [f"| {k} | {v:.1f} | {result['cached'].get(k, False)} |" for k, v in result["times"].items()]
+    disk = result.get("disk") or {"stages": {}}
+    lines += ["## Stages", "", "| stage | seconds | cached | MB on disk |",
+              "| --- | --- | --- | --- |"]
+    lines += [f"| {k} | {v:.1f} | {result['cached'].get(k, False)} | {_mb(disk['stages'].get(k))} |"
+              for k, v in result["times"].items()]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -1,0 +1,114 @@
+"""Stage declarations for the Whisper student, shared by Pseudo2Real and Pseudo2Real-SC.
+
+Each function returns a :class:`~selfspeech.adapt.stages.Stage` (name, inputs,
+the config slice that keys its cache, the function); the pipeline hands it to
+its :class:`~selfspeech.adapt.stages.StageRunner`:
+
+- :func:`finetune_stage`   theta = FT(theta0, manifest), early-stopped on a dev manifest;
+- :func:`tau_stage`        tau = theta_real - theta_pseudo (Lin et al. 2025, eq. 3);
+- :func:`corrected_model_stage`  theta + lambda * tau written as a model folder (eq. 4; exported by users);
+- :func:`decode_stage`     greedy hypotheses of a model folder on a manifest;
+- :func:`corrected_decode_stage` hypotheses of theta + lambda * tau without keeping that model:
+  it is built in the stage folder and deleted once decoded, so a lambda sweep keeps only its
+  hypotheses (a model of the student's size per lambda otherwise).
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from selfspeech.adapt.recipe import Recipe
+from selfspeech.adapt.stages import Stage, StageRunner
+from selfspeech.arith.task_vector import TaskVector, apply_to_dir, diff_dirs
+
+
+class Output(NamedTuple):
+    """A stage's name and the path it produced (a model folder, a task vector file)."""
+
+    stage: str
+    path: str
+
+
+def produce(S: StageRunner, stage: Stage) -> Output:
+    """Run (or find cached) ``stage``; its result named for the stages that read it."""
+    return Output(stage.name, S(stage))
+
+
+@dataclass(frozen=True)
+class Student:
+    """What the student stages are built from: the recipe, theta0's folder and the fine-tune config."""
+
+    recipe: Recipe
+    init: str            # theta0: a transformers Whisper folder
+    ft: Any              # FinetuneConfig
+    progress: bool = True
+
+
+def _scoped(scope: str) -> dict:
+    # the "all" scope adds no key, so the cache keys of runs without scopes stay as they were
+    return {} if scope == "all" else {"scope": scope}
+
+
+def finetune_stage(st: Student, name: str, train: str, dev: str, inputs: tuple[str, ...] = ("pseudo",)) -> Stage:
+    """``ft_<name>``: FT(theta0, train) early-stopped on dev; result: the best model's folder."""
+    return Stage(f"ft_{name}", partial(_finetune, st, train, dev),
+                 {"init": st.init, "ft": st.ft.to_dict(), "train": train, "dev": dev}, inputs)
+
+
+def _finetune(st: Student, train: str, dev: str, d: Path) -> str:
+    from selfspeech.train.whisper_ft import finetune
+
+    return str(finetune(train, dev, st.init, d, st.ft, progress=st.progress))
+
+
+def tau_stage(name: str, real: Output, pseudo: Output, frees: tuple[str, ...] = ()) -> Stage:
+    """``name``: tau = theta_real - theta_pseudo as ``tau.safetensors``; ``frees``: inputs nothing else reads."""
+    return Stage(name, partial(_tau, real.path, pseudo.path), {}, (real.stage, pseudo.stage), frees)
+
+
+def _tau(real: str, pseudo: str, d: Path) -> str:
+    return str(diff_dirs(real, pseudo).save(d / "tau.safetensors"))
+
+
+def corrected_model_stage(name: str, base: Output, tau: Output, lam: float, scope: str) -> Stage:
+    """``name``: the model folder theta_base + lam * tau[scope]."""
+    return Stage(name, partial(_corrected, base.path, tau.path, lam, scope), {"lambda": lam} | _scoped(scope),
+                 (base.stage, tau.stage))
+
+
+def _corrected(base: str, tau: str, lam: float, scope: str, d: Path) -> str:
+    return str(apply_to_dir(base, TaskVector.load(tau).scope(scope), lam, d / "model"))
+
+
+def decode_stage(st: Student, name: str, model: Output, manifest: str, trim: bool | None = None) -> Stage:
+    """``decode_<name>``: greedy hypotheses (``hyp.jsonl``) of the model folder ``model`` on ``manifest``."""
+    return Stage(f"decode_{name}", partial(_decode, st, model.path, manifest, trim),
+                 {"model": model.path, "manifest": manifest, "trim": trim}, (model.stage,))
+
+
+def corrected_decode_stage(st: Student, name: str, base: Output, tau: Output, lam: float, scope: str,
+                           manifest: str, inputs: tuple[str, ...] = ()) -> Stage:
+    """``decode_<name>``: hypotheses of theta_base + lam * tau[scope] on ``manifest``; the model is not kept."""
+    return Stage(f"decode_{name}", partial(_decode_corrected, st, base.path, tau.path, lam, scope, manifest),
+                 {"base": base.path, "lambda": lam, "manifest": manifest} | _scoped(scope),
+                 (base.stage, tau.stage, *inputs))
+
+
+def _decode_corrected(st: Student, base: str, tau: str, lam: float, scope: str, manifest: str, d: Path) -> str:
+    model = d / "model"  # a kill leaves it behind: the rerun replaces it, and deletes it once decoded
+    try:
+        _corrected(base, tau, lam, scope, d)
+        return _decode(st, str(model), manifest, None, d)
+    finally:
+        shutil.rmtree(model, ignore_errors=True)
+
+
+def _decode(st: Student, model_dir: str, manifest: str, trim: bool | None, d: Path) -> str:
+    from selfspeech.label.transcribe import transcribe_whisper
+
+    r = st.recipe.student
+    return str(transcribe_whisper(model_dir, manifest, d / "hyp.jsonl", trim_input=trim,
+                                  batch_size=r.decode_batch_size, max_new_tokens=r.max_new_tokens))
