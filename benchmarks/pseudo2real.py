@@ -20,7 +20,6 @@ from common import ROOT, write_result  # noqa: E402
 
 from selfspeech.adapt.pseudo2real import run_pseudo2real  # noqa: E402
 from selfspeech.adapt.recipe import load_recipe  # noqa: E402
-from selfspeech.adapt.report import score_systems, write_report  # noqa: E402
 
 KEYS = ("teacher", "zero_shot", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random", "source_real_ft",
         "source_real_plus_target_pseudo", "oracle")
@@ -46,11 +45,9 @@ def main() -> None:
     recipe = load_recipe(args.recipe)
     if args.extractor:
         recipe = dataclasses.replace(recipe, clusters=dataclasses.replace(recipe.clusters, extractor=args.extractor))
-    result = run_pseudo2real(recipe, args.out)
-    scores = score_systems(str(args.out / "data" / "target_eval.jsonl"), result["hyps"], recipe.normalizer,
-                           recipe.data.seed)
-    report = write_report(args.out, result, scores, f"Pseudo2Real: {recipe.name}")
-    s, p = scores["systems"], scores["paired"]
+    result = run_pseudo2real(recipe, args.out)  # scores every system and writes args.out/report.md
+    report = Path(result["report"])
+    s, p = result["scores"]["systems"], result["scores"]["paired"]
     rr = p.get("p2r_vs_pseudo_ft", {})
     write_result(args.result_name, {
         "wer": {k: s[k]["wer"] if k in s else None for k in KEYS},
@@ -68,6 +65,7 @@ def main() -> None:
         "sc_extractor": recipe.clusters.extractor,
         "stage_seconds": result["times"],
         "stages_cached": result["cached"],
+        "disk_bytes": result["disk"]["total"],
         "data": result["parts"],
         "label_stats": result["label_stats"],
         "pseudo_counts": result["pseudo_counts"],
