@@ -39,7 +39,7 @@ def _live_writer(name: str, base: str) -> bool:
     """True if temp sibling ``name`` belongs to another process that is still running."""
     pid = name[len(base):].split(".", 1)[0]
     if not pid.isdigit() or int(pid) == os.getpid():
-        return False  # a name without a pid (older versions) or our own earlier, abandoned write
+        return False  # a name without a pid, or our own earlier, abandoned write
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

@@ -1,7 +1,7 @@
 """Reference and hypothesis sources for scoring: a JSONL file indexed on disk, or an in-memory list.
 
-Scoring 50,000 utterances must not hold 50,000 texts (issue 7: evaluation
-memory flat from 1k to 50k utterances). :class:`JsonlIndex` reads a JSONL file
+Scoring 50,000 utterances must not hold 50,000 texts: evaluation memory stays
+flat from 1k to 50k utterances. :class:`JsonlIndex` reads a JSONL file
 once to validate it and remember, per line, a 64-bit hash of its id and the
 line's byte offset (25 bytes a line); a lookup by id seeks to the line and
 parses it again. Hash collisions are harmless: every candidate line's id is

@@ -95,7 +95,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     As in DINO's code, the teacher runs in training mode (batch-norm on batch
     statistics) and its running statistics come from its own forward passes;
     a teacher in inference mode with EMA'd running statistics lags the
-    student's activations and, in our first run, drifted to uniform outputs.
+    student's activations and drifts to uniform outputs.
     """
     with torch.no_grad():
         for pt, ps in zip(teacher.parameters(), student.parameters()):
