@@ -193,7 +193,7 @@ def test_cli_finetune_whisper(tiny_init, tmp_path):
     assert (tmp_path / "ft" / "best" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "ft" / "summary.json").read_text())["steps"] == 2
     r = runner.invoke(app, ["finetune-whisper", "--train", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")])
-    assert r.exit_code == 2 and "nope.jsonl: manifest not found" in r.output
+    assert r.exit_code == 2 and "--train: " in r.output and "nope.jsonl' is not found" in r.output
     cfg.write_text(json.dumps({"learning_rate": 1e-3}))
     r = runner.invoke(app, ["finetune-whisper", str(cfg), "--train", str(train), "--out", str(tmp_path / "y")])
     assert r.exit_code == 2 and "learning_rate" in r.output

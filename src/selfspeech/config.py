@@ -151,6 +151,8 @@ def _scalar(value: Any, tp: type, where: str, key: str, f) -> Any:
 def _coerce(value: Any, tp: Any, where: str, key: str, f=None) -> Any:
     """``value`` checked against (and converted to) the annotation ``tp``; ConfigError names ``key``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp in (tuple, list):  # a bare `tuple` / `list` annotation: any elements
+        origin = tp
     if origin in (typing.Union, types.UnionType):
         if value is None:
             if type(None) in args:

@@ -64,8 +64,14 @@ def split_parts(recipe: Recipe, items: list[dict]) -> dict[str, list[dict]]:
         key, rule = ("source_rule", d.source_rule) if not source else ("target_rule", d.target_rule)
         raise RecipeError(f"{where}: data.{key}: {rule!r} selects no utterance (source {len(source)}, target "
                           f"{len(target)}); write a rule the manifest's fields meet, e.g. age_group==adult")
-    parts = {f"source_{k}": v for k, v in split_by_speaker(source, dict(d.source_parts), d.seed).items()}
-    parts.update({f"target_{k}": v for k, v in split_by_speaker(target, dict(d.target_parts), d.seed).items()})
+    parts = {}
+    for side, its in (("source", source), ("target", target)):
+        sizes = dict(getattr(d, f"{side}_parts"))
+        try:
+            parts.update({f"{side}_{k}": v for k, v in split_by_speaker(its, sizes, d.seed).items()})
+        except ValueError as e:  # more speakers asked for than there are
+            raise RecipeError(f"{where}: data.{side}_parts: {sizes!r} cannot be split ({e}); give smaller "
+                              "speaker counts, or fractions summing to 1") from None
     for need in ("source_train", "source_dev", "source_sim", "target_adapt", "target_eval"):
         if not parts.get(need):
             side = need.split("_")[0]

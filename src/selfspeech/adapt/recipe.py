@@ -193,7 +193,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         d = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(e).split())}); fix the syntax there") from None
     if d is not None and not isinstance(d, dict):
         raise RecipeError(f"{path}: {type(d).__name__} at top level is not a mapping; write sections "
                           "such as data:, teacher:, student:")
@@ -253,9 +253,9 @@ def _check_speakers(recipe: Recipe, items: list[dict]) -> None:
     for side, rule in (("target", d.target_rule), ("source", d.source_rule)):
         missing = [it.get("id") for it in select(items, rule) if it.get("speaker") in (None, "")]
         if missing:
-            src = f"data.manifest: {str(recipe.path(d.manifest))!r}" if d.manifest else \
-                f"data.kaldi_dir: {str(recipe.path(d.kaldi_dir))!r}"
-            need = f"{side}_parts" + (" and clusters.level: speaker" if recipe.clusters.level == "speaker" else "")
-            raise RecipeError(f"{recipe.source}: {src} has {len(missing)} {side} utterance(s) without a speaker "
-                              f"field (first: {missing[0]!r}); {need} split by speaker: add \"speaker\" to each "
-                              "line of the manifest (Kaldi: utt2spk)")
+            key, path = ("manifest", recipe.path(d.manifest)) if d.manifest else ("kaldi_dir", recipe.path(d.kaldi_dir))
+            why = f"data.{side}_parts are split by speaker" + (
+                " and clusters.level: speaker clusters speakers" if recipe.clusters.level == "speaker" else "")
+            raise RecipeError(f"{recipe.source}: data.{key}: {str(path)!r} has {len(missing)} {side} utterance(s) "
+                              f"without a speaker field (first: {missing[0]!r}); {why}: add \"speaker\" to each "
+                              f"of its lines")

@@ -5,11 +5,13 @@ from pathlib import Path
 
 import typer
 
-from selfspeech.commands.data import console, fail
+from selfspeech.commands.common import check_model, console, fail, load_config, need_files, refusing, save_run_config
 
 
 def adapt(
     recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/speechocean762/pseudo2real.yaml)."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides of recipe keys, e.g. "
+                                          "student.finetune.lr=3e-5 'lambda.grid=[0,0.5,1]' (values read as YAML)."),
     out: Path = typer.Option(None, help="Run folder (default: runs/<recipe name>). Rerun to resume: finished stages are cached."),
 ) -> None:
     """Adapt a Whisper student to an unlabelled target domain with Pseudo2Real.
@@ -19,20 +21,22 @@ def adapt(
     lambda chosen without target labels -> Pseudo2Real and Pseudo2Real-SC
     (and the baselines) decoded on the target-eval speakers -> OUT/report.md
     with WER per system (95% CIs), paired bootstraps and WER-vs-lambda charts.
-    A stage whose config is unchanged is not recomputed.
+    A stage whose config is unchanged is not recomputed. The recipe is checked
+    (keys, types, ranges, data source, speakers, model names) before anything
+    runs; OUT/resolved_config.json records it with every default filled in.
 
-    Example: selfspeech adapt recipes/speechocean762/pseudo2real.yaml --out runs/p2r
+    Example: selfspeech adapt recipes/speechocean762/pseudo2real.yaml student.finetune.lr=3e-5 --out runs/p2r
     """
     from selfspeech.adapt.pseudo2real import run_pseudo2real
-    from selfspeech.adapt.recipe import RecipeError, load_recipe
+    from selfspeech.adapt.recipe import check_recipe, load_recipe
     from selfspeech.adapt.report import score_systems, write_report
 
-    try:
-        r = load_recipe(recipe)
+    with refusing():
+        r = load_recipe(recipe, overrides or ())
+        check_recipe(r)
         out = out or Path("runs") / r.name
+        save_run_config(r.resolved(), out)
         result = run_pseudo2real(r, out, log=lambda m: console.print(m, highlight=False))
-    except RecipeError as e:
-        fail(str(e))
     scores = score_systems(str(out / "data" / "target_eval.jsonl"), result["hyps"], r.normalizer, r.data.seed)
     report = write_report(out, result, scores, f"Pseudo2Real: {r.name}")
     console.print(f"[green]done[/]: {report}")
@@ -63,6 +67,7 @@ def export(
 def finetune_whisper(
     config: Path = typer.Argument(None, help="YAML/JSON with FinetuneConfig keys (lr, batch_size, max_epochs, "
                                               "max_steps, eval_every, patience, freeze_encoder, ...)."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides of config keys, e.g. lr=3e-5 max_steps=200."),
     train: Path = typer.Option(..., help="Training manifest (real or pseudo-labels in `text`)."),
     dev: Path = typer.Option(None, help="Dev manifest: greedy WER every eval_every steps, early stopping, best/."),
     init: str = typer.Option("whisper-tiny.en", help="Zoo name or a transformers Whisper folder (safetensors)."),
@@ -78,14 +83,13 @@ def finetune_whisper(
 
     Example: selfspeech finetune-whisper --train children.labels.jsonl --dev dev.labels.jsonl --out runs/student
     """
-    from selfspeech.commands.ssl import _read_config
     from selfspeech.train.whisper_ft import FinetuneConfig, finetune
 
-    for p in (train, dev):
-        if p is not None and not p.is_file():
-            fail(f"{p}: manifest not found")
-    try:
-        best = finetune(train, dev, init, out, FinetuneConfig(**_read_config(config)))
-    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
-        fail(str(e))
+    with refusing():
+        cfg = load_config(FinetuneConfig, config, overrides)
+        need_files(train=train, dev=dev)
+        check_model(init, "--init")
+    save_run_config(cfg, out)
+    with refusing(ValueError, TypeError, FileNotFoundError, OSError):
+        best = finetune(train, dev, init, out, cfg)
     console.print(f"best model: {best}")

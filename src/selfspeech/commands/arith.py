@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from selfspeech.commands.data import console, fail
+from selfspeech.commands.common import console, fail
 
 app = typer.Typer(no_args_is_help=True, help="Task arithmetic: tau = A - B; new = BASE + lambda * tau.")
 

@@ -5,22 +5,15 @@ from collections import Counter
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from selfspeech.commands.common import console, fail
 from selfspeech.data.kaldi import KaldiError, iter_kaldi_dir
 from selfspeech.data.manifest import ManifestError, read_manifest, write_manifest
 from selfspeech.data.select import parse_parts, select, split_by_speaker
 from selfspeech.data.validate import validate_manifest
 
 app = typer.Typer(no_args_is_help=True, help="Manifests: import a Kaldi directory, select, split by speaker, validate.")
-console = Console(stderr=True)
-
-
-def fail(msg: str, code: int = 2) -> None:
-    """Print a one-line error and exit (no traceback: the message says how to fix it)."""
-    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 @app.command("import-kaldi")

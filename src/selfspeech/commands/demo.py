@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from selfspeech.commands.data import console
+from selfspeech.commands.common import console
 
 
 def demo(

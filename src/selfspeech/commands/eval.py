@@ -9,15 +9,10 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.markup import escape
 
+from selfspeech.commands.common import fail
 from selfspeech.data.manifest import ManifestError
 from selfspeech.eval.report import build_results_files, render_markdown, write_report
 from selfspeech.text.normalize import NORMALIZERS
-
-
-def _fail(console: Console, msg: str, code: int = 2) -> None:
-    """Print a one-line error and exit (no traceback: the message says how to fix it)."""
-    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def evaluate(
@@ -56,7 +51,7 @@ def evaluate(
         results = build_results_files(ref, hyp, compare, by=fields, normalizer=normalizer, n_resamples=bootstrap,
                                       seed=seed, notes=notes, warn=warn)
     except (ManifestError, ValueError) as e:
-        _fail(err, str(e))
+        fail(str(e))
 
     md = render_markdown(results)
     Console().print(Markdown(md))
@@ -68,5 +63,5 @@ def evaluate(
         try:
             paths = write_report(results, out)
         except OSError as e:
-            _fail(err, f"{out}: cannot write the report ({e.strerror or e})")
+            fail(f"{out}: cannot write the report ({e.strerror or e})")
         err.print(escape(f"wrote {paths['json']}, {paths['md']}, {paths['png']}"), highlight=False, soft_wrap=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from selfspeech.commands.data import console, fail
+from selfspeech.commands.common import console, fail
 from selfspeech.data.manifest import ManifestError
 from selfspeech.label.filters import FilterConfig
 

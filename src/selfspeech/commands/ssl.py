@@ -6,39 +6,13 @@ from pathlib import Path
 
 import typer
 
-from selfspeech.commands.data import console, fail
-
-
-def _read_config(path: Path | None) -> dict:
-    if path is None:
-        return {}
-    if not path.is_file():
-        fail(f"{path}: config not found")
-    import yaml
-
-    try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        fail(f"{path}: not valid YAML/JSON ({e})")
-    if not isinstance(d, dict):
-        fail(f"{path}: expected a mapping of config keys")
-    return d
-
-
-def apply_overrides(d: dict, manifest: Path, steps: int | None, budget_seconds: float | None) -> dict:
-    """Command-line loop overrides on a config mapping; a missing manifest stops here."""
-    loop = dict(d.get("loop") or {})
-    if steps:
-        loop["max_steps"] = steps
-    if budget_seconds:
-        loop["budget_seconds"] = budget_seconds
-    if not manifest.is_file():
-        fail(f"{manifest}: manifest not found")
-    return {**d, "loop": loop}
+from selfspeech.commands.common import (OVERRIDES_HELP, console, fail, load_config, need_files, refusing,
+                                       save_run_config)
 
 
 def pretrain(
     config: Path = typer.Argument(None, help="YAML/JSON with PretrainConfig keys: objective, encoder {preset|fields}, task, loop, max_batch_seconds, crop_seconds, group_field, group_alpha."),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
     manifest: Path = typer.Option(..., "--manifest", help="Unlabelled audio (JSONL manifest; text is ignored)."),
     out: Path = typer.Option(..., help="Output folder: best/ (whole task), encoder/ (for finetune-ctc), log.jsonl. Rerun to resume."),
     objective: str = typer.Option(None, help="wav2vec2 | bestrq | birq (overrides the config)."),
@@ -58,21 +32,20 @@ def pretrain(
     from selfspeech.train.pretrain import PretrainConfig
     from selfspeech.train.pretrain import pretrain as run
 
-    d = _read_config(config)
-    if objective:
-        d["objective"] = objective
-    d = apply_overrides(d, manifest, steps, budget_seconds)
-    try:
-        cfg = PretrainConfig.from_dict(d)
+    with refusing():
+        cfg = load_config(PretrainConfig, config, overrides, {"objective": objective, "loop.max_steps": steps,
+                                                              "loop.budget_seconds": budget_seconds})
+        need_files(manifest=manifest)
+    save_run_config(cfg, out)
+    with refusing(ValueError, TypeError):
         summary = run(manifest, out, cfg)
-    except (ValueError, TypeError) as e:
-        fail(str(e))
     console.print_json(json.dumps({k: v for k, v in summary.items() if k != "skipped"} |
                                   {"skipped": len(summary["skipped"])}))
 
 
 def finetune_ctc(
     config: Path = typer.Argument(None, help="YAML/JSON with CTCConfig keys: targets (phone|char), lexicon, encoder (scratch), loop, freeze_steps, reinit_top (pretrained: top layers drawn afresh), mask_*."),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
     train: Path = typer.Option(..., help="Labelled training manifest."),
     dev: Path = typer.Option(..., help="Labelled dev manifest (early stopping on its PER/WER)."),
     out: Path = typer.Option(..., help="Output folder: best/ (the CTC model), log.jsonl, summary.json. Rerun to resume."),
@@ -89,16 +62,15 @@ def finetune_ctc(
     from selfspeech.train.ctc import CTCConfig
     from selfspeech.train.ctc import finetune_ctc as run
 
-    d = _read_config(config)
-    if lexicon:
-        d["lexicon"] = str(lexicon)
-    for p in (train, dev):
-        if not p.is_file():
-            fail(f"{p}: manifest not found")
-    try:
-        summary = run(train, dev, out, CTCConfig(**d), init=init)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        fail(str(e))
+    with refusing():
+        cfg = load_config(CTCConfig, config, overrides, {"lexicon": str(lexicon) if lexicon else None})
+        need_files(train=train, dev=dev)
+        need_files("lexicon (WORD<TAB>PHONES)", lexicon_key=cfg.lexicon)
+        if init is not None and not init.is_dir():
+            fail(f"--init: {str(init)!r} is not a folder; give OUT/encoder of `selfspeech pretrain`")
+    save_run_config(cfg, out)
+    with refusing(ValueError, TypeError, FileNotFoundError):
+        summary = run(train, dev, out, cfg, init=init)
     console.print_json(json.dumps(summary))
 
 

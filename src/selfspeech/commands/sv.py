@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from selfspeech.commands.data import console, fail
-from selfspeech.commands.ssl import _read_config, apply_overrides
+from selfspeech.commands.common import (OVERRIDES_HELP, console, fail, load_config, need_files, read_mapping,
+                                       refusing, save_run_config, split_overrides)
 
 app = typer.Typer(no_args_is_help=True, help="Self-supervised speaker verification: ECAPA-TDNN trained with "
                   "SimCLR or DINO (optionally SSPS) on unlabelled audio; embeddings; EER/minDCF scoring.")
@@ -16,6 +16,7 @@ app = typer.Typer(no_args_is_help=True, help="Self-supervised speaker verificati
 @app.command("train")
 def train(
     config: Path = typer.Argument(None, help="YAML/JSON with SpeakerSSLConfig keys: method, ecapa {preset|fields}, augment, ssps {k, m, start, queue, ref_seconds}, segment_seconds, batch_size, loop..."),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
     manifest: Path = typer.Option(..., "--manifest", help="Unlabelled audio (JSONL manifest). Speaker fields, if any, are only used to monitor SSPS."),
     out: Path = typer.Option(..., help="Output folder: encoder/ (for `sv embed` and Pseudo2Real-SC), best/ (whole task), log.jsonl. Rerun to resume."),
     method: str = typer.Option(None, help="simclr | dino (overrides the config)."),
@@ -40,16 +41,18 @@ def train(
     """
     from selfspeech.train.speaker import SpeakerSSLConfig, train_speaker
 
-    d = _read_config(config)
-    if method:
-        d["method"] = method
-    if ssps is not None:
-        d["ssps"] = (d.get("ssps") or {}) if ssps else None
-    d = apply_overrides(d, manifest, steps, budget_seconds)
-    try:
-        summary = train_speaker(manifest, out, SpeakerSSLConfig.from_dict(d), fork_from=fork_from)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        fail(str(e))
+    with refusing():
+        config, overrides = split_overrides(config, overrides)
+        if ssps is False:  # --no-ssps: off; --ssps: on, with the config's ssps keys or the defaults
+            overrides = [*overrides, "ssps=null"]
+        elif ssps and not read_mapping(config).get("ssps"):
+            overrides = ["ssps={}", *overrides]
+        cfg = load_config(SpeakerSSLConfig, config, overrides, {"method": method, "loop.max_steps": steps,
+                                                                "loop.budget_seconds": budget_seconds})
+        need_files(manifest=manifest)
+    save_run_config(cfg, out)
+    with refusing(ValueError, TypeError, FileNotFoundError):
+        summary = train_speaker(manifest, out, cfg, fork_from=fork_from)
     console.print_json(json.dumps(summary))
 
 

@@ -1,0 +1,108 @@
+"""What every command shares: the error line, config files with dotted overrides, the resolved config.
+
+A command that takes a config (or recipe) reads it with :func:`load_config`:
+the YAML/JSON file, then ``key.sub=value`` overrides from the command line
+(NeMo/ESPnet style: ``selfspeech pretrain c.yaml loop.lr=3e-4``), then the
+strict loader of :mod:`selfspeech.config`. Whatever is wrong stops the command
+with one line on stderr and exit code 2 (:func:`refusing`), before any model
+is loaded or audio read; a run then writes :data:`RESOLVED` beside its outputs.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from selfspeech.config import ConfigError, apply_overrides, from_mapping, save_resolved
+
+console = Console(stderr=True)
+RESOLVED = "resolved_config.json"  # every default filled in: rerun with `selfspeech <command> OUT/resolved_config.json`
+OVERRIDES_HELP = "Dotted overrides of the config's keys, e.g. loop.lr=3e-4 loop.max_steps=200 (values read as YAML)."
+
+
+def fail(msg: str, code: int = 2) -> None:
+    """Print a one-line error and exit (no traceback: the message says how to fix it)."""
+    console.print(f"[bold red]error:[/] {escape(' '.join(str(msg).split()))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def refusing(*errors: type[BaseException]) -> Iterator[None]:
+    """A :class:`ConfigError` (a recipe's too), or one of ``errors``, becomes the one error line and exit 2."""
+    try:
+        yield
+    except (ConfigError, *errors) as e:
+        fail(str(e))
+
+
+def split_overrides(config: Path | None, overrides: list[str] | None) -> tuple[Path | None, list[str]]:
+    """``config`` may hold the first override when no file is given (``cmd lr=3e-5 --out ...``)."""
+    overrides = list(overrides or [])
+    if config is not None and "=" in str(config) and not config.exists():
+        return None, [str(config), *overrides]
+    return config, overrides
+
+
+def read_mapping(path: Path | None) -> dict[str, Any]:
+    """A YAML/JSON file of config keys (``{}`` without a file); ConfigError names the file."""
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise ConfigError(f"{path}: config not found; give the path of a YAML/JSON config file")
+    import yaml
+
+    try:
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML/JSON ({' '.join(str(e).split())}); fix the syntax there") from None
+    if d is not None and not isinstance(d, dict):
+        raise ConfigError(f"{path}: {type(d).__name__} at top level is not a mapping; write `key: value` lines")
+    return d or {}
+
+
+def load_config(cls, path: Path | None, overrides: list[str] | None = None, set_keys: dict | None = None):
+    """``cls`` from ``path`` + dotted ``overrides`` + the command's own options (``set_keys``: dotted key ->
+    value, None left out), checked strictly; ConfigError names the file, the dotted key and the fix."""
+    path, overrides = split_overrides(path, overrides)
+    where = str(path) if path is not None else "config"
+    d = apply_overrides(read_mapping(path), overrides, cls, where=f"{where}: override" if path else "override")
+    for key, value in (set_keys or {}).items():
+        if value is not None:
+            d = _set(d, key.split("."), value)
+    return from_mapping(cls, d, where)
+
+
+def _set(d: dict, path: list[str], value: Any) -> dict:
+    node = d
+    for part in path[:-1]:
+        node[part] = dict(node[part]) if isinstance(node.get(part), dict) else {}
+        node = node[part]
+    node[path[-1]] = value
+    return d
+
+
+def need_files(what: str = "manifest", **paths: Path | str | None) -> None:
+    """Refuse missing input files before anything is loaded: ``need_files(train=path)`` names ``--train``.
+
+    A key ending in ``_key`` names a config key instead (``lexicon_key=path``)."""
+    for name, p in paths.items():
+        if p is not None and not Path(p).is_file():
+            key = name[:-4] if name.endswith("_key") else f"--{name.replace('_', '-')}"
+            raise ConfigError(f"{key}: {str(p)!r} is not found; give the path of an existing {what}")
+
+
+def check_model(name: str, option: str) -> None:
+    """A Whisper zoo name or model folder given on the command line; nothing is pulled or opened."""
+    from selfspeech.adapt.recipe import check_model_name
+
+    check_model_name(name, option)
+
+
+def save_run_config(cfg: Any, out: Path, name: str = RESOLVED) -> Path:
+    """Write the fully resolved config beside a run's outputs."""
+    return save_resolved(cfg, Path(out) / name)
