@@ -366,7 +366,7 @@ def test_ssps_fork_continues_the_base_run_exactly_until_ssps_switches_on(tmp_pat
     assert any(e.get("event") == "fork" and e["step"] == 6 for e in events)
     # a fork that is not the same run (another learning rate) is refused, naming the difference
     other = type(fork_cfg).from_dict({**fork_cfg.to_dict(), "loop": {**fork_cfg.loop, "lr": 1e-3}})
-    with pytest.raises(ValueError, match=r"differs by more than SSPS.*speaker_ssl\.loop\.lr"):
+    with pytest.raises(ValueError, match=r"differs by more than .*speaker_ssl\.ssps.*speaker_ssl\.loop\.lr"):
         train_speaker(m, tmp_path / "bad", other, progress=False, fork_from=kept)
     with pytest.raises(FileNotFoundError, match="keep_every"):
         train_speaker(m, tmp_path / "bad2", fork_cfg, progress=False, fork_from=tmp_path / "base" / "keep" / "x")

@@ -217,6 +217,7 @@ def test_resume_refuses_a_default_that_changed_since_the_run_started(tmp_path, c
     torch.set_num_threads(1)
     m, out = _corpus(tmp_path), tmp_path / "run"
     pretrain(m, out, _cfg("wav2vec2", 2), progress=False)
+    (out / "finished.json").unlink()  # as if killed before the end: the next call resumes from last/
     saved_path = out / "last" / "run_config.json"
     saved = json.loads(saved_path.read_text())
     assert saved["resolved"]["task"]["w_features"] == 0.0 and "w_features" not in saved["pretrain"]["task"]

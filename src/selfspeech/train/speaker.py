@@ -20,14 +20,13 @@ share of SSPS pseudo-positives that are truly the anchor's speaker is logged
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from selfspeech.audio.features import log_mel
 from selfspeech.data.audio_dataset import AudioDataset, Skipped, collate_arrays
@@ -143,69 +142,16 @@ def build_augmenter(cfg: SpeakerSSLConfig, data: AudioDataset, seed: int) -> Aug
     return Augmenter(acfg, rirs, babble_source)
 
 
-def fork_checkpoint(base: Path, out: Path, task: SpeakerSSLTask, run_config: dict,
-                    write_model) -> int:
-    """Start run ``out`` from checkpoint ``base`` of a run without SSPS; returns the step it starts at.
-
-    The SSPS paper switches pseudo-positives on in a SimCLR/DINO run that has
-    trained for a while (sslsv: ``start_epoch``). Forking a kept checkpoint
-    (``loop.keep_every``) gives that run and its SSPS continuation the same
-    first steps bit for bit, so the two differ by SSPS alone. The new run takes
-    the weights, optimizer, sampler position, RNG and log of ``base``; its SSPS
-    queues start empty. Everything but ``ssps`` and ``loop.keep_every`` must
-    match, or the continuation would not be one run.
-    """
-    from safetensors.torch import load_file
-
-    from selfspeech.train import checkpoint as ckpt
-    from selfspeech.train.loop import RUN_CONFIG, config_diff
-
-    src = ckpt.resolve(base)
-    if src is None:
-        raise FileNotFoundError(f"{base}: no complete checkpoint to fork (train the base run with "
-                                "loop.keep_every so its step is kept, or give its 'last' folder)")
-    saved = json.loads((src / RUN_CONFIG).read_text())
-
-    def comparable(rc: dict) -> dict:
-        rc = json.loads(json.dumps(rc))
-        rc["speaker_ssl"].pop("ssps", None)
-        rc["speaker_ssl"]["loop"].pop("keep_every", None)
-        if "resolved" not in saved:  # a base saved before resolved configs were recorded
-            rc.pop("resolved", None)
-        elif "resolved" in rc:
-            rc["resolved"].pop("ssps", None)
-            rc["resolved"]["loop"].pop("keep_every", None)
-        return rc
-    diff = config_diff(comparable(saved), comparable(run_config))
-    if diff:
-        raise ValueError(f"cannot fork {src}: its run differs by more than SSPS: {diff} (base, fork)")
-    missing, unexpected = task.load_state_dict(load_file(str(src / "model.safetensors")), strict=False)
-    if unexpected or any(not k.startswith("ssps.") for k in missing):
-        raise ValueError(f"cannot fork {src}: weights do not fit this task (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]})")
-    step = json.loads((src / ckpt.STATE_JSON).read_text())["state"]["step"]
-
-    def write(d: Path) -> None:
-        write_model(d)
-        (d / RUN_CONFIG).write_text(json.dumps(run_config, indent=1) + "\n")
-        for f in (ckpt.STATE_JSON, ckpt.STATE_TENSORS):
-            shutil.copyfile(src / f, d / f)
-    out.mkdir(parents=True, exist_ok=True)
-    run_dir = src.parent.parent if src.parent.name == "keep" else src.parent
-    log = out / "log.jsonl"
-    if (run_dir / "log.jsonl").is_file():  # the base run's history up to the fork, as a resume keeps it
-        shutil.copyfile(run_dir / "log.jsonl", log)
-        ckpt.truncate_log(log, step)
-    with open(log, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"event": "fork", "step": step, "from": str(src)}) + "\n")
-    ckpt.write_dir(out / "last", write)  # last: the loop now resumes from it
-    return step
+# what an SSPS continuation may change in the run it forks (everything else must match)
+FORK_MAY_DIFFER = ("speaker_ssl.ssps", "speaker_ssl.loop.keep_every", "resolved.ssps", "resolved.loop.keep_every")
 
 
 def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConfig = SpeakerSSLConfig(),
                   progress: bool = True, fork_from: str | Path | None = None) -> dict:
     """Train (or resume) in ``out_dir``; ``fork_from``: a checkpoint of the same run without SSPS to
-    continue from (:func:`fork_checkpoint`), used only when ``out_dir`` has no checkpoint yet."""
+    continue from (:func:`selfspeech.train.runs.fork_checkpoint`), used only when ``out_dir`` has no
+    checkpoint yet: weights, optimizer, sampler position, RNG and log are the base's, the SSPS
+    queues start empty, and everything but ``FORK_MAY_DIFFER`` must match."""
     out = Path(out_dir)
     env = D.init_from_env()  # torchrun: data parallel over its processes
     loop_cfg = cfg.loop_config()
@@ -249,15 +195,18 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
     run_config = {"speaker_ssl": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items),
                   "resolved": resolved_configs(loop=loop_cfg, ecapa=task.ecfg, augment=cfg.augment_config(),
                                                ssps=cfg.ssps_config())}
-    if fork_from is not None and env.main:
-        from selfspeech.train.checkpoint import resolve
+    def load_model(d: Path) -> None:  # a fork's base has no SSPS queues yet: they start empty
+        missing, unexpected = task.load_state_dict(load_file(str(d / "model.safetensors")), strict=False)
+        if unexpected or any(not k.startswith("ssps.") for k in missing):
+            raise ValueError(f"cannot start from {d}: weights do not fit this task (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
 
-        if resolve(out / "last") is None:
-            fork_checkpoint(Path(fork_from), out, task, run_config, write_model)
-    D.barrier()
+    # the SSPS paper switches pseudo-positives on in a SimCLR/DINO run that has trained for a while
+    # (sslsv: start_epoch); forking a kept checkpoint gives both runs the same first steps bit for bit
     state = train_loop(task, task.loss, sampler, collate, loop_cfg, out, write_model, run_config,
                        progress=progress, desc=f"sv {cfg.method}{'+ssps' if cfg.ssps is not None else ''}",
-                       after_update=after_update)
+                       after_update=after_update, load_model=load_model, fork_from=fork_from,
+                       fork_may_differ=FORK_MAY_DIFFER)
     from selfspeech.train.checkpoint import write_dir
 
     if not env.main:
