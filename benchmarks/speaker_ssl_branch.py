@@ -9,7 +9,7 @@ for a long time. This benchmark does that with one base run:
 - ``--part base``: SimCLR for ``--steps`` updates (cosine schedule over all of
   them), keeping its checkpoint at ``--fork-at``;
 - ``--part ssps``: waits for that kept checkpoint, forks it
-  (``train.speaker.fork_checkpoint``: the same weights, optimizer, sampler
+  (``train.runs.fork_checkpoint``: the same weights, optimizer, sampler
   position and RNG) and continues the same schedule to ``--steps`` with SSPS
   (K=100, M=0: recipes/speechocean762/sv/ssps.yaml, fixed before running),
   switched on two epochs after the fork so the queues fill first;
