@@ -36,7 +36,7 @@ import jiwer
 import torch
 
 from selfspeech.audio.io import AudioError, audio_info, load_item
-from selfspeech.data.manifest import read_manifest, write_manifest
+from selfspeech.data.manifest import read_manifest
 from selfspeech.models.whisper import (MAX_FRAMES, encode, greedy_decode, load_processor, log_mel,  # noqa: F401
                                        pad_features)
 from selfspeech.text.normalize import NORMALIZERS, get_normalizer
@@ -311,43 +311,3 @@ def load_whisper_weights(model, d: Path) -> None:
                          f"unexpected {unexpected[:5]})")
     if missing:
         model.tie_weights()
-
-
-def transcribe_dir(model_dir: str | Path, manifest: str | Path, out_jsonl: str | Path, trim_input: bool | None = None,
-                   batch_size: int = 16, max_new_tokens: int = 128) -> Path:
-    """Greedy transcripts of every item of ``manifest`` by checkpoint ``model_dir`` -> JSONL ``{"id", "text"}``.
-
-    ``trim_input=None`` uses the student's own setting from its ``finetune_config.json``;
-    a directory without one (a zoo model) is decoded on 30-s padded input, the
-    standard way. Text is Whisper's raw output (``selfspeech eval`` normalises);
-    audio beyond 30 s is not seen (Whisper's window).
-    """
-    from transformers import WhisperForConditionalGeneration
-
-    cfg_file = Path(model_dir) / CONFIG_NAME
-    saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-    trim = saved.get("trim_input", False) if trim_input is None else trim_input
-    processor = load_processor(model_dir, saved.get("language", "en"))
-    model = WhisperForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32,
-                                                            use_safetensors=True).eval()
-    items = list(read_manifest(manifest))
-    coll = WhisperCollator(items, processor, trim, cache=False)
-    order = BucketBatchSampler([float(it.get("duration") or 0.0) for it in items], batch_size, shuffle=False)
-    texts: dict[int, str] = {}
-    failed: dict[int, str] = {}
-    for idx in order.batches(0):
-        for i in idx:  # an unreadable utterance keeps its line (empty text, status, reason): scored as deletions
-            try:
-                coll.features(i)
-            except AudioError as e:
-                failed[i], texts[i] = str(e), ""
-        idx = [i for i in idx if i not in failed]
-        if not idx:
-            continue
-        x = coll(idx, with_labels=False)["input_features"]
-        for i, ids in zip(idx, greedy_decode(model, x, processor.tokenizer.prefix_tokens, max_new_tokens)):
-            texts[i] = processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
-    write_manifest(out_jsonl, ({"id": it["id"], "text": texts[i]} | ({"status": "failed", "reason": failed[i]}
-                                                                      if i in failed else {})
-                               for i, it in enumerate(items)))
-    return Path(out_jsonl)
