@@ -204,7 +204,7 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_whisper_dir, monkeypatch):
     assert sc and not any(sc.values()), sc
     assert res3["cached"]["ft_target_pseudo"] and res3["cached"]["sc_embed"]
     _assert_disk_kept_small(tmp_path / "run", res3)
-    _finer_grid_and_rebuild(tmp_path, spec, res3)
+    _finer_grid_and_rebuild(tmp_path, spec)
 
 
 def _assert_disk_kept_small(run, res):
@@ -230,11 +230,15 @@ def _assert_disk_kept_small(run, res):
     assert "| MB on disk |" in text
 
 
-def _finer_grid_and_rebuild(tmp_path, spec, before):
-    """A finer lambda grid decodes only the new lambdas; a tau to redo rebuilds the freed model it reads."""
-    from selfspeech.adapt.pseudo2real import run_pseudo2real
+def _finer_grid_and_rebuild(tmp_path, spec):
+    """Through `selfspeech adapt`: a finer lambda grid decodes only the new lambdas; a tau to redo rebuilds
+    the freed model it reads; the command prints the report the pipeline wrote."""
+    import yaml
+    from typer.testing import CliRunner
 
-    run, logs = tmp_path / "run", []
+    from selfspeech.cli import app
+
+    run = tmp_path / "run"
     stale = run / "model_sim_l0.25"  # a per-lambda model folder of an earlier layout: removed
     (stale / "model").mkdir(parents=True)
     (stale / "model" / "model.safetensors").write_bytes(b"0" * 1000)
@@ -242,14 +246,18 @@ def _finer_grid_and_rebuild(tmp_path, spec, before):
     (run / "tau" / "STAGE.json").unlink()  # as if killed before tau finished
     spec = {**spec, "clusters": {"k": 2, "min_size": 1, "level": "utterance"},
             "lambda": {**spec["lambda"], "grid": [0.0, 0.5, 1.0]}}
-    res = run_pseudo2real(recipe_from_dict(spec, root=tmp_path), run, log=logs.append, progress=False)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(spec))
+    out = CliRunner().invoke(app, ["adapt", str(tmp_path / "r.yaml"), "--out", str(run)])
+    assert out.exit_code == 0, out.output
+    assert "done" in out.output and str(run / "report.md") in out.output.replace("\n", "")
+    res = json.loads((run / "pipeline.json").read_text())
     c = res["cached"]
     assert not c["decode_sim_l0.5"] and not c["decode_sim_encoder_l0.5"]
     assert c["decode_sim_l0"] and c["decode_sim_l1"] and c["decode_sim_encoder_l1"]
-    assert not c["tau"] and "[rebuild] ft_source_pseudo: tau reads its freed files" in logs
+    assert not c["tau"] and "[rebuild] ft_source_pseudo: tau reads its freed files" in out.output
     assert c["ft_source_real"] and c["ft_target_pseudo"] and c["ft_sim_pseudo"] and c["sc_kmeans_c0_tau"]
-    assert not stale.exists() and any(m.startswith("[removed] model_sim_l0.25") for m in logs)
-    assert set(res["lambda"]["curve_source_sim"]) == {0.0, 0.5, 1.0}
+    assert not stale.exists() and "[removed] model_sim_l0.25" in out.output
+    assert set(map(float, res["lambda"]["curve_source_sim"])) == {0.0, 0.5, 1.0}
     _assert_disk_kept_small(run, res)
 
 

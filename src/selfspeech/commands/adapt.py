@@ -29,17 +29,14 @@ def adapt(
     """
     from selfspeech.adapt.pseudo2real import run_pseudo2real
     from selfspeech.adapt.recipe import check_recipe, load_recipe
-    from selfspeech.adapt.report import score_systems, write_report
 
     with refusing():
         r = load_recipe(recipe, overrides or ())
         check_recipe(r)
         out = out or Path("runs") / r.name
         save_run_config(r.resolved(), out)
-        result = run_pseudo2real(r, out, log=lambda m: console.print(m, highlight=False))
-    scores = score_systems(str(out / "data" / "target_eval.jsonl"), result["hyps"], r.normalizer, r.data.seed)
-    report = write_report(out, result, scores, f"Pseudo2Real: {r.name}")
-    console.print(f"[green]done[/]: {report}")
+        result = run_pseudo2real(r, out, log=lambda m: console.print(m, highlight=False, markup=False))
+    console.print(f"[green]done[/]: {result['report']}")
 
 
 def export(

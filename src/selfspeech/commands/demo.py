@@ -32,5 +32,5 @@ def demo(
 
     cfg = DemoConfig(speakers_per_accent=speakers_per_accent, utts_per_speaker=utts_per_speaker,
                      teacher=teacher, seed=seed, adapt=adapt, adapt_steps=adapt_steps)
-    report = run_demo(out, cfg, log=lambda m: console.print(m, highlight=False))
+    report = run_demo(out, cfg, log=lambda m: console.print(m, highlight=False, markup=False))
     console.print(f"[green]done[/]: {report}")
