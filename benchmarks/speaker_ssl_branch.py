@@ -267,9 +267,9 @@ def main() -> None:
                       **ssps_summary(r)} for k, r in sweep.items()},
         "trials": len(trials), "target_trials": int(labels.sum()),
         "protocol": {"method": args.method, "projector": base_cfg.projector, "steps": args.steps,
-                     "fork_at": args.fork_at, "ssps": ssps_cfg.ssps,
+                     "fork_at": args.fork_at, "ssps": ssps_cfg.to_dict()["ssps"],
                      "ecapa_channels": args.channels, "batch_size": args.batch_size, "threads": args.threads,
-                     "seed": args.seed, "train_seed": base_cfg.loop["seed"],
+                     "seed": args.seed, "train_seed": base_cfg.loop.seed,
                      "train_utterances": len(train), "eval_utterances": len(evals)},
         "runs": runs,
     })

@@ -130,3 +130,26 @@ def test_save_resolved_writes_atomically(tmp_path):
     p = save_resolved(r, tmp_path / "run" / "resolved_config.json")
     assert from_mapping(Run, json.loads(p.read_text())) == r
     assert [x.name for x in p.parent.iterdir()] == ["resolved_config.json"]  # no temp file left
+
+
+def test_shipped_recipes_load_strictly():
+    """Every recipe under recipes/ is read by the config class of the command its header names."""
+    import yaml
+
+    from selfspeech.adapt.recipe import load_recipe
+    from selfspeech.train.ctc import CTCConfig
+    from selfspeech.train.pretrain import PretrainConfig
+    from selfspeech.train.speaker import SpeakerSSLConfig
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "speechocean762"
+    assert load_recipe(root / "pseudo2real.yaml").lam.grid
+    classes = {"ssl": PretrainConfig, "ctc": CTCConfig, "sv": SpeakerSSLConfig}
+    seen = set()
+    for path in sorted(root.glob("*/*.yaml")):
+        d = yaml.safe_load(path.read_text())
+        if path.parent.name == "ctc":
+            d["lexicon"] = "lexicon.txt"  # given with --lexicon on the command line
+        cfg = from_mapping(classes[path.parent.name], d, str(path))
+        assert from_mapping(type(cfg), json.loads(json.dumps(to_mapping(cfg)))) == cfg, path
+        seen.add(path.relative_to(root).as_posix())
+    assert {"ssl/bestrq.yaml", "ssl/wav2vec2.yaml", "ctc/phones.yaml", "sv/simclr.yaml"} <= seen

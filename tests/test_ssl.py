@@ -284,16 +284,16 @@ def test_ctc_init_seed_separates_the_initial_weights_from_the_loop_seed(tmp_path
     lex.write_text("A\tAH0\nBAD\tB AE1 D\nCAT\tK AE1 T\nDOG\tD AO1 G\n")
     m = _corpus(tmp_path, text=True)
 
-    def head(name, seed, init_seed):   # lr 0: the saved model is the initial one
+    def head(name, seed, init_seed):   # one update of 1e-9 (a learning rate is > 0): about the initial weights
         cfg = CTCConfig(lexicon=str(lex), encoder={"preset": "tiny"}, init_seed=init_seed, mask_time_prob=0.0,
-                        loop={"max_steps": 1, "lr": 0.0, "eval_every": 1, "seed": seed}, max_batch_seconds=20)
+                        loop={"max_steps": 1, "lr": 1e-9, "eval_every": 1, "seed": seed}, max_batch_seconds=20)
         finetune_ctc(m, m, tmp_path / name, cfg, progress=False)
         return load_file(str(tmp_path / name / "best" / "model.safetensors"))["head.weight"]
 
     default0, default1 = head("a", 0, None), head("b", 1, None)
-    assert not torch.equal(default0, default1)
-    assert torch.equal(head("c", 1, 0), default0)     # order/masks of seed 1, weights of seed 0
-    assert torch.equal(head("d", 0, 1), default1)
+    assert not torch.allclose(default0, default1, atol=1e-3)
+    assert torch.allclose(head("c", 1, 0), default0, atol=1e-7)     # order/masks of seed 1, weights of seed 0
+    assert torch.allclose(head("d", 0, 1), default1, atol=1e-7)
     with pytest.raises(ValueError, match="head_init"):
         CTCModel(TINY, 5, head_init="xavier")
     assert not CTCModel(TINY, 5, head_init="zero").head.weight.any()
@@ -315,9 +315,10 @@ def test_ctc_reinit_top_keeps_lower_layers_and_draws_the_top_as_scratch_does(tmp
     pre = load_state(init)
     n_layers = 1 + max(int(k.split(".")[1]) for k in pre if k.startswith("layers."))
 
-    def initial(name, reinit, with_init=True):   # lr 0: the saved model is the initial one
+    def initial(name, reinit, with_init=True):   # encoder frozen for the one update: the saved encoder is the initial one
         cfg = CTCConfig(lexicon=str(lex), encoder={} if with_init else dict(pre_encoder), reinit_top=reinit,
-                        mask_time_prob=0.0, loop={"max_steps": 1, "lr": 0.0, "eval_every": 1}, max_batch_seconds=20)
+                        mask_time_prob=0.0, freeze_steps=1, loop={"max_steps": 1, "eval_every": 1},
+                        max_batch_seconds=20)
         finetune_ctc(m, m, tmp_path / name, cfg, init=init if with_init else None, progress=False)
         return {k.removeprefix("encoder."): v for k, v in
                 load_file(str(tmp_path / name / "best" / "model.safetensors")).items() if k.startswith("encoder.")}

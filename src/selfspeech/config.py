@@ -54,9 +54,7 @@ def invalid(key: str, value: Any, wrong: str, fix: str) -> ConfigError:
     For ``__post_init__`` checks that involve several fields: raise
     ``invalid("source_parts", v, "...", "...")`` and :func:`from_mapping`
     prefixes the dotted path of the section."""
-    err = ConfigError(f"{key}: {_show(value)} is {wrong}; {fix}")
-    err.key, err.detail = key, f"{_show(value)} is {wrong}; {fix}"
-    return err
+    return _error("", key, f"{_show(value)} is {wrong}; {fix}")
 
 
 def _show(value: Any) -> str:
@@ -66,12 +64,18 @@ def _show(value: Any) -> str:
 
 
 def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix and not key.startswith("[") else f"{prefix}{key}"
+    return f"{prefix}.{key}" if prefix and key and not key.startswith("[") else f"{prefix}{key}"
+
+
+def _error(where: str, key: str, detail: str) -> ConfigError:
+    """``<where>: <key>: <detail>``; the parts are kept so that an enclosing config can prefix its path."""
+    err = ConfigError(": ".join(p for p in (where, key, detail) if p))
+    err.where, err.key, err.detail = where, key, detail
+    return err
 
 
 def _fail(where: str, key: str, value: Any, wrong: str, fix: str) -> ConfigError:
-    lead = ": ".join(p for p in (where, key) if p)
-    return ConfigError(f"{lead}: {_show(value)} is {wrong}; {fix}" if lead else f"{_show(value)} is {wrong}; {fix}")
+    return _error(where, key, f"{_show(value)} is {wrong}; {fix}")
 
 
 def key_of(f: dataclasses.Field) -> str:
@@ -229,31 +233,27 @@ def _build(cls, mapping: Mapping, where: str, prefix: str):
     for k, v in mapping.items():
         if k not in fields:
             key = _join(prefix, str(k))
-            raise ConfigError(f"{': '.join(p for p in (where, key) if p)}: {_show(v)} is set under an unknown key; "
-                              f"{_suggest(str(k), known)}known keys{' of ' + prefix if prefix else ''}: "
-                              f"{', '.join(known)}")
+            raise _error(where, key, f"{_show(v)} is set under an unknown key; {_suggest(str(k), known)}"
+                                     f"known keys{' of ' + prefix if prefix else ''}: {', '.join(known)}")
     hints = typing.get_type_hints(cls)
     kw = {}
     for k, f in fields.items():
         key = _join(prefix, k)
         if k not in mapping:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{': '.join(p for p in (where, key) if p)}: is missing; set it "
-                                  f"({_type_name(hints.get(f.name))})")
+                raise _error(where, key, f"is missing; set it ({_type_name(hints.get(f.name))})")
             continue
         value = _coerce(mapping[k], hints.get(f.name, Any), where, key, f)
         _check_range(value, f.metadata.get("check", {}), where, key)
         kw[f.name] = value
     try:
         return cls(**kw)
-    except ConfigError as e:
-        sub = getattr(e, "key", None)
-        if sub is None:
+    except ConfigError as e:  # from __post_init__: its key is relative to this section
+        if getattr(e, "where", ""):
             raise
-        raise ConfigError(f"{': '.join(p for p in (where, _join(prefix, sub)) if p)}: {e.detail}") from None
+        raise _error(where, _join(prefix, getattr(e, "key", "")), getattr(e, "detail", _one_line(e))) from None
     except (ValueError, TypeError) as e:
-        lead = ": ".join(p for p in (where, prefix) if p)
-        raise ConfigError(f"{lead}: {_one_line(e)}" if lead else _one_line(e)) from None
+        raise _error(where, prefix, _one_line(e)) from None
 
 
 def _one_line(e: Exception) -> str:
@@ -278,6 +278,39 @@ def from_mapping(cls, mapping: Mapping | None, where: str = ""):
         raise _fail(where, "", mapping, "not a mapping of config keys",
                     f"write keys such as {', '.join(sorted(config_fields(cls))[:3])}")
     return _build(cls, mapping, where, "")
+
+
+def typed_fields(obj: Any) -> None:
+    """Call in ``__post_init__``: a sub-config passed as a mapping (``CTCConfig(loop={"max_steps": 2})``)
+    becomes its dataclass, checked like a file's; the config then holds typed values only."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not isinstance(value, Mapping):
+            continue
+        tp = hints.get(f.name)
+        options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        sub = [a for a in options if dataclasses.is_dataclass(a)]
+        if sub:
+            object.__setattr__(obj, f.name, _build(sub[0], value, "", key_of(f)))
+
+
+def preset_config(cls, mapping: Mapping | None, key: str):
+    """A sub-config written as a mapping that may name a preset (``{preset: small, dropout: 0.0}``):
+    the preset's values (``cls.preset(name)``), then the given keys, checked like a file's; errors
+    name ``key`` (``encoder.d_model``)."""
+    given = dict(mapping or {})
+    base = {}
+    if "preset" in given:
+        name = given.pop("preset")
+        try:
+            base = to_mapping(cls.preset(name))
+        except AttributeError:
+            raise _fail("", _join(key, "preset"), name, "set under an unknown key", "this section has no presets") \
+                from None
+        except (ValueError, TypeError) as e:
+            raise _fail("", _join(key, "preset"), name, "not a known preset", _one_line(e)) from None
+    return _build(cls, {**base, **given}, "", key)
 
 
 def to_mapping(obj: Any) -> Any:

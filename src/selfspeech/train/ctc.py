@@ -10,12 +10,13 @@ cannot be aligned (more target tokens than frames) are skipped and counted.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
+from selfspeech.config import checked, invalid, preset_config, to_mapping, typed_fields
 from selfspeech.data.audio_dataset import AudioDataset, check_lengths
 from selfspeech.data.manifest import read_manifest, unique_ids, write_manifest
 from selfspeech.models.ctc import CTCModel, top_layer_state, transcribe_arrays
@@ -24,22 +25,23 @@ from selfspeech.objectives.ctc import CTCTask
 from selfspeech.text.phones import Lexicon, Vocabulary
 from selfspeech.train import distributed as D
 from selfspeech.train.checkpoint import write_json
-from selfspeech.train.loop import loop_config, resolved_configs, train_loop
+from selfspeech.train.loop import LoopConfig, resolved_configs, train_loop
 from selfspeech.train.sampler import BucketBatchSampler
 
 
 @dataclass(frozen=True)
 class CTCConfig:
-    targets: str = "phone"              # phone | char
+    targets: Literal["phone", "char"] = "phone"
     lexicon: str | None = None          # phone targets: WORD<TAB>PHONES file
-    encoder: dict = field(default_factory=dict)   # scratch runs: EncoderConfig fields ("preset" allowed)
-    loop: dict = field(default_factory=dict)
-    freeze_steps: int = 0               # encoder frozen, output layer only
-    mask_time_prob: float = 0.05        # wav2vec 2.0 fine-tuning (Table 7, 10-min/1-h setups: 0.05-0.075)
-    mask_time_span: int = 5
-    mask_channel_prob: float = 0.1
-    mask_channel_span: int = 8
-    max_batch_seconds: float = 60.0
+    # scratch runs: EncoderConfig fields ("preset" allowed); a pretrained `init` brings its own
+    encoder: dict[str, Any] = field(default_factory=dict)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    freeze_steps: int = checked(0, ge=0)  # encoder frozen, output layer only
+    mask_time_prob: float = checked(0.05, ge=0, le=1)  # wav2vec 2.0 fine-tuning (Table 7, 10-min/1-h: 0.05-0.075)
+    mask_time_span: int = checked(5, ge=1)
+    mask_channel_prob: float = checked(0.1, ge=0, le=1)
+    mask_channel_span: int = checked(8, ge=1)
+    max_batch_seconds: float = checked(60.0, gt=0)
     # Seed of the weight initialisation (the output layer; the whole model from scratch). None: the
     # loop's seed, which also draws batch order and masks; set it to tell apart which of them a
     # run-to-run difference (e.g. a run stuck on CTC's blank plateau) comes from.
@@ -49,16 +51,27 @@ class CTCConfig:
     # plateau is decided by the random output layer alone (benchmarks/ssl_pretraining.py
     # --ctc-seed-split); a zero layer did not avoid it, it stayed there too (RESULTS.md, "Which
     # seed causes the blank plateau"), so the default stays random.
-    head_init: str | None = None
+    head_init: Literal["zero"] | None = None
     # Top Transformer layers of a pretrained encoder drawn afresh (with its final layer norm) before
     # fine-tuning: their weights are the ones a scratch model of the same init seed starts from.
     # Pasad et al. 2021 (arXiv 2107.04734) find wav2vec 2.0's last layers drift from phonetic
     # content back towards the pretext target, and that re-initialising them helps low-resource
     # fine-tuning. None / 0: keep every pretrained layer.
-    reinit_top: int | None = None
+    reinit_top: int | None = checked(None, ge=0)
+
+    def __post_init__(self):
+        typed_fields(self)
+        if self.targets == "phone" and not self.lexicon:
+            raise invalid("lexicon", self.lexicon, "not set although targets is phone",
+                          "give a WORD<TAB>PHONES lexicon file (--lexicon), or targets: char")
+        self.encoder_config()  # bad encoder keys are refused here, named encoder.*
+
+    def encoder_config(self) -> EncoderConfig:
+        """The scratch encoder (a pretrained ``init`` brings its own)."""
+        return preset_config(EncoderConfig, self.encoder, "encoder")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return to_mapping(self)
 
 
 def prepare_items(manifest, vocab: Vocabulary, lexicon: Lexicon | None, enc: EncoderConfig) -> tuple[list, dict]:
@@ -95,16 +108,12 @@ def prepare_items(manifest, vocab: Vocabulary, lexicon: Lexicon | None, enc: Enc
 
 def _model_and_vocab(cfg: CTCConfig, init: str | Path | None) -> tuple[CTCModel, EncoderConfig, Vocabulary, Lexicon | None]:
     lexicon = Lexicon.read(cfg.lexicon) if cfg.targets == "phone" else None
-    if cfg.targets == "phone" and lexicon is None:
-        raise ValueError("phone targets need `lexicon`")
     vocab = Vocabulary.for_phones(lexicon) if cfg.targets == "phone" else Vocabulary.for_chars()
     if init is not None:
         meta = read_config(init, "ssl_encoder")
         enc = EncoderConfig(**meta["config"])
     else:
-        kw = dict(cfg.encoder)
-        preset = kw.pop("preset", None)
-        enc = EncoderConfig.preset(preset, **kw) if preset else EncoderConfig(**kw)
+        enc = cfg.encoder_config()
     model = CTCModel(enc, vocab.size, cfg.head_init)
     if init is not None:
         fresh = top_layer_state(model.encoder, cfg.reinit_top or 0)
@@ -120,7 +129,7 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
     """Fine-tune ``init`` (an ``ssl_encoder`` directory, or None for scratch) with CTC; best model in ``out_dir/best``."""
     out = Path(out_dir)
     env = D.init_from_env()  # torchrun: data parallel over its processes
-    loop_cfg = loop_config(cfg.loop)
+    loop_cfg = cfg.loop
     torch.manual_seed(loop_cfg.seed if cfg.init_seed is None else cfg.init_seed)  # the loop reseeds for the rest
     model, enc, vocab, lexicon = _model_and_vocab(cfg, init)
     train, skip_train = prepare_items(train_manifest, vocab, lexicon, enc)

@@ -16,45 +16,51 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
+from selfspeech.config import checked, from_mapping, preset_config, to_mapping, typed_fields
 from selfspeech.data.audio_dataset import AudioDataset, Skipped, check_lengths
 from selfspeech.data.manifest import read_manifest, unique_ids
 from selfspeech.models.ssl import EncoderConfig, save_encoder
-from selfspeech.objectives.tasks import build_task
+from selfspeech.objectives.tasks import TASKS, build_task
 from selfspeech.train import distributed as D
 from selfspeech.train.checkpoint import write_json
-from selfspeech.train.loop import LoopConfig, loop_config, resolved_configs, strict_from_dict, train_loop
+from selfspeech.train.loop import LoopConfig, resolved_configs, train_loop
 from selfspeech.train.sampler import BucketBatchSampler, GroupResampledBatchSampler
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    objective: str = "bestrq"
-    encoder: dict = field(default_factory=dict)     # EncoderConfig fields; "preset": tiny|small|medium|base
-    task: dict = field(default_factory=dict)        # Wav2Vec2Config / BestRQConfig overrides
-    loop: dict = field(default_factory=dict)        # LoopConfig overrides
-    max_batch_seconds: float = 60.0                 # dynamic batches: padded audio seconds per batch
-    crop_seconds: float | None = 8.0                # random crop of longer utterances
+    objective: Literal["wav2vec2", "bestrq", "birq"] = "bestrq"
+    encoder: dict[str, Any] = field(default_factory=dict)  # EncoderConfig fields; "preset": tiny|small|medium|base
+    task: dict[str, Any] = field(default_factory=dict)     # Wav2Vec2Config / BestRQConfig overrides
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    max_batch_seconds: float = checked(60.0, gt=0)  # dynamic batches: padded audio seconds per batch
+    crop_seconds: float | None = checked(8.0, gt=0)  # random crop of longer utterances
     group_field: str | None = None                  # XLSR multi-group sampling
-    group_alpha: float = 0.5
+    group_alpha: float = checked(0.5, ge=0, le=1)
+
+    def __post_init__(self):
+        typed_fields(self)
+        self.encoder_config()  # bad encoder or task keys are refused here, named encoder.* / task.*
+        preset_config(TASKS[self.objective][1], self.task, "task")
 
     def encoder_config(self) -> EncoderConfig:
-        kw = dict(self.encoder)
-        kw.setdefault("frontend", "wave" if self.objective == "wav2vec2" else "mel")
-        preset = kw.pop("preset", None)
-        return EncoderConfig.preset(preset, **kw) if preset else EncoderConfig(**kw)
+        # the objective decides the front-end: wav2vec 2.0 quantizes waveform features, BEST-RQ log-mels
+        frontend = "wave" if self.objective == "wav2vec2" else "mel"
+        return preset_config(EncoderConfig, {"frontend": frontend, **self.encoder}, "encoder")
 
     def loop_config(self) -> LoopConfig:
-        return loop_config(self.loop)
+        return self.loop
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return to_mapping(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "PretrainConfig":
-        return strict_from_dict(cls, d, "pretraining")
+        return from_mapping(cls, d, "pretraining config")
 
 
 def min_seconds(enc: EncoderConfig, task) -> float:

@@ -23,12 +23,14 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from selfspeech.audio.features import log_mel
+from selfspeech.config import checked, from_mapping, preset_config, to_mapping, typed_fields
 from selfspeech.data.audio_dataset import AudioDataset, Skipped, collate_arrays
 from selfspeech.data.augment import AugmentConfig, Augmenter, load_or_build_rir_pool, random_segment
 from selfspeech.data.manifest import read_manifest, unique_ids
@@ -38,7 +40,7 @@ from selfspeech.objectives.speaker_ssl import SpeakerSSLTask
 from selfspeech.objectives.ssps import SSPSConfig
 from selfspeech.train import distributed as D
 from selfspeech.train.checkpoint import write_json
-from selfspeech.train.loop import LoopConfig, loop_config, resolved_configs, strict_from_dict, train_loop
+from selfspeech.train.loop import LoopConfig, resolved_configs, train_loop
 from selfspeech.train.sampler import BucketBatchSampler
 
 METHODS = ("simclr", "dino")
@@ -46,54 +48,54 @@ METHODS = ("simclr", "dino")
 
 @dataclass(frozen=True)
 class SpeakerSSLConfig:
-    method: str = "simclr"
-    ecapa: dict = field(default_factory=lambda: {"preset": "small"})  # ECAPAConfig fields or a preset
-    augment: dict | None = field(default_factory=dict)  # AugmentConfig overrides; None: no augmentation
-    ssps: dict | None = None          # SSPSConfig fields; None: standard positives only
-    segment_seconds: float = 2.0      # SimCLR views and DINO global crops (sslsv: 2 s)
-    local_seconds: float = 1.0        # DINO local crops
-    n_local: int = 4                  # DINO: 2 global + 4 local crops
-    batch_size: int = 64
-    temperature: float = 0.03         # NT-Xent (sslsv's speaker SimCLR)
+    method: Literal["simclr", "dino"] = "simclr"
+    ecapa: dict[str, Any] = field(default_factory=lambda: {"preset": "small"})  # ECAPAConfig fields or a preset
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)  # None: no augmentation
+    ssps: SSPSConfig | None = None    # None: standard positives only
+    segment_seconds: float = checked(2.0, gt=0)  # SimCLR views and DINO global crops (sslsv: 2 s)
+    local_seconds: float = checked(1.0, gt=0)    # DINO local crops
+    n_local: int = checked(4, ge=0)   # DINO: 2 global + 4 local crops
+    batch_size: int = checked(64, ge=2)
+    temperature: float = checked(0.03, gt=0)     # NT-Xent (sslsv's speaker SimCLR)
     # SimCLR head (hidden, output); None: NT-Xent on the embedding itself, as sslsv's SSPS configs
     # (``enable_projector: false``) train it, so the pseudo-positives pull on the verifier's embedding
-    projector: tuple | None = (512, 256)
-    dino_out: int = 1024              # prototypes; DINO uses 65536 for ImageNet, scaled to ~100 speakers x 10
-    dino_hidden: int = 512
-    dino_bottleneck: int = 128
-    t_student: float = 0.1
-    t_teacher: float = 0.04
-    momentum: float = 0.996           # teacher EMA, cosine to 1 over training
-    center_momentum: float = 0.9
+    projector: tuple[int, ...] | None = checked((512, 256), ge=1)
+    dino_out: int = checked(1024, ge=1)  # prototypes; DINO uses 65536 for ImageNet, scaled to ~100 speakers x 10
+    dino_hidden: int = checked(512, ge=1)
+    dino_bottleneck: int = checked(128, ge=1)
+    t_student: float = checked(0.1, gt=0)
+    t_teacher: float = checked(0.04, gt=0)
+    momentum: float = checked(0.996, ge=0, le=1)  # teacher EMA, cosine to 1 over training
+    center_momentum: float = checked(0.9, ge=0, le=1)
     rir_pool: str | None = None       # cache file for simulated room impulse responses (.npz)
-    loop: dict = field(default_factory=dict)
+    loop: LoopConfig = field(default_factory=LoopConfig)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r}: choose one of {METHODS}")
+        typed_fields(self)
         if self.projector is not None:
             object.__setattr__(self, "projector", tuple(self.projector))
+        self.ecapa_config()  # bad ECAPA keys are refused here, named ecapa.*
 
     def ecapa_config(self) -> ECAPAConfig:
-        kw = dict(self.ecapa)
-        preset = kw.pop("preset", None)
-        return ECAPAConfig.preset(preset, **kw) if preset else ECAPAConfig(**kw)
+        return preset_config(ECAPAConfig, self.ecapa, "ecapa")
 
     def augment_config(self) -> AugmentConfig | None:
-        return None if self.augment is None else AugmentConfig(**self.augment)
+        return self.augment
 
     def ssps_config(self) -> SSPSConfig | None:
-        return None if self.ssps is None else SSPSConfig(**self.ssps)
+        return self.ssps
 
     def loop_config(self) -> LoopConfig:
-        return loop_config(self.loop)
+        return self.loop
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return to_mapping(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "SpeakerSSLConfig":
-        return strict_from_dict(cls, d, "speaker-SSL")
+        return from_mapping(cls, d, "speaker-SSL config")
 
 
 class ViewCollator:
@@ -212,8 +214,8 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
     if not env.main:
         return {}
     write_dir(out / "encoder", lambda d: save_speaker_encoder(
-        task.export_encoder(), d, extra={"method": cfg.method, "ssps": cfg.ssps, "steps": state["step"]}))
-    summary = {"method": cfg.method, "ssps": cfg.ssps, "steps": state["step"],
+        task.export_encoder(), d, extra={"method": cfg.method, "ssps": to_mapping(cfg.ssps), "steps": state["step"]}))
+    summary = {"method": cfg.method, "ssps": to_mapping(cfg.ssps), "steps": state["step"],
                "train_seconds": round(state["seconds"], 1), "n_train": len(items),
                "padded_short": {"count": len(short), "first": short[:5], "policy": "wrap-pad to the segment"},
                "skipped": [dataclasses.asdict(s) for s in bad],
