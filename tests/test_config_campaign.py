@@ -9,6 +9,7 @@ the model cache points at an empty folder).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -317,3 +318,52 @@ def test_the_guard_sees_model_and_audio_reads(cli, opened):
             call()
     assert len(opened) == 5
     opened.clear()
+
+
+def test_valid_configs_run_with_overrides_and_save_the_resolved_config(cli, opened, ws, monkeypatch):
+    """The same commands on valid configs reach the trainer (stubbed) with the overrides applied, and
+    leave OUT/resolved_config.json, which reads back into the same config."""
+    from typer.testing import CliRunner
+
+    import selfspeech.adapt.pseudo2real as p2r
+    import selfspeech.train.ctc as ctc
+    import selfspeech.train.pretrain as pt
+    import selfspeech.train.speaker as spk
+    import selfspeech.train.whisper_ft as wft
+    from selfspeech.adapt.recipe import recipe_from_dict
+    from selfspeech.config import from_mapping
+
+    got = {}
+    monkeypatch.setattr(pt, "pretrain", lambda m, o, cfg: got.setdefault("pretrain", cfg) and {"skipped": []})
+    monkeypatch.setattr(ctc, "finetune_ctc", lambda t, d, o, cfg, init=None: got.setdefault("ctc", cfg) and {})
+    monkeypatch.setattr(spk, "train_speaker", lambda m, o, cfg, fork_from=None: got.setdefault("sv", cfg) and {})
+    monkeypatch.setattr(wft, "finetune", lambda t, d, i, o, cfg: got.setdefault("ft", cfg) and o)
+    monkeypatch.setattr(p2r, "run_pseudo2real", lambda r, o, log: got.setdefault("adapt", r) and {"report": o})
+    monkeypatch.chdir(ws)
+    (ws / "lex.txt").write_text("RED\tR EH1 D\nCAT\tK AE1 T\n")
+    runs = {
+        "pretrain": ["pretrain", "loop.lr=3e-4", "encoder.preset=tiny", "--manifest", "train.jsonl", "--out", "pt"],
+        "ctc": ["finetune-ctc", "loop.max_steps=7", "--lexicon", "lex.txt", "--train", "train.jsonl", "--dev",
+                "train.jsonl", "--out", "ctc"],
+        "sv": ["sv", "train", "ssps.k=8", "--ssps", "--steps", "5", "--manifest", "train.jsonl", "--out", "sv"],
+        "ft": ["finetune-whisper", "lr=3e-5", "--train", "train.jsonl", "--out", "ft"],
+    }
+    (ws / "r.yaml").write_text(yaml.safe_dump(BASE))
+    runs["adapt"] = ["adapt", "r.yaml", "student.finetune.lr=3e-5", "lambda.grid=[0,0.5,1]", "--out", "p2r"]
+    for name, argv in runs.items():
+        res = CliRunner().invoke(cli, argv)
+        assert res.exit_code == 0, (name, res.output, res.exception)
+    assert got["pretrain"].loop.lr == 3e-4 and got["pretrain"].encoder_config().d_model == 32
+    assert got["ctc"].loop.max_steps == 7 and got["ctc"].lexicon == "lex.txt"
+    assert got["sv"].ssps.k == 8 and got["sv"].loop.max_steps == 5
+    assert got["ft"].lr == 3e-5
+    r = got["adapt"]
+    assert r.student.finetune.lr == 3e-5 and r.lam.grid == (0.0, 0.5, 1.0)
+    for out, name in (("pt", "pretrain"), ("ctc", "ctc"), ("sv", "sv"), ("ft", "ft")):
+        saved = json.loads((ws / out / "resolved_config.json").read_text())
+        assert from_mapping(type(got[name]), saved) == got[name], name
+    saved = json.loads((ws / "p2r" / "resolved_config.json").read_text())
+    again = recipe_from_dict(saved, root="/elsewhere", where=r.source)  # data paths are absolute there
+    assert saved["data"]["manifest"] == str(ws / "m.jsonl") and again.path(again.data.manifest) == ws / "m.jsonl"
+    assert dataclasses.replace(again, data=r.data, root=r.root) == r
+    assert opened == []
