@@ -143,3 +143,15 @@ def test_fork_starts_from_a_kept_checkpoint_and_refuses_another_run(tmp_path):
                         load_safetensors(module))
     fork_checkpoint(tmp_path / "base" / "keep" / "step-4", tmp_path / "fork3", {"t": 2}, write,
                     load_safetensors(module), may_differ=("t",))
+
+
+def test_a_config_built_in_python_is_range_checked_too():
+    from selfspeech.config import ConfigError
+    from selfspeech.train.whisper_ft import FinetuneConfig
+
+    with pytest.raises(ConfigError, match=r"^lr: 0 is not above 0; give a number > 0"):
+        LoopConfig(lr=0)
+    with pytest.raises(ConfigError, match=r"max_duration: 31.0 is above 30"):
+        FinetuneConfig(max_duration=31.0)
+    with pytest.raises(ConfigError, match=r"warmup_steps: 3 is set with a time budget"):
+        LoopConfig(warmup_steps=3, budget_seconds=10.0)

@@ -220,6 +220,13 @@ def _check_range(value: Any, check: dict, where: str, key: str) -> None:
                 raise _fail(where, k, v, f"{wrong} {bound:g}", f"give a number {sign} {bound:g}")
 
 
+def check_ranges(obj: Any) -> None:
+    """Call in ``__post_init__``: the :func:`checked` ranges hold for a config built in Python too,
+    not only for one read by :func:`from_mapping`."""
+    for f in dataclasses.fields(obj):
+        _check_range(getattr(obj, f.name), f.metadata.get("check", {}), "", key_of(f))
+
+
 def _suggest(name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     initials = "".join(w[:1] for w in name.split("_"))  # learning_rate -> lr

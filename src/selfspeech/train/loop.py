@@ -36,7 +36,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from selfspeech.config import checked
+from selfspeech.config import check_ranges, checked, invalid
 from selfspeech.train import checkpoint as ckpt
 from selfspeech.train import distributed as D
 from selfspeech.train.runs import (FINISHED, RUN_CONFIG, check_resume, config_diff, finished_state,  # noqa: F401
@@ -70,30 +70,16 @@ class LoopConfig:
     tracking: tuple[str, ...] = ()                 # backends mirroring the JSONL log: tensorboard, mlflow
 
     def __post_init__(self):
+        check_ranges(self)
         if self.schedule not in ("linear", "cosine", "constant"):
-            raise ValueError(f"schedule {self.schedule!r}: choose linear, cosine or constant")
+            raise invalid("schedule", self.schedule, "not a schedule", "choose linear, cosine or constant")
         if self.max_steps is None and self.max_epochs is None:
-            raise ValueError("max_steps and max_epochs are both unset: give a step or epoch budget")
+            raise invalid("max_steps", None, "unset and so is max_epochs", "give a step or an epoch budget")
         if self.warmup_steps is not None and self.budget_seconds is not None:
-            raise ValueError("warmup_steps needs a step budget: with budget_seconds give warmup_fraction")
+            raise invalid("warmup_steps", self.warmup_steps, "set with a time budget (budget_seconds)",
+                          "give warmup_fraction instead, or a step budget")
         object.__setattr__(self, "tracking", tuple(self.tracking) + (("tensorboard",) if self.tensorboard
                                                                      and "tensorboard" not in self.tracking else ()))
-
-
-def loop_config(d: dict) -> LoopConfig:
-    """A LoopConfig from a YAML/JSON mapping (lists become the tuples the dataclass holds)."""
-    return LoopConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-def strict_from_dict(cls, d: dict, what: str):
-    """``cls(**d)`` for a config dataclass, refusing unknown keys with the list of known ones."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown {what} config key(s) {unknown}; known: {sorted(names)}")
-    return cls(**d)
 
 
 # -- schedule and optimizer ----------------------------------------------------------------

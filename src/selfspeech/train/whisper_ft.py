@@ -23,7 +23,6 @@ with -100 (the model prepends ``<|startoftranscript|>`` when shifting right),
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -40,7 +39,7 @@ from selfspeech.data.manifest import read_manifest
 from selfspeech.models.whisper import (MAX_FRAMES, encode, greedy_decode, load_processor, log_mel,  # noqa: F401
                                        pad_features)
 from selfspeech.text.normalize import NORMALIZERS, get_normalizer
-from selfspeech.config import checked
+from selfspeech.config import checked, from_mapping, invalid, to_mapping
 from selfspeech.objectives.seq2seq import WhisperSeq2Seq
 from selfspeech.train import checkpoint as ckpt
 from selfspeech.train import distributed as D
@@ -83,21 +82,17 @@ class FinetuneConfig(LoopConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.batch_size is None and self.max_batch_seconds is None:
-            raise ValueError("set batch_size or max_batch_seconds")
-        if not 0 < self.max_duration <= 30.0:
-            raise ValueError(f"max_duration must be in (0, 30] s (Whisper's window), got {self.max_duration}")
+            raise invalid("batch_size", None, "unset and so is max_batch_seconds", "give one or both")
         if self.normalizer not in NORMALIZERS:
-            raise ValueError(f"unknown normalizer {self.normalizer!r}; choose one of {', '.join(NORMALIZERS)}")
+            raise invalid("normalizer", self.normalizer, "not a text normaliser", f"choose {', '.join(NORMALIZERS)}")
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        return to_mapping(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FinetuneConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        if unknown := set(d) - names:
-            raise ValueError(f"unknown FinetuneConfig field(s): {', '.join(sorted(unknown))}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    def from_dict(cls, d: dict, where: str = "finetune config") -> "FinetuneConfig":
+        """The strict loader (:func:`selfspeech.config.from_mapping`): names, types and ranges checked."""
+        return from_mapping(cls, d, where)
 
 
 # -- labels ------------------------------------------------------------------------------
