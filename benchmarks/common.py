@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from selfspeech.data.versions import cpu_model, software_versions
+
 ROOT = Path(__file__).resolve().parents[1]
 SO762 = ROOT.parent / "shared" / "data" / "speechocean762-train"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -20,17 +22,7 @@ def machine() -> dict:
 
     return {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "processor": _cpu_model()}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+            "processor": cpu_model()}
 
 
 def git_commit() -> str:
@@ -48,7 +40,7 @@ def median(xs: list[float]) -> float:
 def write_result(name: str, payload: dict) -> Path:
     payload = {**payload, "command": " ".join([Path(sys.executable).name, *sys.argv]),
                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-               "commit": git_commit(), "machine": machine()}
+               "commit": git_commit(), "machine": machine(), "versions": software_versions()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from selfspeech.data.atomic import write_json
 from selfspeech.data.manifest import read_manifest
+from selfspeech.data.versions import software_versions, versions_line
 from selfspeech.eval.report import build_results, read_jsonl
 
 LABELS = {
@@ -21,7 +22,7 @@ def score_systems(eval_manifest: str, hyps: dict[str, str], normalizer: str, see
     """WER/CER with 95% CIs per system, and paired bootstraps of the corrections against their baselines."""
     refs = list(read_manifest(eval_manifest))
     hyp = {k: read_jsonl(v) for k, v in hyps.items()}
-    out: dict = {"systems": {}, "paired": {}}
+    out: dict = {"systems": {}, "paired": {}, "versions": software_versions()}
     for name, h in hyp.items():
         r = build_results(refs, h, normalizer=normalizer, seed=seed, n_resamples=n_resamples)
         g = r["system"]["groups"][0]
@@ -121,6 +122,7 @@ def write_report(out: Path, result: dict, scores: dict, title: str) -> Path:
     lines = [f"# {title}", "",
              f"lambda = {lam['lambda']:g}, tau scope `{lam.get('scope', 'all')}`, chosen by rule `{lam['rule']}` "
              "(no target transcript used).", "", _disk_line(result.get("disk") or {}), "",
+             versions_line(scores.get("versions")), "",
              "![WER per system](wer_systems.png)", "", "| system | WER % [95% CI] | CER % | utterances | speakers |",
              "| --- | --- | --- | --- | --- |"]
     for k, v in s.items():

@@ -190,11 +190,14 @@ def score(
             f.write(f"{t.enrol} {t.test} {x:.6f} {'target' if t.target else 'nontarget'}\n")
     import dataclasses
 
-    metrics = {k: dataclasses.asdict(v) for k, v in rows.items()} | {"trials": len(tr), "skipped_trials": skipped}
+    from selfspeech.data.versions import software_versions, versions_line
+
+    metrics = {k: dataclasses.asdict(v) for k, v in rows.items()} | {"trials": len(tr), "skipped_trials": skipped,
+                                                                     "versions": software_versions()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     det_plot(curves, out / "det.png")
     (out / "report.md").write_text(f"# Speaker verification: {embeddings}\n\n{len(tr)} trials "
                                    f"({int(labels.sum())} target), {skipped} trial line(s) skipped.\n\n"
-                                   f"{metrics_table(rows)}\n\n![DET](det.png)\n")
+                                   f"{metrics_table(rows)}\n\n![DET](det.png)\n\n{versions_line(metrics['versions'])}\n")
     for k, m in rows.items():
         console.print(f"{k}: EER {100 * m.eer:.2f}%  minDCF {m.mindcf:.4f}  ({len(tr)} trials)")

@@ -24,6 +24,7 @@ import numpy as np
 
 from selfspeech.data.atomic import atomic_write, write_json
 from selfspeech.data.manifest import ManifestError, parse_line
+from selfspeech.data.versions import software_versions, versions_line
 from selfspeech.eval.sources import JsonlIndex, ListSource
 from selfspeech.eval.wer import (
     MISSING, ErrorCounts, Group, as_text, bootstrap_ci, count_errors_batch, field_value, group_seed, group_value_order,
@@ -261,7 +262,7 @@ def _results(refs: Iterable[dict], sources: Sequence, *, by, normalizer, n_resam
                       "unit": "speaker" if p.speakers is not None else "utterance"},
         "cer_spaces": "the single space between words counts as a character",
         "system": _system(names[0], p, 0, sources[0], n_resamples, seed), "compare": None,
-        "notes": list(notes) + p.notes,
+        "notes": list(notes) + p.notes, "versions": software_versions(),
     }
     if len(sources) > 1:
         b = _system(names[1], p, 1, sources[1], n_resamples, seed)
@@ -337,6 +338,8 @@ def render_markdown(results: dict) -> str:
            f"- 95% CIs: {bs['method']} bootstrap, {bs['n_resamples']} resamples of {bs['unit']}s (seed {bs['seed']})"
            if bs["n_resamples"] else "- CIs: not computed (bootstrap off)"]
     out += [f"- Note: {n}" for n in results["notes"]]
+    if results.get("versions"):  # absent in eval.json files written before it was recorded
+        out.append(f"- {versions_line(results['versions'])}")
     cmp = results.get("compare")
     out += ["", f"## System{' A' if cmp else ''}: {results['system']['name']}", ""] + _system_md(results["system"])
     if cmp:
