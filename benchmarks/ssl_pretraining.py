@@ -32,6 +32,9 @@ Protocol (fixed before any run; nothing tuned on evaluation speakers):
   keeps the one with the lowest PER on the 3 adult dev speakers (a rule any
   corpus allows; evaluation speakers never choose).
 
+Configs: ``recipes/speechocean762/ssl/<objective>.yaml`` and ``ctc/phones.yaml``, read
+as ``selfspeech pretrain`` / ``finetune-ctc`` read them, with the knobs above as dotted keys.
+
 Writes ``benchmarks/results/ssl_pretraining.json``. Run folders are resumable.
 Usage: python benchmarks/ssl_pretraining.py [--budget 360] [--ft-budget 240] [--systems ...]
 """
@@ -46,6 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, SO762, write_result  # noqa: E402
+from recipe_configs import recipe_config  # noqa: E402
 
 from selfspeech.data.kaldi import iter_kaldi_dir  # noqa: E402
 from selfspeech.data.manifest import write_manifest  # noqa: E402
@@ -157,17 +161,38 @@ def budget_text(steps: int | None, seconds: float) -> str:
 
 
 DEFAULT_CTC_LR = 2e-3
+CTC_RECIPE = "ctc/phones.yaml"
+
+
+def loop_knobs(steps: int | None, seconds: float, seed: int) -> dict:
+    return {"loop.seed": seed, **{f"loop.{k}": v for k, v in budget(steps, seconds).items()}}
+
+
+def pretrain_config(args, name: str, steps: int | None) -> PretrainConfig:
+    """recipes/speechocean762/ssl/<objective>.yaml with this run's budget, seed, encoder size and
+    the system's group field (XLSR multi-group sampling)."""
+    spec = PRETRAINED[name]
+    group = {"group_field": spec["group_field"]} if "group_field" in spec else {}
+    return recipe_config(PretrainConfig, f"ssl/{spec['objective']}.yaml",
+                         {"encoder.preset": args.encoder_size, **group, **loop_knobs(steps, args.budget, args.seed)})
+
+
+def pretrain_steps(args) -> dict[str, int | None]:
+    """Pretraining updates per system: --pt-steps, or --pt-steps-for's for that system (None: --budget)."""
+    return {name: args.pt_steps for name in PRETRAINED} | dict(args.pt_steps_for)
 
 
 def ctc_config(args, lexicon: Path, enc: dict, init, seed: int | None = None, lr: float = DEFAULT_CTC_LR,
                init_seed: int | None = None, reinit: int = 0) -> CTCConfig:
+    """recipes/speechocean762/ctc/phones.yaml with this fine-tune's knobs: budget, learning rate,
+    seeds, output-layer init, re-initialised layers, frozen updates and (scratch) encoder ``enc``."""
     every = max(100, (args.ft_steps or 0) // 10)
     seed = args.seed if seed is None else seed
-    return CTCConfig(targets="phone", lexicon=str(lexicon), encoder=enc, init_seed=init_seed, head_init=args.ctc_head_init,
-                     reinit_top=reinit or None,
-                     loop={"lr": lr, "eval_every": every, "log_every": 25, "ckpt_every": every, "seed": seed,
-                           **budget(args.ft_steps, args.ft_budget)},
-                     freeze_steps=freeze_steps(args) if init else 0, max_batch_seconds=30.0)
+    return recipe_config(CTCConfig, CTC_RECIPE, {
+        "lexicon": str(lexicon), **{f"encoder.{k}": v for k, v in enc.items()}, "init_seed": init_seed,
+        "head_init": args.ctc_head_init, "reinit_top": reinit or None, "freeze_steps": freeze_steps(args) if init else 0,
+        "loop.lr": lr, "loop.eval_every": every, "loop.ckpt_every": every,
+        **loop_knobs(args.ft_steps, args.ft_budget, seed)})
 
 
 def freeze_steps(args) -> int:
@@ -282,7 +307,7 @@ def ctc_system(args, w: Path, lexicon: Path, sets: dict, name: str, label: str, 
     return per, ft, curve
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=float, default=360, help="pretraining seconds per method")
     ap.add_argument("--ft-budget", type=float, default=240, help="CTC fine-tuning seconds per system")
@@ -317,7 +342,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "ssl_bench")
     ap.add_argument("--result-name", default="ssl_pretraining")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if not SO762.is_dir():
         sys.exit(f"{SO762} not found: this benchmark needs ../shared/data/speechocean762-train")
     if args.ft_freeze is not None and not (args.ft_steps and 0 <= args.ft_freeze < 1):
@@ -350,21 +379,16 @@ def main() -> None:
         p, miss = phone_references(w / f"{g}.jsonl", lexicon, w / f"{g}.phones.jsonl")
         refs[g], missing[g] = list(read_jsonl(p)), miss
 
-    pt_steps = {name: args.pt_steps for name in PRETRAINED} | dict(args.pt_steps_for)
+    pt_steps = pretrain_steps(args)
     if None in (pt_steps[n] for n in args.systems if n in PRETRAINED) and args.pt_steps_for:
         sys.exit("--pt-steps-for needs --pt-steps for the other systems (a step budget for every method)")
     results, runs, curves = {}, {}, {}
     sets = {g: (w / f"{g}.phones.jsonl", refs[g]) for g in refs}   # what each CTC run is decoded on
     for name in args.systems:
         if name in PRETRAINED:
-            spec = PRETRAINED[name]
-            frontend = "wave" if spec["objective"] == "wav2vec2" else "mel"
-            cfg = PretrainConfig(objective=spec["objective"], encoder=encoder_for(frontend, args.encoder_size),
-                                 loop={"lr": 5e-4, "seed": args.seed, "log_every": 25, "ckpt_every": 100,
-                                       **budget(pt_steps[name], args.budget)},
-                                 max_batch_seconds=60.0, crop_seconds=6.0, group_field=spec.get("group_field"))
+            cfg = pretrain_config(args, name, pt_steps[name])
             print(f"== pretrain {name} ({budget_text(pt_steps[name], args.budget)})", flush=True)
-            pt = pretrain(man[spec["data"]], w / f"pt_{name}", cfg)
+            pt = pretrain(man[PRETRAINED[name]["data"]], w / f"pt_{name}", cfg)
             init, enc = w / f"pt_{name}" / "encoder", {}
         elif name in SCRATCH:
             pt, init, enc = None, None, encoder_for(SCRATCH[name], args.encoder_size)
