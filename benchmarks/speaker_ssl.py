@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, SO762, write_result  # noqa: E402
+from recipe_configs import recipe_config, recipe_mapping  # noqa: E402
 
 from selfspeech.audio.io import load_item  # noqa: E402
 from selfspeech.data.augment import AugmentConfig, Augmenter, load_or_build_rir_pool  # noqa: E402
@@ -42,7 +43,6 @@ from selfspeech.data.select import split_by_speaker  # noqa: E402
 from selfspeech.eval.sv import cosine_scores, det_plot, embedding_plot, make_trials  # noqa: E402
 from selfspeech.eval.sv_metrics import eer_mindcf  # noqa: E402
 
-RECIPES = ROOT / "recipes" / "speechocean762" / "sv"
 SSPS_MAIN = {"k": 100, "m": 0}  # = recipes/speechocean762/sv/ssps.yaml
 SYSTEMS = {
     "simclr": ("simclr", None),
@@ -61,23 +61,18 @@ SYSTEMS = {
 KEYS = ("simclr", "simclr_ssps", "dino", "dino_ssps")
 
 
-def system_config(method: str, ssps: dict | None, args):
-    """recipes/speechocean762/sv/<method>.yaml (+ ssps.yaml with the sweep's K, M) + this run's budget."""
-    import yaml
-
+def system_config(method: str, ssps: dict | None, args, knobs: dict | None = None):
+    """recipes/speechocean762/sv/<method>.yaml (+ the ssps.yaml overlay with the sweep's K, M) + this
+    run's knobs: ECAPA channels, batch size, budget, seed, the room-pool cache, and ``knobs`` (dotted keys)."""
     from selfspeech.train.speaker import SpeakerSSLConfig
 
-    d = yaml.safe_load((RECIPES / f"{method}.yaml").read_text())
-    if ssps is not None:
-        d["ssps"] = {**yaml.safe_load((RECIPES / "ssps.yaml").read_text())["ssps"], **ssps}
-    d["ecapa"] = {**d["ecapa"], "channels": args.channels}
-    d["batch_size"] = args.batch_size
-    d["rir_pool"] = str(ROOT / "runs" / "rir_pool_train.npz")
-    if args.max_steps:  # step-matched: the same number of updates (the paper's equal-epoch protocol)
-        d["loop"] = {**d["loop"], "max_steps": args.max_steps, "seed": args.seed}
-    else:
-        d["loop"] = {**d["loop"], "budget_seconds": args.budget, "seed": args.seed}
-    return SpeakerSSLConfig.from_dict(d)
+    overlay = {} if ssps is None else {**recipe_mapping("sv/ssps.yaml")["ssps"], **ssps}
+    # step-matched (--max-steps): the same number of updates (the paper's equal-epoch protocol)
+    budget = {"loop.max_steps": args.max_steps} if args.max_steps else {"loop.budget_seconds": args.budget}
+    return recipe_config(SpeakerSSLConfig, f"sv/{method}.yaml", {
+        **{f"ssps.{k}": v for k, v in overlay.items()}, "ecapa.channels": args.channels,
+        "batch_size": args.batch_size, "rir_pool": str(ROOT / "runs" / "rir_pool_train.npz"),
+        **budget, "loop.seed": args.seed, **(knobs or {})})
 
 
 def split(items: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
@@ -141,7 +136,7 @@ def evaluate(name: str, extractor, items, noisy, trials, labels, work: Path, coh
     return out
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=float, default=1080, help="training seconds per system")
     ap.add_argument("--channels", type=int, default=128, help="ECAPA-TDNN channels C")
@@ -155,7 +150,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "speaker_ssl")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if not SO762.is_dir():
         sys.exit(f"{SO762} not found: this benchmark needs ../shared/data/speechocean762-train")
     import torch

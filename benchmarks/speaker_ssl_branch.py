@@ -57,21 +57,17 @@ from selfspeech.eval.sv import make_trials  # noqa: E402
 
 def configs(args, n_train: int, k: int, m: int, oracle: bool = False):
     """(base config keeping the fork step, SSPS config) from the recipes; only ssps/keep_every differ."""
-    from selfspeech.train.speaker import SpeakerSSLConfig
-
     seed = args.seed if args.train_seed is None else args.train_seed
     a = argparse.Namespace(channels=args.channels, batch_size=args.batch_size, max_steps=args.steps,
                            seed=seed, budget=None)
     extra = {"projector": None} if args.no_projector else {}
     if args.train_seed is not None:  # the room pool is drawn from the training seed: its own file, not a rewrite
         extra["rir_pool"] = str(ROOT / "runs" / f"rir_pool_train_seed{args.train_seed}.npz")
-    base = {**system_config(args.method, None, a).to_dict(), **extra}
-    base["loop"] = {**base["loop"], "keep_every": args.fork_at}
     per_epoch = n_train // args.batch_size
     start = round((args.fork_at + 2 * per_epoch) / args.steps, 4)  # queues fill for two epochs first
     branch = {"k": k, "m": m, "start": start, **({"oracle": True} if oracle else {})}  # old protocols unchanged
-    ssps = {**system_config(args.method, branch, a).to_dict(), **extra}
-    return SpeakerSSLConfig.from_dict(base), SpeakerSSLConfig.from_dict(ssps)
+    return (system_config(args.method, None, a, {**extra, "loop.keep_every": args.fork_at}),
+            system_config(args.method, branch, a, extra))
 
 
 def encoder_at(run: Path, step: int, cfg):
@@ -148,7 +144,7 @@ def jackknife_eer_difference(a: np.ndarray, b: np.ndarray, labels: np.ndarray, t
             "speakers": n}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=("base", "ssps", "report"), required=True)
     ap.add_argument("--method", choices=("simclr", "dino"), default="simclr", help="the base run's objective")
@@ -175,7 +171,11 @@ def main() -> None:
     ap.add_argument("--result-name", default=None,
                     help="result file name (default speaker_ssl_branch, or speaker_ssl_branch_<method> for "
                          "dino / --no-projector); give one for another --steps/--fork-at protocol")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.no_projector and args.method != "simclr":
         sys.exit("--no-projector applies to --method simclr")
     M = args.method + ("_noproj" if args.no_projector else "")  # run folders and result keys
