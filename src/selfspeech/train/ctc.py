@@ -24,8 +24,8 @@ from selfspeech.models.ssl import EncoderConfig, load_state, read_config, save_e
 from selfspeech.objectives.ctc import CTCTask
 from selfspeech.text.phones import Lexicon, Vocabulary
 from selfspeech.train import distributed as D
-from selfspeech.train.checkpoint import write_json
 from selfspeech.train.loop import LoopConfig, resolved_configs, train_loop
+from selfspeech.train.runs import write_summary
 from selfspeech.train.sampler import BucketBatchSampler
 
 
@@ -177,7 +177,7 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
     summary = {"best_dir": str(out / "best"), "best_dev_error_rate": state["best"], "best_step": state["best_step"],
                "steps": state["step"], "train_seconds": round(state["seconds"], 1), "n_train": len(train),
                "n_dev": len(dev), "skipped": {"train": skip_train, "dev": skip_dev}, "targets": cfg.targets}
-    write_json(out / "summary.json", summary)
+    write_summary(out, summary)
     return summary
 
 

@@ -26,8 +26,8 @@ from selfspeech.data.manifest import read_manifest, unique_ids
 from selfspeech.models.ssl import EncoderConfig, save_encoder
 from selfspeech.objectives.tasks import TASKS, build_task
 from selfspeech.train import distributed as D
-from selfspeech.train.checkpoint import write_json
 from selfspeech.train.loop import LoopConfig, resolved_configs, train_loop
+from selfspeech.train.runs import write_summary
 from selfspeech.train.sampler import BucketBatchSampler, GroupResampledBatchSampler
 
 
@@ -121,6 +121,6 @@ def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
                "n_train": len(items), "skipped": [dataclasses.asdict(s) for s in skipped],
                "encoder": dataclasses.asdict(enc_cfg), "params": sum(p.numel() for p in task.encoder.parameters()),
                "groups": getattr(sampler, "probs", None)}
-    write_json(out / "summary.json", summary)
+    write_summary(out, summary)
     return summary
 

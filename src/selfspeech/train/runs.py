@@ -128,3 +128,12 @@ def fork_checkpoint(base: str | Path, out: Path, run_config: dict, write_model: 
         f.write(json.dumps({"event": "fork", "step": step, "from": str(src)}) + "\n")
     ckpt.write_dir(out / "last", write)  # the loop resumes from it
     return step
+
+
+def write_summary(out_dir: str | Path, summary: dict) -> Path:
+    """``out_dir/summary.json`` (atomic), with the software versions the run used."""
+    from selfspeech.data.versions import software_versions
+
+    path = Path(out_dir) / "summary.json"
+    ckpt.write_json(path, {**summary, "versions": software_versions()})
+    return path

@@ -39,8 +39,8 @@ from selfspeech.models.ssl import save_encoder
 from selfspeech.objectives.speaker_ssl import SpeakerSSLTask
 from selfspeech.objectives.ssps import SSPSConfig
 from selfspeech.train import distributed as D
-from selfspeech.train.checkpoint import write_json
 from selfspeech.train.loop import LoopConfig, resolved_configs, train_loop
+from selfspeech.train.runs import write_summary
 from selfspeech.train.sampler import BucketBatchSampler
 
 METHODS = ("simclr", "dino")
@@ -221,5 +221,5 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
                "skipped": [dataclasses.asdict(s) for s in bad],
                "ssps_clusterings": int(task.ssps.n_clusterings) if task.ssps is not None else 0,
                "params": sum(p.numel() for p in task.encoder.parameters())}
-    write_json(out / "summary.json", summary)
+    write_summary(out, summary)
     return summary

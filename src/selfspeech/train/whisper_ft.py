@@ -41,9 +41,9 @@ from selfspeech.models.whisper import (MAX_FRAMES, encode, greedy_decode, load_p
 from selfspeech.text.normalize import NORMALIZERS, get_normalizer
 from selfspeech.config import checked, from_mapping, invalid, to_mapping
 from selfspeech.objectives.seq2seq import WhisperSeq2Seq
-from selfspeech.train import checkpoint as ckpt
 from selfspeech.train import distributed as D
 from selfspeech.train.loop import LoopConfig, finished_state, total_steps, train_loop
+from selfspeech.train.runs import write_summary
 from selfspeech.train.sampler import BucketBatchSampler
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
                "n_dev": len(dev.items) if dev else 0, "skipped": skipped, "normalizer": cfg.normalizer,
                "seconds_this_session": state.get("seconds_this_session", 0.0)}
     if env.main:
-        ckpt.write_json(out_dir / "summary.json", summary)
+        write_summary(out_dir, summary)
     return out_dir / "best"
 
 
