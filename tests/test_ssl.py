@@ -211,7 +211,8 @@ def test_pretraining_resume_equals_uninterrupted(tmp_path):
 
 
 def test_resume_refuses_a_default_that_changed_since_the_run_started(tmp_path, capsys):
-    """The run config stores overrides; its ``resolved`` part (defaults filled in) catches a changed default."""
+    """The run config stores the fully resolved config (presets and defaults filled in), so a changed
+    default is caught; an older run config (overrides plus a ``resolved`` part) still resumes."""
     from selfspeech.train.pretrain import pretrain
 
     torch.set_num_threads(1)
@@ -220,15 +221,24 @@ def test_resume_refuses_a_default_that_changed_since_the_run_started(tmp_path, c
     (out / "finished.json").unlink()  # as if killed before the end: the next call resumes from last/
     saved_path = out / "last" / "run_config.json"
     saved = json.loads(saved_path.read_text())
-    assert saved["resolved"]["task"]["w_features"] == 0.0 and "w_features" not in saved["pretrain"]["task"]
-    # as if the run had started when the default feature penalty was 10 (the session-6 fix)
-    saved["resolved"]["task"]["w_features"] = 10.0
-    saved_path.write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match=r"resolved\.task\.w_features.*a default"):
+    assert "resolved" not in saved and saved["pretrain"]["task"]["w_features"] == 0.0
+    assert saved["pretrain"]["encoder"]["frontend"] == "wave" and "preset" not in saved["pretrain"]["encoder"]
+    # as if the run had started when the default feature penalty was 10
+    changed = json.loads(json.dumps(saved))
+    changed["pretrain"]["task"]["w_features"] = 10.0
+    saved_path.write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match=r"pretrain\.task\.w_features.*a default"):
         pretrain(m, out, _cfg("wav2vec2", 2), progress=False)
-    # a run saved before resolved configs existed resumes, with a warning instead of silence
-    del saved["resolved"]
-    saved_path.write_text(json.dumps(saved))
+    # an older version's run config: sub-configs as overrides, the configs with defaults under `resolved`
+    legacy = json.loads(json.dumps(saved))
+    legacy["resolved"] = {"task": dict(legacy["pretrain"]["task"]), "encoder": dict(legacy["pretrain"]["encoder"])}
+    legacy["pretrain"]["task"] = {"entries": 16, "negatives": 10, "final_dim": 16}
+    legacy["pretrain"]["encoder"] = {"preset": "tiny", "dropout": 0.1}
+    saved_path.write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match=r"pretrain\.encoder\.dropout"):  # its overrides still count
+        pretrain(m, out, _cfg("wav2vec2", 2), progress=False)
+    legacy["pretrain"]["encoder"]["dropout"] = 0.0
+    saved_path.write_text(json.dumps(legacy))
     pretrain(m, out, _cfg("wav2vec2", 2), progress=False)
     assert "without checking that the defaults" in capsys.readouterr().err
     # and an explicit override that differs is still refused, named by its dotted key
@@ -368,6 +378,24 @@ def test_config_diff_treats_an_option_added_later_as_unset():
                                                                       "resolved": ({"loop": {"seed": 0}}, None)}
     with pytest.raises(ValueError, match=r"ctc\.init_seed"):
         check_resume(Path("run"), old, {**new, "ctc": {"lr": 1e-3, "init_seed": 1}})
+
+
+def test_check_resume_reads_an_older_run_config_with_a_resolved_part():
+    """Older run configs held sub-configs as overrides (a preset name) beside a ``resolved`` part;
+    they are compared resolved by today's defaults, without that part (which for CTC described the
+    pretrained encoder, not the scratch one), and their overrides still count."""
+    from selfspeech.train.ctc import CTCConfig
+    from selfspeech.train.loop import check_resume, normalised
+
+    given = normalised({"ctc": CTCConfig(targets="char", encoder={"preset": "tiny"}).to_dict(), "init": "enc"})
+    assert "preset" not in given["ctc"]["encoder"] and given["ctc"]["encoder"]["d_model"] == 32
+    old = json.loads(json.dumps(given))
+    old["ctc"]["encoder"], old["resolved"] = {"preset": "tiny"}, {"encoder": {"d_model": 144}}
+    assert "without checking that the defaults" in check_resume(Path("run"), old, given)
+    old["ctc"]["encoder"] = {"preset": "small"}
+    with pytest.raises(ValueError, match=r"ctc\.encoder\.d_model"):
+        check_resume(Path("run"), old, given)
+    assert check_resume(Path("run"), given, given) is None
 
 
 def test_build_task_rejects_mismatched_frontend():

@@ -250,6 +250,9 @@ def _build(cls, mapping: Mapping, where: str, prefix: str):
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise _error(where, key, f"is missing; set it ({_type_name(hints.get(f.name))})")
             continue
+        if f.metadata.get("sub_config") and isinstance(mapping[k], Mapping):
+            kw[f.name] = dict(mapping[k])  # its __post_init__ resolves it (see sub_config)
+            continue
         value = _coerce(mapping[k], hints.get(f.name, Any), where, key, f)
         _check_range(value, f.metadata.get("check", {}), where, key)
         kw[f.name] = value
@@ -293,13 +296,32 @@ def typed_fields(obj: Any) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if not isinstance(value, Mapping):
+        if not isinstance(value, Mapping) or f.metadata.get("sub_config"):
             continue
         tp = hints.get(f.name)
         options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
         sub = [a for a in options if dataclasses.is_dataclass(a)]
         if sub:
             object.__setattr__(obj, f.name, _build(sub[0], value, "", key_of(f)))
+
+
+def sub_config(default_factory: Any) -> Any:
+    """A dataclass field holding a sub-config that the owner's ``__post_init__`` resolves with
+    :func:`resolve_sub_config`, because it may name a preset or take a default from a sibling field
+    (the encoder's front-end from the pretraining objective). A mapping is kept as given on load."""
+    return dataclasses.field(default_factory=default_factory, metadata={"sub_config": True})
+
+
+def resolve_sub_config(obj: Any, name: str, cls, defaults: Mapping | None = None) -> None:
+    """Call in ``__post_init__``: field ``name`` given as a mapping (``{preset: small, dropout: 0.0}``)
+    becomes ``cls``: the preset's values, then ``defaults``, then the given keys, checked like a file's
+    (errors name ``name.key``); an instance of ``cls`` is kept, anything else is refused."""
+    value = getattr(obj, name)
+    if isinstance(value, Mapping):
+        object.__setattr__(obj, name, preset_config(cls, {**(defaults or {}), **value}, name))
+    elif not isinstance(value, cls):
+        raise invalid(name, value, f"not a {cls.__name__} or a mapping of its keys",
+                      f"write a mapping such as {{preset: small}} or keys of {cls.__name__}")
 
 
 def preset_config(cls, mapping: Mapping | None, key: str):

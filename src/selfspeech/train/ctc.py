@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
-from selfspeech.config import checked, invalid, preset_config, to_mapping, typed_fields
+from selfspeech.config import checked, from_mapping, invalid, resolve_sub_config, sub_config, to_mapping, typed_fields
 from selfspeech.data.audio_dataset import AudioDataset, check_lengths
 from selfspeech.data.manifest import read_manifest, unique_ids, write_manifest
 from selfspeech.models.ctc import CTCModel, top_layer_state, transcribe_arrays
@@ -24,8 +24,8 @@ from selfspeech.models.ssl import EncoderConfig, load_state, read_config, save_e
 from selfspeech.objectives.ctc import CTCTask
 from selfspeech.text.phones import Lexicon, Vocabulary
 from selfspeech.train import distributed as D
-from selfspeech.train.loop import LoopConfig, resolved_configs, train_loop
-from selfspeech.train.runs import write_summary
+from selfspeech.train.loop import LoopConfig, train_loop
+from selfspeech.train.runs import SECTIONS, write_summary
 from selfspeech.train.sampler import BucketBatchSampler
 
 
@@ -34,7 +34,7 @@ class CTCConfig:
     targets: Literal["phone", "char"] = "phone"
     lexicon: str | None = None          # phone targets: WORD<TAB>PHONES file
     # scratch runs: EncoderConfig fields ("preset" allowed); a pretrained `init` brings its own
-    encoder: dict[str, Any] = field(default_factory=dict)
+    encoder: EncoderConfig = sub_config(dict)
     loop: LoopConfig = field(default_factory=LoopConfig)
     freeze_steps: int = checked(0, ge=0)  # encoder frozen, output layer only
     mask_time_prob: float = checked(0.05, ge=0, le=1)  # wav2vec 2.0 fine-tuning (Table 7, 10-min/1-h: 0.05-0.075)
@@ -64,14 +64,17 @@ class CTCConfig:
         if self.targets == "phone" and not self.lexicon:
             raise invalid("lexicon", self.lexicon, "not set although targets is phone",
                           "give a WORD<TAB>PHONES lexicon file (--lexicon), or targets: char")
-        self.encoder_config()  # bad encoder keys are refused here, named encoder.*
+        resolve_sub_config(self, "encoder", EncoderConfig)  # bad encoder keys are refused here, named encoder.*
 
     def encoder_config(self) -> EncoderConfig:
         """The scratch encoder (a pretrained ``init`` brings its own)."""
-        return preset_config(EncoderConfig, self.encoder, "encoder")
+        return self.encoder
 
     def to_dict(self) -> dict:
         return to_mapping(self)
+
+
+SECTIONS["ctc"] = lambda d: from_mapping(CTCConfig, d, "CTC config").to_dict()
 
 
 def prepare_items(manifest, vocab: Vocabulary, lexicon: Lexicon | None, enc: EncoderConfig) -> tuple[list, dict]:
@@ -169,8 +172,7 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
 
     state = train_loop(model, CTCTask(model, cfg).loss, sampler, collate, loop_cfg, out, write_model,
                        {"ctc": cfg.to_dict(), "init": str(init) if init else None, "train": str(train_manifest),
-                        "dev": str(dev_manifest),
-                        "resolved": resolved_configs(loop=loop_cfg, encoder=enc)},
+                        "dev": str(dev_manifest)},
                        evaluate=evaluate, progress=progress, desc="finetune-ctc")
     if not env.main:
         return {}

@@ -40,7 +40,7 @@ from selfspeech.config import check_ranges, checked, invalid
 from selfspeech.train import checkpoint as ckpt
 from selfspeech.train import distributed as D
 from selfspeech.train.runs import (FINISHED, RUN_CONFIG, check_resume, config_diff, finished_state,  # noqa: F401
-                                   fork_checkpoint, normalised, resolved_configs)
+                                   fork_checkpoint, normalised)
 from selfspeech.train.tracking import make_trackers
 
 

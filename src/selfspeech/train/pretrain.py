@@ -16,26 +16,28 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
-from selfspeech.config import checked, from_mapping, preset_config, to_mapping, typed_fields
+from selfspeech.config import checked, from_mapping, resolve_sub_config, sub_config, to_mapping, typed_fields
 from selfspeech.data.audio_dataset import AudioDataset, Skipped, check_lengths
 from selfspeech.data.manifest import read_manifest, unique_ids
 from selfspeech.models.ssl import EncoderConfig, save_encoder
-from selfspeech.objectives.tasks import TASKS, build_task
+from selfspeech.objectives.tasks import TASKS, BestRQConfig, Wav2Vec2Config
 from selfspeech.train import distributed as D
-from selfspeech.train.loop import LoopConfig, resolved_configs, train_loop
-from selfspeech.train.runs import write_summary
+from selfspeech.train.loop import LoopConfig, train_loop
+from selfspeech.train.runs import SECTIONS, write_summary
 from selfspeech.train.sampler import BucketBatchSampler, GroupResampledBatchSampler
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     objective: Literal["wav2vec2", "bestrq", "birq"] = "bestrq"
-    encoder: dict[str, Any] = field(default_factory=dict)  # EncoderConfig fields; "preset": tiny|small|medium|base
-    task: dict[str, Any] = field(default_factory=dict)     # Wav2Vec2Config / BestRQConfig overrides
+    # given as a mapping of EncoderConfig keys ("preset": tiny|small|medium|base); the front-end
+    # defaults to the objective's (wave for wav2vec2, mel otherwise)
+    encoder: EncoderConfig = sub_config(dict)
+    task: Wav2Vec2Config | BestRQConfig = sub_config(dict)  # the objective's config (TASKS), as a mapping
     loop: LoopConfig = field(default_factory=LoopConfig)
     max_batch_seconds: float = checked(60.0, gt=0)  # dynamic batches: padded audio seconds per batch
     crop_seconds: float | None = checked(8.0, gt=0)  # random crop of longer utterances
@@ -44,13 +46,13 @@ class PretrainConfig:
 
     def __post_init__(self):
         typed_fields(self)
-        self.encoder_config()  # bad encoder or task keys are refused here, named encoder.* / task.*
-        preset_config(TASKS[self.objective][1], self.task, "task")
-
-    def encoder_config(self) -> EncoderConfig:
         # the objective decides the front-end: wav2vec 2.0 quantizes waveform features, BEST-RQ log-mels
         frontend = "wave" if self.objective == "wav2vec2" else "mel"
-        return preset_config(EncoderConfig, {"frontend": frontend, **self.encoder}, "encoder")
+        resolve_sub_config(self, "encoder", EncoderConfig, {"frontend": frontend})  # bad keys: encoder.*
+        resolve_sub_config(self, "task", TASKS[self.objective][1])                  # bad keys: task.*
+
+    def encoder_config(self) -> EncoderConfig:
+        return self.encoder
 
     def loop_config(self) -> LoopConfig:
         return self.loop
@@ -61,6 +63,9 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "PretrainConfig":
         return from_mapping(cls, d, "pretraining config")
+
+
+SECTIONS["pretrain"] = lambda d: PretrainConfig.from_dict(d).to_dict()
 
 
 def min_seconds(enc: EncoderConfig, task) -> float:
@@ -76,7 +81,7 @@ def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
     env = D.init_from_env()  # torchrun: data parallel over its processes
     enc_cfg, loop_cfg = cfg.encoder_config(), cfg.loop_config()
     torch.manual_seed(loop_cfg.seed)  # the same initial weights on every (re)start
-    task = build_task(cfg.objective, enc_cfg, cfg.task)
+    task = TASKS[cfg.objective][0](enc_cfg, cfg.task)
     items, dup = unique_ids(read_manifest(manifest))
     items, skipped = check_lengths(items, min_seconds(enc_cfg, task))
     skipped += [Skipped(u, "duplicate id: only its first line is used") for u in dup]
@@ -110,8 +115,7 @@ def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
         return task.warnings(rec, rec)
 
     state = train_loop(task, task.loss, sampler, data.collate, loop_cfg, out, write_model,
-                       {"pretrain": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items),
-                        "resolved": resolved_configs(loop=loop_cfg, encoder=enc_cfg, task=task.cfg)},
+                       {"pretrain": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items)},
                        warnings=warn, progress=progress, desc=f"pretrain {cfg.objective}")
     if not env.main:
         return {}

@@ -1,18 +1,20 @@
 """Run configs of the training loop: resume checks, finished runs, forks.
 
 A run directory records the config it was started with (``run_config.json``
-in every checkpoint, ``finished.json`` once done). A rerun with the same config
-resumes or returns at once; one with another config is refused before any
-computation, naming the dotted keys that differ.
+in every checkpoint, ``finished.json`` once done), fully resolved: every
+sub-config with its presets and defaults filled in (``to_mapping`` of the
+trainer's config). A rerun with the same config resumes or returns at once; one
+with another config is refused before any computation, naming the dotted keys
+that differ, so a default changed since the run started stops the resume
+instead of silently changing the run half-way.
 """
 from __future__ import annotations
 
 import json
 import shutil
 import sys
-from dataclasses import asdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from selfspeech.train import checkpoint as ckpt
 
@@ -35,30 +37,43 @@ def config_diff(saved: dict, given: dict, prefix: str = "") -> dict:
     return diff
 
 
-def resolved_configs(**configs) -> dict:
-    """``run_config["resolved"]``: each config dataclass with its defaults filled in (None stays None)."""
-    return {k: None if c is None else asdict(c) for k, c in configs.items()}
+# run-config section (``"pretrain"``) -> its saved mapping as the trainer's config resolves it today;
+# each trainer registers its own, so run configs of older versions (sub-configs as overrides, the
+# configs with defaults filled in under ``resolved``) compare in the current layout
+SECTIONS: dict[str, Callable[[dict], dict]] = {}
+
+
+def _legacy(run_config: dict) -> dict:
+    """An older version's run config without its ``resolved`` part, each registered section resolved."""
+    out = {}
+    for k, v in json.loads(json.dumps(run_config)).items():
+        if k in SECTIONS and isinstance(v, dict):
+            try:
+                v = json.loads(json.dumps(SECTIONS[k](v)))
+            except (ValueError, TypeError):
+                pass  # no longer a valid config: compared as saved, so the resume is refused
+        if k != "resolved":
+            out[k] = v
+    return out
 
 
 def check_resume(out: Path, saved: dict, run_config: dict) -> str | None:
     """Raise unless the run saved with ``saved`` may continue as ``run_config``.
 
-    Callers put every config with its defaults filled in under ``run_config["resolved"]``,
-    so a default changed since the run started stops the resume instead of silently
-    changing the run half-way. A run saved before ``resolved`` was recorded resumes
-    when the rest matches; the returned warning says its defaults could not be checked.
+    Both are fully resolved configs, so a default changed since the run started
+    differs too. A run saved by an older version (overrides, and the configs
+    with defaults under ``resolved``) is compared without its ``resolved`` key,
+    its sections resolved by today's defaults (:data:`SECTIONS`); it resumes when
+    they match, and the returned warning says its defaults could not be checked.
     """
-    legacy = "resolved" not in saved and "resolved" in run_config
-    rest = {k: v for k, v in run_config.items() if k != "resolved"} if legacy else run_config
-    diff = config_diff(saved, rest)
+    legacy = "resolved" in saved and "resolved" not in run_config
+    diff = config_diff(_legacy(saved) if legacy else saved, run_config)
     if not diff:
-        return (f"{out}: saved before resolved configs were recorded; resuming without checking that "
+        return (f"{out}: saved by an older version (with a 'resolved' part); resuming without checking that "
                 "the defaults are those it started with") if legacy else None
-    hint = ("; only resolved values differ: a default (or a file the config points to) changed since this "
-            "run started; set the saved value explicitly to resume" if all(
-                k.startswith("resolved.") for k in diff) else "")
-    raise ValueError(f"{out} holds a run with another config {diff} (saved, given){hint}; "
-                     "use the same config to resume, or a new output directory")
+    raise ValueError(f"{out} holds a run with another config {diff} (saved, given); a value not written in "
+                     "the config may come from a default that changed since the run started: set the saved "
+                     "value explicitly to resume, or use a new output directory")
 
 
 def normalised(run_config: dict) -> dict:
@@ -106,8 +121,9 @@ def fork_checkpoint(base: str | Path, out: Path, run_config: dict, write_model: 
         raise FileNotFoundError(f"{base}: no complete checkpoint to fork (train the base run with "
                                 "keep_every so its step is kept, or give its 'last' folder)")
     saved = json.loads((src / RUN_CONFIG).read_text())
-    ignore = may_differ + (() if "resolved" in saved else ("resolved",))
-    diff = config_diff(_without(saved, ignore), _without(run_config, ignore))
+    if "resolved" in saved and "resolved" not in run_config:
+        saved = _legacy(saved)
+    diff = config_diff(_without(saved, may_differ), _without(run_config, may_differ))
     if diff:
         raise ValueError(f"cannot fork {src}: its run differs by more than {list(may_differ)}: {diff} (base, fork)")
     load_model(src)

@@ -23,14 +23,14 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from selfspeech.audio.features import log_mel
-from selfspeech.config import checked, from_mapping, preset_config, to_mapping, typed_fields
+from selfspeech.config import checked, from_mapping, resolve_sub_config, sub_config, to_mapping, typed_fields
 from selfspeech.data.audio_dataset import AudioDataset, Skipped, collate_arrays
 from selfspeech.data.augment import AugmentConfig, Augmenter, load_or_build_rir_pool, random_segment
 from selfspeech.data.manifest import read_manifest, unique_ids
@@ -39,8 +39,8 @@ from selfspeech.models.ssl import save_encoder
 from selfspeech.objectives.speaker_ssl import SpeakerSSLTask
 from selfspeech.objectives.ssps import SSPSConfig
 from selfspeech.train import distributed as D
-from selfspeech.train.loop import LoopConfig, resolved_configs, train_loop
-from selfspeech.train.runs import write_summary
+from selfspeech.train.loop import LoopConfig, train_loop
+from selfspeech.train.runs import SECTIONS, write_summary
 from selfspeech.train.sampler import BucketBatchSampler
 
 METHODS = ("simclr", "dino")
@@ -49,7 +49,7 @@ METHODS = ("simclr", "dino")
 @dataclass(frozen=True)
 class SpeakerSSLConfig:
     method: Literal["simclr", "dino"] = "simclr"
-    ecapa: dict[str, Any] = field(default_factory=lambda: {"preset": "small"})  # ECAPAConfig fields or a preset
+    ecapa: ECAPAConfig = sub_config(lambda: {"preset": "small"})  # as a mapping: ECAPAConfig keys or a preset
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)  # None: no augmentation
     ssps: SSPSConfig | None = None    # None: standard positives only
     segment_seconds: float = checked(2.0, gt=0)  # SimCLR views and DINO global crops (sslsv: 2 s)
@@ -76,10 +76,10 @@ class SpeakerSSLConfig:
         typed_fields(self)
         if self.projector is not None:
             object.__setattr__(self, "projector", tuple(self.projector))
-        self.ecapa_config()  # bad ECAPA keys are refused here, named ecapa.*
+        resolve_sub_config(self, "ecapa", ECAPAConfig)  # bad ECAPA keys are refused here, named ecapa.*
 
     def ecapa_config(self) -> ECAPAConfig:
-        return preset_config(ECAPAConfig, self.ecapa, "ecapa")
+        return self.ecapa
 
     def augment_config(self) -> AugmentConfig | None:
         return self.augment
@@ -96,6 +96,9 @@ class SpeakerSSLConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SpeakerSSLConfig":
         return from_mapping(cls, d, "speaker-SSL config")
+
+
+SECTIONS["speaker_ssl"] = lambda d: SpeakerSSLConfig.from_dict(d).to_dict()
 
 
 class ViewCollator:
@@ -145,7 +148,7 @@ def build_augmenter(cfg: SpeakerSSLConfig, data: AudioDataset, seed: int) -> Aug
 
 
 # what an SSPS continuation may change in the run it forks (everything else must match)
-FORK_MAY_DIFFER = ("speaker_ssl.ssps", "speaker_ssl.loop.keep_every", "resolved.ssps", "resolved.loop.keep_every")
+FORK_MAY_DIFFER = ("speaker_ssl.ssps", "speaker_ssl.loop.keep_every")
 
 
 def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConfig = SpeakerSSLConfig(),
@@ -194,9 +197,7 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
             D.broadcast_module(task.ssps)
         return stats
 
-    run_config = {"speaker_ssl": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items),
-                  "resolved": resolved_configs(loop=loop_cfg, ecapa=task.ecfg, augment=cfg.augment_config(),
-                                               ssps=cfg.ssps_config())}
+    run_config = {"speaker_ssl": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items)}
     def load_model(d: Path) -> None:  # a fork's base has no SSPS queues yet: they start empty
         missing, unexpected = task.load_state_dict(load_file(str(d / "model.safetensors")), strict=False)
         if unexpected or any(not k.startswith("ssps.") for k in missing):
