@@ -155,3 +155,31 @@ def test_a_config_built_in_python_is_range_checked_too():
         FinetuneConfig(max_duration=31.0)
     with pytest.raises(ConfigError, match=r"warmup_steps: 3 is set with a time budget"):
         LoopConfig(warmup_steps=3, budget_seconds=10.0)
+
+
+def test_rerunning_a_finished_run_gives_the_module_its_final_weights(tmp_path):
+    """A trainer may export the module after the loop (pretraining's encoder/): a rerun must not export
+    the freshly initialised weights."""
+    from safetensors.torch import load_file, save_file
+
+    x, y = torch.randn(8, 2), torch.randn(8, 1)
+
+    def run(keep_last: bool):
+        torch.manual_seed(0)
+        module = torch.nn.Linear(2, 1)
+
+        def loss_fn(batch, step):
+            return ((module(x[batch["idx"]]) - y[batch["idx"]]) ** 2).mean(), {}
+
+        def write_model(d):
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(d / "model.safetensors"))
+        train_loop(module, loss_fn, BucketBatchSampler([1.0] * 8, batch_size=2, seed=0),
+                   lambda idx, rng: {"idx": idx}, LoopConfig(max_steps=6, lr=0.1, keep_last=keep_last),
+                   tmp_path / str(keep_last), write_model, {"t": 1}, progress=False)
+        return module.weight.detach().clone()
+
+    for keep_last in (True, False):
+        trained = run(keep_last)
+        final = load_file(str(tmp_path / str(keep_last) / "best" / "model.safetensors"))["weight"]
+        assert torch.equal(trained, final)
+        assert torch.equal(run(keep_last), final)  # returned at once, weights restored

@@ -228,6 +228,11 @@ class _Run:
         from tqdm.auto import tqdm
 
         if (done := finished_state(self.out, self.run_config)) is not None:
+            # the caller may export the module after the loop (an encoder, a speaker model): give it the
+            # run's final weights, as a resume of a finished checkpoint did (best/ when last/ was dropped)
+            final = ckpt.resolve(self.last) or (self.best if (self.best / "model.safetensors").is_file() else None)
+            if final is not None:
+                self.load_model(final)
             return done
         resumed, unchecked = self.start(fork_from, fork_may_differ)
         if self.state["done"]:
