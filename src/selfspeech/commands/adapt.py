@@ -68,8 +68,8 @@ def finetune_whisper(
     train: Path = typer.Option(..., help="Training manifest (real or pseudo-labels in `text`)."),
     dev: Path = typer.Option(None, help="Dev manifest: greedy WER every eval_every steps, early stopping, best/."),
     init: str = typer.Option("whisper-tiny.en", help="Zoo name or a transformers Whisper folder (safetensors)."),
-    out: Path = typer.Option(..., help="Output folder: best/ and last/ (save_pretrained), train_log.jsonl. "
-                                       "Rerun to resume."),
+    out: Path = typer.Option(..., help="Output folder: best/ (save_pretrained), log.jsonl, summary.json; "
+                                       "last/ while training (kept with keep_last=true). Rerun to resume."),
 ) -> None:
     """Fine-tune a Whisper student on one manifest (the stage `adapt` runs for each student).
 
