@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SO762, write_result  # noqa: E402
+from common import SO762, write_result  # noqa: E402
 
 import torch  # noqa: E402
 

@@ -183,3 +183,19 @@ def test_audio_root_keeps_manifest_paths_inside(tmp_path, monkeypatch):
     monkeypatch.setenv("SELFSPEECH_AUDIO_ROOT", str(tmp_path / "corpus"))
     with pytest.raises(ManifestError, match="outside"):
         list(read_manifest(m))
+
+
+def test_cli_data_stats_prints_utterances_speakers_and_hours_per_group(tmp_path):
+    from typer.testing import CliRunner
+
+    from selfspeech.cli import app
+
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps({"id": f"u{i}", "audio_filepath": "x.flac", "duration": 1800.0, "text": "a",
+                                     "speaker": f"s{i % 2}", "age_group": "child" if i < 3 else "adult"}) + "\n"
+                         for i in range(4)))
+    r = CliRunner().invoke(app, ["data", "stats", str(m), "--by", "age_group"])
+    assert r.exit_code == 0, r.output
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:5]]
+            for line in r.output.splitlines() if line.count("│") >= 5}
+    assert rows["child"] == ["3", "2", "1.50"] and rows["adult"] == ["1", "1", "0.50"]

@@ -227,4 +227,4 @@ def stats_cmd(
     for k in sorted(groups):
         n, spk, dur = groups[k]
         t.add_row(k, str(n), str(len(spk)), f"{dur / 3600:.2f}")
-    Console().print(t)
+    console.print(t)
