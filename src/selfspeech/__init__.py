@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 # Subpackages and top-level modules, lowest layer first.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("config",),                             # typed configs and their strict loader
+    ("config", "accel"),                    # typed configs and their strict loader; devices and precision
     ("audio", "text"),                       # audio I/O and features; text normalisation, phones
     ("data",),                               # manifests, atomic writers, corpora, sampling inputs
     ("models",),                             # networks, model zoo, exports
