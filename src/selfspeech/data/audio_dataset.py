@@ -5,6 +5,10 @@ Items are manifest dicts. ``kind="mel"`` yields (T, n_mels) log-mel frames (10 m
 (3 h of speech: ~170 MB of log-mel, ~350 MB of waveform), so epochs after the
 first cost no I/O. Batches follow the toolkit's convention: a zero-padded
 ``(B, T[, F])`` float tensor and absolute int64 ``lengths``.
+
+Log-mel features stay computed here, on the CPU: each utterance's are cached at
+its first load, so computing them on the training device
+(:func:`selfspeech.audio.features.log_mel_torch`) would speed up only the first epoch.
 """
 from __future__ import annotations
 

@@ -10,15 +10,22 @@ Every time reduction (instance norm, SE means, pooling) is masked by
 norm sees padded frames only in training, where the speaker SSL trainer feeds
 equal-length segments. Input shape follows the toolkit: ``(B, T, n_mels)`` +
 int64 frame ``lengths``.
+
+``grad_checkpointing = True`` recomputes each SE-Res2Block's activations in the
+backward pass instead of keeping them (the same gradients, less memory). The
+recomputation runs the blocks' batch norms a second time; their running
+statistics are put back afterwards, so they advance once per step as without.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from selfspeech.models.ssl import read_config, save_encoder
 
@@ -141,7 +148,21 @@ class AttentiveStatsPool(nn.Module):
         return torch.cat([mean, std], dim=1)
 
 
+@contextlib.contextmanager
+def _restored_buffers(module: nn.Module):
+    """Undo what a recomputed forward pass writes into ``module``'s buffers (batch-norm statistics)."""
+    saved = [(b, b.clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
 class ECAPATDNN(nn.Module):
+    grad_checkpointing: bool = False
+
     def __init__(self, cfg: ECAPAConfig):
         super().__init__()
         self.cfg = cfg
@@ -166,8 +187,13 @@ class ECAPATDNN(nn.Module):
         x = (x - mean.unsqueeze(-1)) / std.unsqueeze(-1) * mask
         h = self.stem(x) * mask
         outs = []
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            h = block(h, mask)
+            if ckpt:
+                h = checkpoint(block, h, mask, use_reentrant=False,
+                               context_fn=lambda b=block: (contextlib.nullcontext(), _restored_buffers(b)))
+            else:
+                h = block(h, mask)
             outs.append(h)
         h = self.mfa(torch.cat(outs, dim=1))
         return self.fc(self.pool_norm(self.pool(h, mask)))

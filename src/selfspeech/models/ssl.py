@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 WAVE_CONV = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))  # (kernel, stride), wav2vec 2.0
 
@@ -169,7 +170,15 @@ class SpeechEncoder(nn.Module):
     (the quantizer input of wav2vec 2.0). ``encode(feats, lengths', mask)`` -> list of
     hidden states ``[(B, T', D)] * (n_layers + 1)`` (index 0: after positional conv),
     with frames where ``mask`` is True replaced by the mask embedding first.
+
+    ``grad_checkpointing = True``: in training each Transformer layer keeps only its input
+    and recomputes its activations in the backward pass (Chen et al. 2016, "Training Deep
+    Nets with Sublinear Memory Cost"), the same gradients for about a third more compute.
+    The layers' attention runs through ``F.scaled_dot_product_attention`` (PyTorch's
+    fused kernels on GPUs) with the key-padding mask.
     """
+
+    grad_checkpointing: bool = False
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -209,8 +218,12 @@ class SpeechEncoder(nn.Module):
         pad = padding_mask(lengths, h.shape[1])
         h = self.drop(self.in_norm(self.pos(h.masked_fill(pad[..., None], 0.0))))
         states = [h]
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers[: upto if upto is not None else len(self.layers)]:
-            h = layer(h, src_key_padding_mask=pad)
+            if ckpt:  # the recomputation replays the saved RNG state: the same dropout masks
+                h = checkpoint(layer, h, src_key_padding_mask=pad, use_reentrant=False)
+            else:
+                h = layer(h, src_key_padding_mask=pad)
             states.append(h)
         if upto is None:
             states[-1] = self.out_norm(h)

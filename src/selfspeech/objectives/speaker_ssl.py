@@ -16,10 +16,13 @@ processes (identity for one process), so the DINO centre and the SSPS queues
 see the global batch; after a re-clustering (``after_update`` returns its
 statistics) the trainer broadcasts ``ssps`` from rank 0.
 
-Batch: ``views`` list of (B, T, n_mels) log-mel views (SimCLR 2; DINO 2 global
-+ ``n_local`` local), ``indices`` (B,) int64 dataset indices, ``gen`` a
-generator for SSPS sampling, optional ``ref`` (B, T, n_mels) clean reference
-segments for the SSPS reference queue.
+Batch: ``views`` list of (B, N) float32 waveform views (SimCLR 2; DINO 2 global
++ ``n_local`` local) with ``view_lengths`` list of (B,) int64 sample counts,
+``indices`` (B,) int64 dataset indices, ``gen`` a generator for SSPS sampling,
+optional ``ref`` (B, N) clean reference segments (+ ``ref_lengths``) for the
+SSPS reference queue. The task turns waveforms into log-mel features
+(:func:`~selfspeech.audio.features.log_mel_torch`) on their device; views given
+as (B, T, n_mels) features are used as they are.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from selfspeech.audio.features import log_mel_torch
 from selfspeech.models.ecapa import ECAPATDNN
 from selfspeech.objectives.speaker import (DINOHead, Projector, cosine_momentum, dino_loss, ema_update,
                                            nt_xent, prototype_entropy, update_center)
@@ -70,8 +74,18 @@ class SpeakerSSLTask(nn.Module):
     def export_encoder(self) -> ECAPATDNN:
         return self.teacher_encoder if self.cfg.method == "dino" else self.encoder
 
+    def features(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N) waveforms (+ (B,) int64 sample lengths) -> (B, T, n_mels) log-mel on their device;
+        (B, T, n_mels) features pass through. Views are equal-length crops, so the encoder
+        needs no frame lengths."""
+        if x.dim() == 3:
+            return x
+        return log_mel_torch(x, lengths, self.ecfg.n_mels)[0]
+
     def forward(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-        cfg, views, idx = self.cfg, batch["views"], batch["indices"]
+        cfg, idx = self.cfg, batch["indices"]
+        lengths = batch.get("view_lengths") or [None] * len(batch["views"])
+        views = [self.features(v, n) for v, n in zip(batch["views"], lengths)]
         rec: dict = {}
         rows = None
         if self.ssps is not None and bool(self.ssps.active):
@@ -107,7 +121,8 @@ class SpeakerSSLTask(nn.Module):
                 self.ssps.push_pos(all_idx, [self.gather(z) for z in pos])
                 if bool(self.fill_ref) and batch.get("ref") is not None:
                     self.encoder.eval()  # clean reference embeddings, BN in inference mode
-                    self.ssps.push_ref(all_idx, self.gather(self.encoder(batch["ref"])))
+                    ref = self.features(batch["ref"], batch.get("ref_lengths"))
+                    self.ssps.push_ref(all_idx, self.gather(self.encoder(ref)))
                     self.encoder.train()
         return loss, rec
 

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from selfspeech.audio.features import log_mel
 from selfspeech.config import checked, from_mapping, resolve_sub_config, sub_config, to_mapping, typed_fields
 from selfspeech.data.audio_dataset import AudioDataset, Skipped, collate_arrays
 from selfspeech.data.augment import AugmentConfig, Augmenter, load_or_build_rir_pool, random_segment
@@ -102,20 +101,22 @@ SECTIONS["speaker_ssl"] = lambda d: SpeakerSSLConfig.from_dict(d).to_dict()
 
 
 class ViewCollator:
-    """Dataset indices -> augmented views as log-mel batches (the sampler picked the indices)."""
+    """Dataset indices -> augmented views as waveform batches (the sampler picked the indices).
 
-    def __init__(self, data: AudioDataset, cfg: SpeakerSSLConfig, augmenter: Augmenter | None, n_mels: int,
-                 with_ref: bool):
-        self.data, self.cfg, self.aug, self.n_mels, self.with_ref = data, cfg, augmenter, n_mels, with_ref
+    Batch: ``views`` list of (B, N) float32 waveforms with ``view_lengths`` list of (B,) int64
+    sample counts, ``indices``, ``gen``, with SSPS also ``ref`` (B, N) + ``ref_lengths``. The task
+    computes the log-mel features on the device it runs on: the STFTs leave the data-loading CPU,
+    the augmentation (numpy, soxr) stays here.
+    """
+
+    def __init__(self, data: AudioDataset, cfg: SpeakerSSLConfig, augmenter: Augmenter | None, with_ref: bool):
+        self.data, self.cfg, self.aug, self.with_ref = data, cfg, augmenter, with_ref
         scfg = cfg.ssps_config()
         self.ref_seconds = scfg.ref_seconds if scfg else 0.0
 
-    def mel(self, wav: np.ndarray) -> np.ndarray:
-        return log_mel(wav, self.n_mels).T  # (frames, n_mels)
-
     def view(self, wav: np.ndarray, seconds: float, rng: np.random.Generator) -> np.ndarray:
         seg = random_segment(wav, seconds, rng)
-        return self.mel(self.aug(seg, rng) if self.aug is not None else seg)
+        return self.aug(seg, rng) if self.aug is not None else seg
 
     def __call__(self, idx: list[int], rng: random.Random) -> dict:
         g = np.random.default_rng(rng.getrandbits(63))
@@ -124,11 +125,13 @@ class ViewCollator:
             spec = [self.cfg.segment_seconds] * 2
         else:
             spec = [self.cfg.segment_seconds] * 2 + [self.cfg.local_seconds] * self.cfg.n_local
-        views = [collate_arrays([self.view(w, s, g) for w in wavs])["x"] for s in spec]
-        out = {"views": views, "indices": torch.tensor(idx, dtype=torch.long),
+        views = [collate_arrays([self.view(w, s, g) for w in wavs]) for s in spec]
+        out = {"views": [v["x"] for v in views], "view_lengths": [v["lengths"] for v in views],
+               "indices": torch.tensor(idx, dtype=torch.long),
                "gen": torch.Generator().manual_seed(int(g.integers(2**62)))}
         if self.with_ref:  # un-augmented, one random window (SSPS reference queue)
-            out["ref"] = collate_arrays([self.mel(random_segment(w, self.ref_seconds, g)) for w in wavs])["x"]
+            ref = collate_arrays([random_segment(w, self.ref_seconds, g) for w in wavs])
+            out["ref"], out["ref_lengths"] = ref["x"], ref["lengths"]
         return out
 
 
@@ -185,8 +188,7 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
                                  drop_last=True)
     sampler = D.shard(sampler)
     steps_per_epoch = len(sampler)  # this rank's batches an epoch (equal-size batches: the same every epoch)
-    collate = ViewCollator(data, cfg, build_augmenter(cfg, data, loop_cfg.seed), task.ecfg.n_mels,
-                           with_ref=cfg.ssps is not None)
+    collate = ViewCollator(data, cfg, build_augmenter(cfg, data, loop_cfg.seed), with_ref=cfg.ssps is not None)
 
     def write_model(d: Path) -> None:
         save_encoder(task, task.ecfg, d, kind=f"speaker_ssl_task:{cfg.method}", extra={"speaker_ssl": cfg.to_dict()})
