@@ -5,7 +5,8 @@ from pathlib import Path
 
 import typer
 
-from selfspeech.commands.common import check_model, console, fail, load_config, need_files, refusing, save_run_config
+from selfspeech.commands.common import (DEVICE_HELP, PRECISION_HELP, check_model, console, fail, load_config,
+                                       need_device, need_files, refusing, save_run_config)
 
 
 def adapt(
@@ -70,6 +71,8 @@ def finetune_whisper(
     init: str = typer.Option("whisper-tiny.en", help="Zoo name or a transformers Whisper folder (safetensors)."),
     out: Path = typer.Option(..., help="Output folder: best/ (save_pretrained), log.jsonl, summary.json; "
                                        "last/ while training (kept with keep_last=true). Rerun to resume."),
+    device: str = typer.Option(None, help=DEVICE_HELP),
+    precision: str = typer.Option(None, help=PRECISION_HELP),
 ) -> None:
     """Fine-tune a Whisper student on one manifest (the stage `adapt` runs for each student).
 
@@ -78,12 +81,13 @@ def finetune_whisper(
 
     torchrun --nproc_per_node 2 -m selfspeech.cli finetune-whisper cfg.yaml --train t.jsonl --dev d.jsonl --out runs/ft
 
-    Example: selfspeech finetune-whisper --train children.labels.jsonl --dev dev.labels.jsonl --out runs/student
+    Example: selfspeech finetune-whisper --train children.labels.jsonl --dev dev.labels.jsonl --out runs/student --device cuda
     """
     from selfspeech.train.whisper_ft import FinetuneConfig, finetune
 
     with refusing():
-        cfg = load_config(FinetuneConfig, config, overrides)
+        cfg = load_config(FinetuneConfig, config, overrides, {"device": device, "precision": precision})
+        need_device(cfg.device, cfg.precision)
         need_files(train=train, dev=dev)
         check_model(init, "--init")
     save_run_config(cfg, out)

@@ -18,11 +18,15 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from selfspeech.accel import DeviceError, check_device
 from selfspeech.config import ConfigError, apply_overrides, from_mapping, save_resolved
 
 console = Console(stderr=True)
 RESOLVED = "resolved_config.json"  # every default filled in: rerun with `selfspeech <command> OUT/resolved_config.json`
 OVERRIDES_HELP = "Dotted overrides of the config's keys, e.g. loop.lr=3e-4 loop.max_steps=200 (values read as YAML)."
+DEVICE_HELP = "Where to compute: auto (a CUDA GPU when present, else the CPU), cpu, cuda or cuda:N (overrides the config)."
+PRECISION_HELP = ("Training precision: auto (bf16 on GPUs that have it, else fp32), fp32, bf16 (also on CPUs with "
+                  "native bfloat16) or fp16 (GPUs, with loss scaling); weights and checkpoints stay fp32.")
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -33,10 +37,11 @@ def fail(msg: str, code: int = 2) -> None:
 
 @contextmanager
 def refusing(*errors: type[BaseException]) -> Iterator[None]:
-    """A :class:`ConfigError` (a recipe's too), or one of ``errors``, becomes the one error line and exit 2."""
+    """A :class:`ConfigError` (a recipe's too), a :class:`DeviceError`, or one of ``errors``, becomes the one
+    error line and exit 2."""
     try:
         yield
-    except (ConfigError, *errors) as e:
+    except (ConfigError, DeviceError, *errors) as e:
         fail(str(e))
 
 
@@ -106,3 +111,8 @@ def check_model(name: str, option: str) -> None:
 def save_run_config(cfg: Any, out: Path, name: str = RESOLVED) -> Path:
     """Write the fully resolved config beside a run's outputs."""
     return save_resolved(cfg, Path(out) / name)
+
+
+def need_device(device: str | None, precision: str | None = None) -> None:
+    """Refuse a device or precision this machine lacks (DeviceError: what there is), before any model loads."""
+    check_device(device, precision)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from selfspeech.commands.common import (OVERRIDES_HELP, console, fail, load_config, need_files, refusing,
-                                       save_run_config)
+from selfspeech.commands.common import (DEVICE_HELP, OVERRIDES_HELP, PRECISION_HELP, console, fail, load_config,
+                                       need_device, need_files, refusing, save_run_config)
 
 
 def pretrain(
@@ -18,6 +18,8 @@ def pretrain(
     objective: str = typer.Option(None, help="wav2vec2 | bestrq | birq (overrides the config)."),
     steps: int = typer.Option(None, help="Maximum optimizer steps (overrides loop.max_steps)."),
     budget_seconds: float = typer.Option(None, help="Stop after this much training time instead (same CPU budget for every method)."),
+    device: str = typer.Option(None, help=DEVICE_HELP),
+    precision: str = typer.Option(None, help=PRECISION_HELP),
 ) -> None:
     """Pretrain a speech encoder without labels.
 
@@ -27,14 +29,16 @@ def pretrain(
     birq: BEST-RQ plus self-labels from the encoder's own layer at ~70% depth.
     Utterances too short for the encoder are skipped and listed in summary.json.
 
-    Example: selfspeech pretrain recipes/speechocean762/ssl/bestrq.yaml --manifest all.jsonl --out runs/bestrq
+    Example: selfspeech pretrain recipes/speechocean762/ssl/bestrq.yaml --manifest all.jsonl --out runs/bestrq --device cuda
     """
     from selfspeech.train.pretrain import PretrainConfig
     from selfspeech.train.pretrain import pretrain as run
 
     with refusing():
         cfg = load_config(PretrainConfig, config, overrides, {"objective": objective, "loop.max_steps": steps,
-                                                              "loop.budget_seconds": budget_seconds})
+                                                              "loop.budget_seconds": budget_seconds,
+                                                              "loop.device": device, "loop.precision": precision})
+        need_device(cfg.loop.device, cfg.loop.precision)
         need_files(manifest=manifest)
     save_run_config(cfg, out)
     with refusing(ValueError, TypeError):
@@ -51,6 +55,8 @@ def finetune_ctc(
     out: Path = typer.Option(..., help="Output folder: best/ (the CTC model), log.jsonl, summary.json. Rerun to resume."),
     init: Path = typer.Option(None, help="A pretrained encoder folder (OUT/encoder of `selfspeech pretrain`); none = from scratch."),
     lexicon: Path = typer.Option(None, help="Pronunciation lexicon WORD<TAB>PHONES (phone targets)."),
+    device: str = typer.Option(None, help=DEVICE_HELP),
+    precision: str = typer.Option(None, help=PRECISION_HELP),
 ) -> None:
     """Fine-tune an encoder with CTC on phones (from a lexicon, stress removed) or characters.
 
@@ -63,7 +69,9 @@ def finetune_ctc(
     from selfspeech.train.ctc import finetune_ctc as run
 
     with refusing():
-        cfg = load_config(CTCConfig, config, overrides, {"lexicon": str(lexicon) if lexicon else None})
+        cfg = load_config(CTCConfig, config, overrides, {"lexicon": str(lexicon) if lexicon else None,
+                                                         "loop.device": device, "loop.precision": precision})
+        need_device(cfg.loop.device, cfg.loop.precision)
         need_files(train=train, dev=dev)
         need_files("lexicon (WORD<TAB>PHONES)", lexicon_key=cfg.lexicon)
         if init is not None and not init.is_dir():

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from selfspeech.commands.common import (OVERRIDES_HELP, console, fail, load_config, need_files, read_mapping,
-                                       refusing, save_run_config, split_overrides)
+from selfspeech.commands.common import (DEVICE_HELP, OVERRIDES_HELP, PRECISION_HELP, console, fail, load_config,
+                                       need_device, need_files, read_mapping, refusing, save_run_config,
+                                       split_overrides)
 
 app = typer.Typer(no_args_is_help=True, help="Self-supervised speaker verification: ECAPA-TDNN trained with "
                   "SimCLR or DINO (optionally SSPS) on unlabelled audio; embeddings; EER/minDCF scoring.")
@@ -24,6 +25,8 @@ def train(
     steps: int = typer.Option(None, help="Maximum optimizer steps (overrides loop.max_steps)."),
     budget_seconds: float = typer.Option(None, help="Stop after this much training time instead."),
     fork_from: Path = typer.Option(None, "--fork-from", help="Continue this checkpoint of the same run without SSPS (its keep/step-N, kept by loop.keep_every, or last/) with SSPS on: the SSPS paper's protocol. Used only when --out has no checkpoint yet."),
+    device: str = typer.Option(None, help=DEVICE_HELP),
+    precision: str = typer.Option(None, help=PRECISION_HELP),
 ) -> None:
     """Train a speaker encoder without speaker labels.
 
@@ -48,7 +51,9 @@ def train(
         elif ssps and not read_mapping(config).get("ssps"):
             overrides = ["ssps={}", *overrides]
         cfg = load_config(SpeakerSSLConfig, config, overrides, {"method": method, "loop.max_steps": steps,
-                                                                "loop.budget_seconds": budget_seconds})
+                                                                "loop.budget_seconds": budget_seconds,
+                                                                "loop.device": device, "loop.precision": precision})
+        need_device(cfg.loop.device, cfg.loop.precision)
         need_files(manifest=manifest)
     save_run_config(cfg, out)
     with refusing(ValueError, TypeError, FileNotFoundError):

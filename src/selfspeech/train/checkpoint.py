@@ -75,12 +75,18 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
     tensors = {"rng/torch": torch.get_rng_state(), "rng/numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout and masks drawn on the GPU
+        tensors |= {f"rng/cuda/{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())}
     meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [py_version, list(py_internal), py_gauss]}
     return tensors, meta
 
 
 def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     torch.set_rng_state(tensors["rng/torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng/cuda/")), key=lambda k: int(k[9:]))]
+    # a checkpoint of another machine: its GPU streams cannot be restored here (the CPU ones are)
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     kind, pos, has_gauss, gauss = meta["numpy"]
     np.random.set_state((kind, tensors["rng/numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_py = meta["python"]

@@ -131,7 +131,7 @@ def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: st
                  progress: bool = True) -> dict:
     """Fine-tune ``init`` (an ``ssl_encoder`` directory, or None for scratch) with CTC; best model in ``out_dir/best``."""
     out = Path(out_dir)
-    env = D.init_from_env()  # torchrun: data parallel over its processes
+    env = D.init_from_env(cfg.loop.device)  # torchrun: data parallel over its processes
     loop_cfg = cfg.loop
     torch.manual_seed(loop_cfg.seed if cfg.init_seed is None else cfg.init_seed)  # the loop reseeds for the rest
     model, enc, vocab, lexicon = _model_and_vocab(cfg, init)

@@ -1,5 +1,10 @@
 """Data-parallel training from the torchrun environment (gloo on CPU, nccl on GPU).
 
+On GPUs each process trains on ``cuda:LOCAL_RANK`` and joins with nccl; on
+CPUs the processes join with gloo. The training device decides
+(:func:`init_from_env` takes the trainer's ``device``), not whether CUDA merely
+exists, so a CPU run on a GPU machine still uses gloo.
+
 ``torchrun --nproc_per_node N -m selfspeech.cli pretrain ...`` sets RANK,
 WORLD_SIZE, LOCAL_RANK and the rendezvous; every trainer calls
 :func:`init_from_env` and the shared loop does the rest:
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from selfspeech.accel import resolve_device
 from selfspeech.train.sampler import EpochBatchSampler
 
 
@@ -44,16 +50,30 @@ def current() -> DistEnv:
     return DistEnv()
 
 
-def init_from_env() -> DistEnv:
-    """Join the process group torchrun describes (idempotent); one process without it."""
+def init_from_env(device: str | torch.device | None = "auto") -> DistEnv:
+    """Join the process group torchrun describes (idempotent); one process without it.
+
+    ``device``: the trainer's (``auto|cpu|cuda|cuda:N``): nccl with this process's
+    GPU (``cuda:LOCAL_RANK``) when it is a GPU, gloo otherwise."""
     if dist.is_available() and dist.is_initialized():
         return current()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistEnv()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dist.init_process_group("gloo")
     return current()
+
+
+def comm_device() -> torch.device:
+    """Where small collective tensors live: this process's GPU under nccl, the CPU under gloo."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def broadcast_module(module: torch.nn.Module) -> None:
@@ -78,7 +98,8 @@ def average_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor, weig
     params = [p for p in params if p.grad is not None]
     w = 1.0 if weight is None else float(weight)
     flat = torch.cat([p.grad.reshape(-1) * w for p in params]
-                     + [loss.detach().reshape(1).to(torch.float32) * w, torch.tensor([w])])
+                     + [loss.detach().reshape(1).to(params[0].grad.device, torch.float32) * w,
+                        torch.tensor([w], device=params[0].grad.device)])
     dist.all_reduce(flat)
     flat /= flat[-1].clone()  # the sum of weights (= world when unweighted)
     flat = flat[:-1]
@@ -94,7 +115,7 @@ def all_max(x: float) -> float:
     """The largest value over ranks (e.g. elapsed seconds: every rank stops at the same step)."""
     if current().world == 1:
         return x
-    t = torch.tensor([x], dtype=torch.float64)
+    t = torch.tensor([x], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
@@ -103,7 +124,7 @@ def broadcast_flags(*flags: bool) -> tuple[bool, ...]:
     """Rank 0's decisions (improved, stop) on every rank."""
     if current().world == 1:
         return flags
-    t = torch.tensor([float(f) for f in flags])
+    t = torch.tensor([float(f) for f in flags], device=comm_device())
     dist.broadcast(t, 0)
     return tuple(bool(v) for v in t.tolist())
 
@@ -113,9 +134,10 @@ def gather_cat(x: torch.Tensor) -> torch.Tensor:
     world = current().world
     if world == 1:
         return x
-    out = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
+    dev = comm_device()
+    out = [torch.empty_like(x, device=dev) for _ in range(world)]
+    dist.all_gather(out, x.contiguous().to(dev))
+    return torch.cat(out).to(x.device)
 
 
 def barrier() -> None:

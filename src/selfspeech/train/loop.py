@@ -13,6 +13,15 @@ atomic checkpoints (weights, AdamW moments, sampler position, RNG) with
 reaches, forking from a kept checkpoint, a JSONL log (plus TensorBoard/MLflow
 when asked), and a progress bar with ETA.
 
+Device and precision are handled here once for every method
+(:mod:`selfspeech.accel`): the module moves to ``cfg.device``, each batch follows
+it (pinned, non-blocking), the loss runs under bf16 or fp16 autocast (fp16 with
+a gradient scaler) while weights, AdamW moments and checkpoints stay fp32, TF32
+matmuls are on for GPUs, and ``grad_accum``, ``grad_checkpointing``, ``compile``
+and ``num_workers`` (:mod:`selfspeech.train.loader`) trade memory and host time
+for speed. Checkpoints are device-free: a run started on a GPU resumes on a CPU
+and the other way round.
+
 A step or epoch budget is bit-reproducible; a time budget is not.
 
 Files in ``out_dir``: ``best/`` (the best model by ``evaluate()["metric"]``, or the
@@ -36,9 +45,12 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
+from selfspeech.accel import PRECISIONS, resolve_device, resolve_precision
 from selfspeech.config import check_ranges, checked, invalid
 from selfspeech.train import checkpoint as ckpt
 from selfspeech.train import distributed as D
+from selfspeech.train.loader import BatchLoader
+from selfspeech.train.update import Update, place_module
 from selfspeech.train.runs import (FINISHED, RUN_CONFIG, check_resume, config_diff, finished_state,  # noqa: F401
                                    fork_checkpoint, normalised)
 from selfspeech.train.tracking import make_trackers
@@ -68,9 +80,17 @@ class LoopConfig:
     max_bad_steps: int = checked(5, ge=1)          # non-finite loss/gradient: skip the update; stop after this many in a row
     tensorboard: bool = False                      # shorthand for tracking: [tensorboard]
     tracking: tuple[str, ...] = ()                 # backends mirroring the JSONL log: tensorboard, mlflow
+    device: str = "auto"                           # auto|cpu|cuda|cuda:N; auto: CUDA when present (torchrun: LOCAL_RANK)
+    precision: str = "auto"                        # auto|fp32|bf16|fp16 autocast; auto: bf16 on GPUs that have it
+    grad_accum: int = checked(1, ge=1)             # micro-batches per update: memory / k, the same update
+    num_workers: int = checked(0, ge=0)            # loader processes collating the next batches (0: in-process)
+    grad_checkpointing: bool = False               # recompute layer activations in backward: less memory, ~30% slower
+    compile: bool = False                          # torch.compile the module's sub-networks
 
     def __post_init__(self):
         check_ranges(self)
+        if self.precision not in PRECISIONS:
+            raise invalid("precision", self.precision, "not a precision", f"choose {', '.join(PRECISIONS)}")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise invalid("schedule", self.schedule, "not a schedule", "choose linear, cosine or constant")
         if self.max_steps is None and self.max_epochs is None:
@@ -186,6 +206,11 @@ class _Run:
         self.last, self.best, self.log_path = out / "last", out / "best", out / "log.jsonl"
         self.env = D.current()
         self.main = self.env.main  # rank 0 writes logs and checkpoints; one process: always
+        self.device = resolve_device(cfg.device)
+        self.update = Update(loss_fn, self.device, resolve_precision(cfg.precision, self.device))
+        self.prec, self.scaler = self.update.prec, self.update.scaler
+        self.loader = BatchLoader(collate, cfg.seed, cfg.grad_accum, cfg.num_workers,
+                                  pin_memory=self.device.type == "cuda")  # page-locked: the copy overlaps compute
         self.total = total_steps(cfg, sampler)
         self.evaluated = False
         self.state = {"step": 0, "seconds": 0.0, "best": None, "best_step": None, "bad_evals": 0, "done": False,
@@ -206,11 +231,14 @@ class _Run:
             unchecked = check_resume(self.out, json.loads((resumed / RUN_CONFIG).read_text()), self.run_config)
             if unchecked and self.main:
                 print(f"warning: {unchecked}", file=sys.stderr)
+        place_module(self.module, self.device, self.cfg.grad_checkpointing, self.cfg.compile)
         self.optimizer = make_optimizer(self.module, self.cfg)
         if resumed is not None:
-            self.load_model(resumed)
+            self.load_model(resumed)  # safetensors load on the CPU; load_state_dict copies onto the device
             self.state = ckpt.load_checkpoint(resumed, self.optimizer)  # also restores the RNG states
             self.sampler.load_state_dict(self.state["sampler"])
+            if self.scaler is not None and self.state.get("scaler"):
+                self.scaler.load_state_dict(self.state["scaler"])
             if self.main:
                 ckpt.truncate_log(self.log_path, self.state["step"])
         else:
@@ -249,18 +277,31 @@ class _Run:
         with open(self.log_path, "a", encoding="utf-8") if self.main else contextlib.nullcontext() as self.logf:
             self.emit({"event": "resume" if resumed else "start", "step": self.state["step"],
                        "total_steps": self.total, "config": self.run_config, **self.info,
+                       "device": str(self.device), "precision": self.prec.name,
                        **({"warning": unchecked} if unchecked else {})})
             try:
                 while not self.state["done"]:
-                    for idx in self.sampler:
-                        if self.step(idx):
-                            break
+                    self.epoch()
             finally:
                 self.bar.close()
                 for t in self.trackers:
                     t.close()
         self.state["seconds_this_session"] = round(time.perf_counter() - t_session, 2)
         return self._finish()
+
+    def epoch(self) -> None:
+        """The rest of the sampler's current epoch, or until the run ends.
+
+        The loop advances the sampler's position as it consumes batches (as
+        iterating the sampler does), so a checkpoint records exactly the batches
+        used, whatever the loader's workers have prepared ahead."""
+        s = self.sampler
+        todo = s.batches(s.epoch)[s.position:]
+        for idx, micro in zip(todo, self.loader(todo, self.state["step"])):
+            s.position += 1
+            if self.step(idx, micro):
+                return
+        s.epoch, s.position = s.epoch + 1, 0
 
     def _finish(self) -> dict:
         """Record the final state; drop last/ (weights + optimizer moments) unless asked to keep it."""
@@ -282,26 +323,33 @@ class _Run:
                            self.state["seconds"] if seconds is None else seconds)
 
     # -- one update
-    def step(self, idx: list[int]) -> bool:
-        """One update on the batch of items ``idx``; returns whether the run ends here."""
+    def step(self, idx: list[int], micro: list[tuple[int, object]]) -> bool:
+        """One update on the batch of items ``idx`` (collated as ``micro``); returns whether the run ends here."""
         t0 = time.perf_counter()
         st, cfg = self.state, self.cfg
         step = st["step"]
         lr = lr_at(cfg, step, self.total, st["seconds"])
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        batch = self.collate(idx, random.Random(cfg.seed * 1_000_003 + step))
-        loss, rec = self.loss_fn(batch, step)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # no-op for one process; "_weight": this rank's share when the loss is a mean over counts
-        lv = float(D.average_gradients(self.trainable, loss, rec.pop("_weight", None)))
+        loss, rec, weight = self.update(micro, step, self.trainable)
+        # no-op for one process; weight: this rank's share when the loss is a mean over counts
+        lv = float(D.average_gradients(self.trainable, loss, weight))
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         gnorm = float(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-        if math.isfinite(gnorm) and math.isfinite(lv):
+        if self.scaler is not None and math.isfinite(lv):
+            # fp16: an overflowed gradient is the scaler's business (it skips the step and halves the scale)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            st["bad_in_a_row"] = 0
+        elif math.isfinite(gnorm) and math.isfinite(lv):
             self.optimizer.step()
             st["bad_in_a_row"] = 0
         else:
-            self.skip(step, lv, gnorm, batch)
+            if self.scaler is not None:
+                self.scaler.update()
+            self.skip(step, lv, gnorm, [b for _, b in micro])
         st["step"] = step = step + 1
         extra = None  # after_update may report what it did (e.g. a re-clustering) in this step's record
         if self.after_update is not None:
@@ -312,6 +360,8 @@ class _Run:
         rec = {"step": step, "epoch": getattr(self.sampler, "epoch", None), "loss": round(lv, 5), "lr": lr,
                "grad_norm": round(gnorm, 4), "batch": len(idx), "seconds": round(st["seconds"], 2),
                "progress": round(self.frac(), 4), **rec, **(extra or {})}
+        if self.scaler is not None:
+            rec["loss_scale"] = self.scaler.get_scale()
         if step % cfg.log_every == 0 or step == 1 or extra:
             self.log_record(rec)
         self.bar.update(int(100 * self.frac()) - self.bar.n if cfg.budget_seconds else 1)
@@ -323,7 +373,7 @@ class _Run:
             self.on_step(rec)
         return at_end
 
-    def skip(self, step: int, lv: float, gnorm: float, batch) -> None:
+    def skip(self, step: int, lv: float, gnorm: float, batches: list) -> None:
         """A non-finite loss or gradient: no update, counted and logged; a streak stops the run.
 
         One bad batch (a corrupt utterance, an overflow) must not cost the run; a
@@ -334,8 +384,9 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         st["skipped_steps"] = st.get("skipped_steps", 0) + 1
         st["bad_in_a_row"] = st.get("bad_in_a_row", 0) + 1
+        ids = [i for b in batches if isinstance(b, dict) for i in (b.get("ids") or [])]
         self.emit({"event": "nonfinite", "step": step + 1, "loss": repr(lv), "grad_norm": repr(gnorm),
-                   "ids": batch.get("ids") if isinstance(batch, dict) else None, "skipped_steps": st["skipped_steps"]})
+                   "ids": ids or None, "skipped_steps": st["skipped_steps"]})
         tqdm.write(f"warning (step {step + 1}): loss {lv} / grad norm {gnorm}: update skipped")
         if st["bad_in_a_row"] >= self.cfg.max_bad_steps:
             raise FloatingPointError(
@@ -392,6 +443,8 @@ class _Run:
         evaluated, self.evaluated = self.evaluated, False
         if at_end or step % cfg.ckpt_every == 0 or keep or evaluated:
             self.state.update(done=at_end, sampler=self.sampler.state_dict())
+            if self.scaler is not None:
+                self.state["scaler"] = self.scaler.state_dict()
             if self.main:
                 ckpt.save_checkpoint(self.last, self.write, self.optimizer, self.state)
                 if keep:

@@ -78,7 +78,7 @@ def min_seconds(enc: EncoderConfig, task) -> float:
 def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = PretrainConfig(),
              progress: bool = True) -> dict:
     out = Path(out_dir)
-    env = D.init_from_env()  # torchrun: data parallel over its processes
+    env = D.init_from_env(cfg.loop.device)  # torchrun: data parallel over its processes
     enc_cfg, loop_cfg = cfg.encoder_config(), cfg.loop_config()
     torch.manual_seed(loop_cfg.seed)  # the same initial weights on every (re)start
     task = TASKS[cfg.objective][0](enc_cfg, cfg.task)

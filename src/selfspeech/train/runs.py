@@ -20,15 +20,21 @@ from selfspeech.train import checkpoint as ckpt
 
 RUN_CONFIG = "run_config.json"
 FINISHED = "finished.json"
+# where a run computes, not what it computes: a run may resume, or be reused, with other values of
+# these keys (at any depth): a checkpoint written on a GPU resumes on a CPU
+RUNTIME_KEYS = frozenset({"device", "num_workers", "compile"})
 
 
 def config_diff(saved: dict, given: dict, prefix: str = "") -> dict:
     """Differences of two JSON configs as ``{"dotted.key": (saved, given)}``.
 
     An absent key counts as ``None``: an option added to a config after a run
-    started defaults to None (off), and that run must still resume or be reused."""
+    started defaults to None (off), and that run must still resume or be reused.
+    :data:`RUNTIME_KEYS` are not compared."""
     diff = {}
     for k in sorted(set(saved) | set(given), key=str):
+        if k in RUNTIME_KEYS:
+            continue
         a, b = saved.get(k), given.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             diff |= config_diff(a, b, f"{prefix}{k}.")

@@ -161,7 +161,7 @@ def train_speaker(manifest: str | Path, out_dir: str | Path, cfg: SpeakerSSLConf
     checkpoint yet: weights, optimizer, sampler position, RNG and log are the base's, the SSPS
     queues start empty, and everything but ``FORK_MAY_DIFFER`` must match."""
     out = Path(out_dir)
-    env = D.init_from_env()  # torchrun: data parallel over its processes
+    env = D.init_from_env(cfg.loop.device)  # torchrun: data parallel over its processes
     loop_cfg = cfg.loop_config()
     items, dup = unique_ids(read_manifest(manifest))
     if len(items) < 2:

@@ -225,7 +225,7 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
 
     from selfspeech.models.zoo import resolve_model
 
-    env = D.init_from_env()  # torchrun: data parallel over its processes (rank 0 logs and checkpoints)
+    env = D.init_from_env(cfg.device)  # torchrun: data parallel over its processes (rank 0 logs and checkpoints)
     init_dir = Path(init_dir) if Path(init_dir).is_dir() else resolve_model(init_dir).hf_dir
     out_dir = Path(out_dir)
     run_config = {"finetune": cfg.to_dict(), "init": str(Path(init_dir).resolve()),
@@ -234,8 +234,8 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
     if finished_state(out_dir, run_config) is not None:
         return out_dir / "best"  # a finished run: nothing to load, nothing to do
     processor = load_processor(init_dir, cfg.language)
-    model = WhisperForConditionalGeneration.from_pretrained(str(init_dir), dtype=torch.float32,
-                                                            use_safetensors=True)  # never unpickle
+    model = WhisperForConditionalGeneration.from_pretrained(  # fp32 master weights; never unpickle
+        str(init_dir), dtype=torch.float32, use_safetensors=True, attn_implementation="sdpa")
     if cfg.freeze_encoder:
         model.get_encoder().requires_grad_(False)
     data, skipped = {}, {}
