@@ -7,14 +7,15 @@ from pathlib import Path
 from selfspeech.cluster.speakers import MelStatsExtractor
 
 
-def get_extractor(name: str):
-    """``melstats`` (the baseline) or the directory of a trained speaker encoder (``selfspeech sv train``)."""
+def get_extractor(name: str, device="cpu"):
+    """``melstats`` (the baseline) or the directory of a trained speaker encoder (``selfspeech sv train``),
+    which then runs on ``device`` (a ``torch.device`` or cpu, cuda, cuda:N; melstats is NumPy on the CPU)."""
     if name == "melstats":
         return MelStatsExtractor()
     if Path(name).is_dir():
         from selfspeech.models.ecapa import SpeakerEncoder
 
-        return SpeakerEncoder.load(name)
+        return SpeakerEncoder.load(name, device)
     raise ValueError(f"unknown speaker extractor {name!r}: use melstats or the folder written by "
                      "`selfspeech sv train` (its encoder/ subfolder)")
 

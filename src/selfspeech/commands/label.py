@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from selfspeech.commands.common import console, fail
+from selfspeech.accel import DEVICE_CHOICES
+from selfspeech.commands.common import console, fail, refusing
 from selfspeech.data.manifest import ManifestError
 from selfspeech.label.filters import FilterConfig
 
@@ -15,10 +16,11 @@ def label(
     teacher: str = typer.Option("whisper-base", help="Zoo name (whisper-base, whisper-tiny.en; see `selfspeech models list`) or a model directory."),
     in_path: Path = typer.Option(..., "--in", help="Manifest of the audio to label (JSONL)."),
     out_path: Path = typer.Option(..., "--out", help="Labels (JSONL, append-only; rerun to resume)."),
-    backend: str = typer.Option("faster-whisper", help="faster-whisper (CTranslate2, int8, batched) or transformers (any Whisper checkpoint)."),
+    backend: str = typer.Option("faster-whisper", help="faster-whisper (CTranslate2, batched) or transformers (any Whisper checkpoint)."),
+    device: str = typer.Option("auto", help=f"Where the teacher decodes: {DEVICE_CHOICES} (auto: the GPU when there is one; with --ray and CUDA: one actor per GPU)."),
     batch_size: int = typer.Option(8, help="Utterances decoded together (sorted by length first)."),
     window: float = typer.Option(15.0, help="faster-whisper encoder window in seconds: a batch is padded to its longest utterance + 0.5 s, at least this, at most 30 (30 = Whisper's standard window; below ~10 s Whisper breaks, see benchmarks/RESULTS.md)."),
-    compute_type: str = typer.Option("int8", help="CTranslate2 compute type (int8, int8_float32, float32)."),
+    compute_type: str = typer.Option("auto", help="auto: faster-whisper int8 on a CPU, float16 on a GPU; transformers float32 on a CPU, bfloat16 on a GPU. faster-whisper also takes int8_float16, float16 (GPU), int8_float32, float32; transformers float32, bfloat16, float16 (GPU)."),
     beam_size: int = typer.Option(1, help="1 = greedy."),
     language: str = typer.Option("en", help="Language of the audio (multilingual teachers)."),
     max_compression_ratio: float = typer.Option(2.4, help="Flag labels above this gzip ratio (repetition loops)."),
@@ -39,10 +41,16 @@ def label(
 
     Example: selfspeech label --teacher whisper-base --in children.jsonl --out children.labels.jsonl
     """
+    from selfspeech.accel import resolve_device
     from selfspeech.label.run import label_manifest
-    from selfspeech.label.teacher import DecodeOptions, load_teacher
+    from selfspeech.label.teacher import DecodeOptions, load_teacher, resolve_compute_type
     from selfspeech.models.zoo import ModelError
 
+    with refusing(ValueError):  # device and compute type first: before any model file is opened
+        dev = resolve_device(device, key="--device")
+        if backend not in ("faster-whisper", "transformers"):
+            fail(f"--backend {backend!r}: choose faster-whisper or transformers")
+        compute_type = resolve_compute_type(compute_type, dev, backend, key="--compute-type")
     if not in_path.is_file():
         fail(f"{in_path}: manifest not found")
     options = DecodeOptions(language=language, beam_size=beam_size, window_s=window)
@@ -52,7 +60,7 @@ def label(
 
         from selfspeech.label.ray_label import TeacherSpec, label_with_ray
 
-        spec = TeacherSpec(teacher, backend, compute_type, threads or 1, dataclasses.asdict(options))
+        spec = TeacherSpec(teacher, backend, compute_type, threads or 1, dataclasses.asdict(options), str(dev))
         try:
             spec.load()  # fail here, clearly, rather than inside a remote actor
             stats = label_with_ray(in_path, out_path, spec, batch_size, ray_actors, filters, limit)
@@ -61,7 +69,7 @@ def label(
         console.print_json(json.dumps(stats.as_dict()))
         return
     try:
-        t = load_teacher(teacher, backend, compute_type, options, cpu_threads=threads)
+        t = load_teacher(teacher, backend, compute_type, options, cpu_threads=threads, device=dev)
     except (ValueError, FileNotFoundError, ModelError) as e:
         fail(f"teacher {teacher!r}: {e}")
     try:

@@ -87,14 +87,18 @@ def decode_ctc(
     manifest: Path = typer.Option(..., "--in", help="Audio to transcribe (JSONL manifest)."),
     out: Path = typer.Option(..., help="Hypotheses JSONL {id, text} for `selfspeech eval` (phones: space-separated)."),
     beam: int = typer.Option(0, help="0 = greedy best path; N > 0 = CTC prefix beam search of width N (no language model)."),
+    device: str = typer.Option("auto", help="Where the model runs: auto, cpu, cuda or cuda:N (auto: the GPU when there is one)."),
 ) -> None:
     """Greedy CTC transcripts. For PER, score against phone references:
     `selfspeech eval --ref phones.jsonl --hyp OUT --normalizer none`.
     """
+    from selfspeech.accel import resolve_device
     from selfspeech.label.transcribe import transcribe_ctc
 
+    with refusing(ValueError):
+        dev = resolve_device(device, key="--device")  # before the model is opened
     try:
-        transcribe_ctc(model, manifest, out, beam=beam)
+        transcribe_ctc(model, manifest, out, beam=beam, device=dev)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     console.print(f"[green]wrote[/] {out}")

@@ -68,6 +68,7 @@ def embed(
     out: Path = typer.Option(..., help="Folder for utterances.npz, speakers.npz (ids + emb, no pickle) and summary.json."),
     on_error: str = typer.Option("skip", help="An unreadable or non-finite utterance: skip (counted, listed in summary.json) or raise."),
     plot: bool = typer.Option(True, help="Also draw a 2-D projection of the embeddings, coloured by speaker (PNG)."),
+    device: str = typer.Option("auto", help="Where the speaker encoder runs: auto, cpu, cuda or cuda:N (auto: the GPU when there is one; melstats runs on the CPU)."),
 ) -> None:
     """Per-utterance and per-speaker embeddings (speaker = mean of L2-normalised utterance embeddings).
 
@@ -76,16 +77,19 @@ def embed(
     """
     import numpy as np
 
+    from selfspeech.accel import resolve_device
     from selfspeech.cluster.extractors import get_extractor
     from selfspeech.cluster.speakers import EmbeddingWriter, iter_embeddings, load_embeddings, save_embeddings
     from selfspeech.data.manifest import read_manifest
 
+    with refusing(ValueError):
+        dev = resolve_device(device, key="--device")  # before the model is opened
     if on_error not in ("skip", "raise"):
         fail(f"--on-error {on_error!r}: choose skip or raise")
     if not manifest.is_file():
         fail(f"{manifest}: manifest not found")
     try:
-        ex = get_extractor(str(model))
+        ex = get_extractor(str(model), dev)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     out.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,8 @@ class LabelStats:
     flags: Counter = field(default_factory=Counter)
     audio_seconds: float = 0.0
     wall_seconds: float = 0.0
+    device: str | None = None        # where the teacher decoded (cpu, cuda:0) and in which compute type:
+    compute_type: str | None = None  # int8 and float16 kernels can choose a different word now and then
 
     @property
     def rtf(self) -> float:
@@ -54,7 +56,14 @@ class LabelStats:
         return {"total": self.total, "already_done": self.already_done, "labelled": self.labelled,
                 "failed": self.failed, "duplicate_ids": self.duplicate_ids, "flags": dict(self.flags),
                 "audio_seconds": round(self.audio_seconds, 2), "wall_seconds": round(self.wall_seconds, 2),
-                "rtf": round(self.rtf, 4) if self.audio_seconds else None}
+                "rtf": round(self.rtf, 4) if self.audio_seconds else None,
+                "device": self.device, "compute_type": self.compute_type}
+
+    def note_teacher(self, teacher) -> None:
+        """Record the teacher's device and compute type (teachers without them leave None)."""
+        dev = getattr(teacher, "device", None)
+        self.device = str(dev) if dev is not None else None
+        self.compute_type = getattr(teacher, "compute_type", None)
 
 
 def recover_done_ids(out_path: Path) -> set[str]:
@@ -192,6 +201,7 @@ def label_manifest(in_path: str | os.PathLike, out_path: str | os.PathLike, teac
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = recover_done_ids(out_path)
     stats = LabelStats()
+    stats.note_teacher(teacher)
     n_in = sum(1 for _ in read_manifest(in_path))
     n_in = min(n_in, limit) if limit is not None else n_in
     bar = tqdm(total=max(n_in - len(done), 0), desc=f"label {teacher_name}", unit="utt", disable=not progress,

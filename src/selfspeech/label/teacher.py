@@ -5,11 +5,17 @@ Both backends take a list of 16 kHz mono float32 waveforms and return one
 rules use (Radford et al. 2022, sec. 4.5): average log-probability of the
 tokens, gzip compression ratio of the text, and the no-speech probability.
 
-- :class:`FasterWhisperTeacher`: CTranslate2 (int8 on CPU), batched across
-  utterances through faster-whisper's batched pipeline
-  (``BatchedInferencePipeline.generate_segment_batched``), greedy by default.
+- :class:`FasterWhisperTeacher`: CTranslate2 (int8 on a CPU, float16 on a
+  CUDA GPU by default), batched across utterances through faster-whisper's
+  batched pipeline (``BatchedInferencePipeline.generate_segment_batched``),
+  greedy by default.
 - :class:`TransformersTeacher`: any transformers Whisper checkpoint (a
-  fine-tuned student, say), batched ``generate``.
+  fine-tuned student, say), batched ``generate`` with PyTorch's SDPA attention
+  (float32 on a CPU, bfloat16 on a CUDA GPU by default).
+
+Both take ``device`` (``cpu``, ``cuda``, ``cuda:N``: :func:`selfspeech.accel.resolve_device`)
+and a compute type checked against it by :func:`resolve_compute_type` before
+any model file is opened.
 
 Both decode at temperature 0 without fallback: a bad label is flagged by the
 filters in :mod:`selfspeech.label.filters`, not silently re-sampled.
@@ -22,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from selfspeech.accel import DeviceError, cuda_summary, resolve_device
 
 SAMPLE_RATE = 16_000
 MAX_SECONDS = 30.0  # Whisper's window; longer utterances are flagged, not split
@@ -70,18 +79,78 @@ class DecodeOptions:
             raise ValueError(f"window_s={self.window_s}: the encoder window must be within 1..30 s")
 
 
+CT2_COMPUTE_TYPES = ("auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16",
+                     "float32")
+TORCH_COMPUTE_TYPES = ("auto", "float32", "bfloat16", "float16")
+CPU_COMPUTE_TYPES = {"faster-whisper": "int8, int8_float32 or float32", "transformers": "float32 or bfloat16"}
+
+
+def resolve_compute_type(spec: str | None, device: torch.device, backend: str = "faster-whisper",
+                         key: str = "compute_type") -> str:
+    """The numeric type a teacher decodes in on ``device``; ValueError/DeviceError (one line) when it cannot.
+
+    ``auto``: faster-whisper int8 on a CPU (CTranslate2's fastest CPU kernels) and
+    float16 on a GPU; transformers float32 on a CPU and bfloat16 on a GPU that has
+    it (float16 otherwise). Half-precision types are refused on a CPU.
+    """
+    s = (spec or "auto").strip().lower()
+    names = CT2_COMPUTE_TYPES if backend == "faster-whisper" else TORCH_COMPUTE_TYPES
+    if s not in names:
+        hint = " (int8 types are CTranslate2's: use --backend faster-whisper)" if s.startswith("int8") else ""
+        raise ValueError(f"{key} {spec!r}: not a {backend} compute type{hint}; use {', '.join(names)}")
+    cuda = device.type == "cuda"
+    if backend == "faster-whisper":
+        supported = _ct2_cuda_types(device) if cuda else None
+        if s == "auto":  # float16 where CTranslate2 has its kernels for this GPU (compute capability >= 5.3)
+            return ("float16" if supported is None or "float16" in supported else "float32") if cuda else "int8"
+        if supported is not None and s not in supported:
+            raise DeviceError(f"{key} {s}: CTranslate2 cannot run it on {device} "
+                              f"(it can: {', '.join(sorted(supported))}); use auto")
+    elif s == "auto":
+        return ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if cuda else "float32"
+    cpu_bf16 = backend == "transformers" and s == "bfloat16"  # torch runs bfloat16 on CPUs; CTranslate2 not
+    if not cuda and s.endswith("float16") and not cpu_bf16:  # float16, bfloat16, int8_float16, int8_bfloat16
+        raise DeviceError(f"{key} {s} on {device}: half precision needs a CUDA GPU ({cuda_summary()}); "
+                          f"on a CPU use {CPU_COMPUTE_TYPES[backend]} (or auto)")
+    if cuda and s == "bfloat16" and backend == "transformers" and not torch.cuda.is_bf16_supported():
+        raise DeviceError(f"{key} bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16; use float16")
+    return s
+
+
+def _ct2_cuda_types(device: torch.device) -> set[str] | None:
+    """The compute types CTranslate2 (its own CUDA build and kernels) runs on this GPU; None if it cannot say."""
+    import ctranslate2
+
+    try:
+        n = ctranslate2.get_cuda_device_count()
+        supported = ctranslate2.get_supported_compute_types("cuda", device.index or 0) if n else None
+    except RuntimeError:  # its CUDA libraries are missing: WhisperModel names the one when it loads
+        return None
+    if not n:
+        raise DeviceError(f"device {device}: CTranslate2 {ctranslate2.__version__} sees no CUDA device "
+                          "(a CPU-only build?); install its CUDA build, use --backend transformers, or --device cpu")
+    return set(supported)
+
+
 class FasterWhisperTeacher:
-    """CTranslate2 Whisper through faster-whisper, batched across utterances."""
+    """CTranslate2 Whisper through faster-whisper, batched across utterances.
+
+    ``device``: cpu, cuda or cuda:N; ``compute_type``: auto (int8 on a CPU, float16
+    on a GPU) or one of :data:`CT2_COMPUTE_TYPES` the device runs.
+    """
 
     backend = "faster-whisper"
 
-    def __init__(self, ct2_dir: str | Path, compute_type: str = "int8", cpu_threads: int = 0,
-                 options: DecodeOptions = DecodeOptions()):
+    def __init__(self, ct2_dir: str | Path, compute_type: str = "auto", cpu_threads: int = 0,
+                 options: DecodeOptions = DecodeOptions(), device: str | torch.device = "cpu"):
         from faster_whisper import BatchedInferencePipeline, WhisperModel
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import TranscriptionOptions, get_suppressed_tokens
 
-        self.model = WhisperModel(str(ct2_dir), device="cpu", compute_type=compute_type, cpu_threads=cpu_threads)
+        self.device = resolve_device(device)
+        self.compute_type = resolve_compute_type(compute_type, self.device, self.backend)
+        self.model = WhisperModel(str(ct2_dir), device=self.device.type, device_index=self.device.index or 0,
+                                  compute_type=self.compute_type, cpu_threads=cpu_threads)
         self.pipeline = BatchedInferencePipeline(self.model)
         multilingual = self.model.model.is_multilingual
         self.tokenizer = Tokenizer(self.model.hf_tokenizer, multilingual, task="transcribe",
@@ -132,18 +201,26 @@ class FasterWhisperTeacher:
 
 
 class TransformersTeacher:
-    """Any transformers Whisper checkpoint, batched ``generate`` on 30-s padded features."""
+    """Any transformers Whisper checkpoint, batched ``generate`` on 30-s padded features.
+
+    ``dtype``: auto (float32 on a CPU, bfloat16 on a GPU that has it), float32,
+    bfloat16 or float16 (GPU only). Attention runs through PyTorch's
+    ``scaled_dot_product_attention`` (fused kernels on GPUs).
+    """
 
     backend = "transformers"
 
-    def __init__(self, hf_dir: str | Path, options: DecodeOptions = DecodeOptions(), dtype: str = "float32"):
-        import torch
-        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    def __init__(self, hf_dir: str | Path, options: DecodeOptions = DecodeOptions(), dtype: str = "auto",
+                 device: str | torch.device = "cpu"):
+        from transformers import WhisperProcessor
 
-        self.torch = torch
+        from selfspeech.models.whisper import load_for_inference
+
+        self.device = resolve_device(device)
+        self.compute_type = resolve_compute_type(dtype, self.device, self.backend)
+        self.dtype = getattr(torch, self.compute_type)
         self.processor = WhisperProcessor.from_pretrained(str(hf_dir))
-        self.model = WhisperForConditionalGeneration.from_pretrained(
-            str(hf_dir), dtype=getattr(torch, dtype), use_safetensors=True).eval()
+        self.model = load_for_inference(hf_dir, self.device, self.dtype)
         self.options = options
         tok = self.processor.tokenizer
         self.multilingual = ".en" not in str(getattr(self.model.config, "_name_or_path", "")) and \
@@ -153,9 +230,9 @@ class TransformersTeacher:
         self.sot_id = self.model.config.decoder_start_token_id
 
     def transcribe(self, wavs: list[np.ndarray]) -> list[Hypothesis]:
-        torch = self.torch
         t0 = time.perf_counter()
         feats = self.processor.feature_extractor(wavs, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        feats = feats.to(self.device, self.dtype)
         kw = dict(language=self.options.language, task="transcribe") if self.multilingual else {}
         with torch.inference_mode():
             enc = self.model.get_encoder()(feats)
@@ -167,9 +244,9 @@ class TransformersTeacher:
             gen = out.sequences[:, n_prompt:]
             eos = self.model.generation_config.eos_token_id
             keep = torch.cumsum((gen == eos).long(), 1) - (gen == eos).long() == 0  # tokens up to and incl. first EOT
-            avg_lp = (trans.masked_fill(~keep, 0).sum(1) / keep.sum(1).clamp(min=1)).tolist()
+            avg_lp = (trans.float().masked_fill(~keep, 0).sum(1) / keep.sum(1).clamp(min=1)).tolist()
             if self.no_speech_id is not None:
-                sot = torch.full((len(wavs), 1), self.sot_id, dtype=torch.long)
+                sot = torch.full((len(wavs), 1), self.sot_id, dtype=torch.long, device=self.device)
                 logits = self.model(encoder_outputs=enc, decoder_input_ids=sot).logits[:, 0]
                 nsp = logits.float().softmax(-1)[:, self.no_speech_id].tolist()
             else:
@@ -179,23 +256,26 @@ class TransformersTeacher:
         return [Hypothesis(t, float(a), compression_ratio(t), float(p), s) for t, a, p, s in zip(texts, avg_lp, nsp, shares)]
 
 
-def load_teacher(name_or_path: str, backend: str = "faster-whisper", compute_type: str = "int8",
-                 options: DecodeOptions = DecodeOptions(), cpu_threads: int = 0):
-    """A teacher from a zoo name (``whisper-base``) or a model directory.
+def load_teacher(name_or_path: str, backend: str = "faster-whisper", compute_type: str = "auto",
+                 options: DecodeOptions = DecodeOptions(), cpu_threads: int = 0, device: str | torch.device = "cpu"):
+    """A teacher from a zoo name (``whisper-base``) or a model directory, on ``device``.
 
     ``faster-whisper`` needs a CTranslate2 directory (zoo names have one);
-    ``transformers`` takes any Whisper checkpoint directory.
+    ``transformers`` takes any Whisper checkpoint directory. The device and the
+    compute type are checked before the model is looked up.
     """
     from selfspeech.models.zoo import resolve_model
 
+    if backend not in CPU_COMPUTE_TYPES:
+        raise ValueError(f"unknown backend {backend!r}; choose faster-whisper or transformers")
+    device = resolve_device(device)
+    compute_type = resolve_compute_type(compute_type, device, backend)
     paths = resolve_model(name_or_path)
     if backend == "faster-whisper":
         if paths.ct2_dir is None:
             raise ValueError(f"{name_or_path}: no CTranslate2 directory; use --backend transformers, or "
                              "`selfspeech export --to ctranslate2` first")
-        return FasterWhisperTeacher(paths.ct2_dir, compute_type=compute_type, cpu_threads=cpu_threads, options=options)
-    if backend == "transformers":
-        if paths.hf_dir is None:
-            raise ValueError(f"{name_or_path}: no transformers checkpoint directory")
-        return TransformersTeacher(paths.hf_dir, options=options)
-    raise ValueError(f"unknown backend {backend!r}; choose faster-whisper or transformers")
+        return FasterWhisperTeacher(paths.ct2_dir, compute_type, cpu_threads, options, device)
+    if paths.hf_dir is None:
+        raise ValueError(f"{name_or_path}: no transformers checkpoint directory")
+    return TransformersTeacher(paths.hf_dir, options=options, dtype=compute_type, device=device)

@@ -3,7 +3,9 @@
 Both write JSONL ``{"id", "text"}``, one line per manifest item in manifest
 order. An utterance whose audio cannot be read keeps its line, with empty
 text, ``"status": "failed"`` and the reason, and the run goes on: scoring then
-counts it as all deletions instead of silently dropping it.
+counts it as all deletions instead of silently dropping it. The model runs on
+``device`` (cpu, cuda, cuda:N); audio is read and features computed on the
+CPU, and the texts come back there.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from selfspeech.audio.io import AudioError, load_item
 from selfspeech.data.audio_dataset import AudioDataset
 from selfspeech.data.manifest import read_manifest, write_manifest
 from selfspeech.models.ctc import load_ctc, transcribe_arrays
-from selfspeech.models.whisper import greedy_decode, load_processor, log_mel, pad_features
+from selfspeech.models.whisper import greedy_decode, load_for_inference, load_processor, log_mel, pad_features
 from selfspeech.train.sampler import BucketBatchSampler
 
 
@@ -50,11 +52,11 @@ def transcribe_items(items: Sequence[dict], load: Callable[[int], Any], decode_b
 
 
 def transcribe_ctc(model_dir: str | Path, manifest, out_jsonl, beam: int = 0,
-                   max_batch_seconds: float = 120.0) -> Path:
+                   max_batch_seconds: float = 120.0, device: torch.device | str = "cpu") -> Path:
     """CTC output of every utterance -> JSONL ``{"id", "text"}`` (phones or words, space-separated).
 
     ``beam`` 0: greedy (best path); > 0: prefix beam search of that width (no LM)."""
-    model, vocab = load_ctc(model_dir)
+    model, vocab = load_ctc(model_dir, device)
     items = list(read_manifest(manifest))
     data = AudioDataset(items, model.encoder.cfg.frontend, model.encoder.cfg.n_mels, cache=False)
     order = BucketBatchSampler(data.durations(), max_batch_seconds=max_batch_seconds, shuffle=False)
@@ -63,7 +65,8 @@ def transcribe_ctc(model_dir: str | Path, manifest, out_jsonl, beam: int = 0,
 
 
 def transcribe_whisper(model_dir: str | Path, manifest: str | Path, out_jsonl: str | Path,
-                       trim_input: bool | None = None, batch_size: int = 16, max_new_tokens: int = 128) -> Path:
+                       trim_input: bool | None = None, batch_size: int = 16, max_new_tokens: int = 128,
+                       device: torch.device | str = "cpu") -> Path:
     """Greedy transcripts of every item of ``manifest`` by Whisper checkpoint ``model_dir`` -> JSONL ``{"id", "text"}``.
 
     ``trim_input=None`` uses the student's own setting from its ``finetune_config.json``;
@@ -71,16 +74,13 @@ def transcribe_whisper(model_dir: str | Path, manifest: str | Path, out_jsonl: s
     standard way. Text is Whisper's raw output (``selfspeech eval`` normalises);
     audio beyond 30 s is not seen (Whisper's window).
     """
-    from transformers import WhisperForConditionalGeneration
-
     from selfspeech.train.whisper_ft import CONFIG_NAME
 
     cfg_file = Path(model_dir) / CONFIG_NAME
     saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     trim = saved.get("trim_input", False) if trim_input is None else trim_input
     processor = load_processor(model_dir, saved.get("language", "en"))
-    model = WhisperForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32,
-                                                            use_safetensors=True).eval()
+    model = load_for_inference(model_dir, device)
     tok = processor.tokenizer
     items = list(read_manifest(manifest))
     order = BucketBatchSampler([float(it.get("duration") or 0.0) for it in items], batch_size, shuffle=False)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from selfspeech.accel import module_device, to_device
 from selfspeech.data.audio_dataset import collate_arrays
 from selfspeech.models.ssl import EncoderConfig, SpeechEncoder, load_state, read_config
 from selfspeech.text.phones import Vocabulary
@@ -107,16 +108,19 @@ def decode_logits(log_probs: torch.Tensor, lengths: torch.Tensor, beam: int = 0)
 
 @torch.no_grad()
 def transcribe_arrays(model: CTCModel, vocab: Vocabulary, arrays: list[np.ndarray], beam: int = 0) -> list[str]:
-    """Model inputs of one batch (waveforms (T,) or log-mels (T, F), any lengths) -> their transcripts."""
-    b = collate_arrays(arrays)
+    """Model inputs of one batch (waveforms (T,) or log-mels (T, F), any lengths) -> their transcripts.
+
+    The batch runs on the model's device; decoding (greedy or beam) reads the
+    log-probabilities back on the CPU."""
+    b = to_device(collate_arrays(arrays), module_device(model))
     lp, flen = model(b["x"], b["lengths"])
-    return [vocab.decode(ids) for ids in decode_logits(lp, flen, beam)]
+    return [vocab.decode(ids) for ids in decode_logits(lp.float().cpu(), flen.cpu(), beam)]
 
 
-def load_ctc(model_dir: str | Path) -> tuple[CTCModel, Vocabulary]:
-    """A saved CTC model folder (``OUT/best`` of finetune-ctc) -> (model in eval mode, its vocabulary)."""
+def load_ctc(model_dir: str | Path, device: torch.device | str = "cpu") -> tuple[CTCModel, Vocabulary]:
+    """A saved CTC model folder (``OUT/best`` of finetune-ctc) -> (model in eval mode on ``device``, its vocabulary)."""
     meta = read_config(model_dir, "ctc")
     vocab = Vocabulary(meta["vocab"]["kind"], tuple(meta["vocab"]["symbols"]))
     model = CTCModel(EncoderConfig(**meta["config"]), vocab.size)
     model.load_state_dict(load_state(model_dir))
-    return model.eval(), vocab
+    return model.to(device).eval(), vocab

@@ -210,13 +210,15 @@ class SpeakerEncoder:
     """A trained ECAPA-TDNN ready to embed audio: ``SpeakerEncoder.load(dir).embed(wav)``.
 
     Satisfies the ``SpeakerEmbedder`` protocol of ``selfspeech.cluster.speakers``.
+    The network runs on the model's device; features are computed and
+    embeddings returned on the CPU.
     """
 
     def __init__(self, model: ECAPATDNN, name: str = "ecapa"):
         self.model, self.name = model.eval(), name
 
     @classmethod
-    def load(cls, path: str | Path) -> "SpeakerEncoder":
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "SpeakerEncoder":
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -225,7 +227,7 @@ class SpeakerEncoder:
         meta = read_config(path, KIND)
         model = ECAPATDNN(ECAPAConfig(**meta["config"]))
         model.load_state_dict(load_file(str(path / "model.safetensors")))
-        return cls(model)
+        return cls(model.to(device))
 
     def features(self, wav: np.ndarray) -> np.ndarray:
         """(T,) 16-kHz float32 -> (frames, n_mels) log-mel."""
@@ -236,10 +238,11 @@ class SpeakerEncoder:
     @torch.no_grad()
     def embed_batch(self, wavs: list[np.ndarray]) -> np.ndarray:
         """Full utterances -> (N, D) float32 embeddings (masked, so padding does not change them)."""
+        from selfspeech.accel import module_device, to_device
         from selfspeech.data.audio_dataset import collate_arrays
 
-        b = collate_arrays([self.features(w) for w in wavs])
-        return self.model(b["x"], b["lengths"]).numpy().astype(np.float32)
+        b = to_device(collate_arrays([self.features(w) for w in wavs]), module_device(self.model))
+        return self.model(b["x"], b["lengths"]).float().cpu().numpy()
 
     def embed(self, wav: np.ndarray) -> np.ndarray:
         return self.embed_batch([wav])[0]

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from selfspeech.accel import module_device
+
 SAMPLE_RATE = 16_000
 MAX_FRAMES = 3000  # Whisper's 30-s window at 100 frames/s
 
@@ -64,6 +66,15 @@ def pad_features(feats: list[torch.Tensor], trim: bool = True) -> tuple[torch.Te
     return x, lengths
 
 
+def load_for_inference(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """A Whisper checkpoint in eval mode on ``device``, attention through PyTorch's
+    ``scaled_dot_product_attention`` (fused flash/memory-efficient kernels on GPUs)."""
+    from transformers import WhisperForConditionalGeneration
+
+    return WhisperForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True,
+                                                           attn_implementation="sdpa").to(device).eval()
+
+
 def load_processor(model_dir: str | Path, language: str = "en"):
     """WhisperProcessor whose tokenizer prefix is ``<|startoftranscript|>[<|lang|><|transcribe|>]<|notimestamps|>``."""
     from transformers import WhisperConfig, WhisperProcessor
@@ -78,18 +89,22 @@ def load_processor(model_dir: str | Path, language: str = "en"):
 def greedy_decode(model, input_features: torch.Tensor, prefix: list[int], max_new_tokens: int = 128) -> list[list[int]]:
     """Greedy decoding with a KV cache: (B, n_mels, T) -> B token lists (prefix and EOT excluded).
 
-    Suppresses ``generation_config.suppress_tokens`` at every step and
+    Runs on the model's device and dtype (the features are moved there); the
+    token lists come back as plain Python lists. Suppresses
+    ``generation_config.suppress_tokens`` at every step and
     ``begin_suppress_tokens`` at the first, as Whisper's decoder does.
     """
     from transformers.modeling_outputs import BaseModelOutput
 
+    dev = module_device(model)
     gc, B = model.generation_config, input_features.shape[0]
     eot = gc.eos_token_id if isinstance(gc.eos_token_id, int) else gc.eos_token_id[0]
-    enc = BaseModelOutput(last_hidden_state=encode(model, input_features))
-    suppress = torch.tensor(list(gc.suppress_tokens or []), dtype=torch.long)
-    begin = torch.tensor(list(gc.begin_suppress_tokens or []), dtype=torch.long)
-    tokens, done = torch.empty(B, 0, dtype=torch.long), torch.zeros(B, dtype=torch.bool)
-    step_in, cache = torch.tensor([prefix] * B, dtype=torch.long), None
+    x = input_features.to(dev, next(model.parameters()).dtype)
+    enc = BaseModelOutput(last_hidden_state=encode(model, x))
+    suppress = torch.tensor(list(gc.suppress_tokens or []), dtype=torch.long, device=dev)
+    begin = torch.tensor(list(gc.begin_suppress_tokens or []), dtype=torch.long, device=dev)
+    tokens, done = torch.empty(B, 0, dtype=torch.long, device=dev), torch.zeros(B, dtype=torch.bool, device=dev)
+    step_in, cache = torch.tensor([prefix] * B, dtype=torch.long, device=dev), None
     for t in range(max_new_tokens):
         out = model(encoder_outputs=enc, decoder_input_ids=step_in, past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1].float()
