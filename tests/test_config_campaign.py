@@ -147,7 +147,24 @@ def command(name: str, config: dict | None, *args: str, inputs=("--manifest", "t
 WHISPER = ("--train", "train.jsonl", "--dev", "train.jsonl")
 CTC = ("--train", "train.jsonl", "--dev", "train.jsonl")
 
+NO_CUDA = not __import__("torch").cuda.is_available()
+# devices this machine lacks, refused before any model loads (on a GPU machine only the device-free ones run)
+DEVICE_CASES = {
+    "device_not_a_device": (command("sv train", None, "--device", "tpu"), ["loop.device 'tpu': not a device",
+                                                                          "cuda:N"]),
+    "precision_not_one": (command("pretrain", None, "loop.precision=half"), ["loop.precision: 'half'",
+                                                                             "fp32, bf16"]),
+} | ({
+    "device_cuda_without_cuda": (command("pretrain", None, "--device", "cuda"),
+                                 ["loop.device 'cuda': no CUDA device is available", "cpu"]),
+    "device_cuda1_without_cuda": (command("finetune-whisper", None, "--device", "cuda:1", inputs=WHISPER),
+                                  ["device 'cuda:1': no CUDA device", "use device cpu"]),
+    "fp16_on_cpu": (command("finetune-ctc", None, "targets=char", "loop.precision=fp16", inputs=CTC),
+                    ["loop.precision fp16: float16 training needs a CUDA GPU", "bf16 or fp32"]),
+} if NO_CUDA else {})
+
 CASES = {
+    **DEVICE_CASES,
     # adapt: wrong types
     "lr_not_a_number": (recipe(student={"finetune": {"lr": "abc"}}), ["student.finetune.lr: 'abc' is not a number",
                                                                       "write a number"]),

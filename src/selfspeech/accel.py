@@ -137,10 +137,11 @@ def resolve_precision(spec: str | None, device: torch.device, key: str = "precis
     return Precision(s)
 
 
-def check_device(device: str | None, precision: str | None = None) -> tuple[torch.device, Precision]:
-    """Resolve both up front (commands call this before loading anything)."""
-    d = resolve_device(device)
-    return d, resolve_precision(precision, d)
+def check_device(device: str | None, precision: str | None = None,
+                 prefix: str = "") -> tuple[torch.device, Precision]:
+    """Resolve both up front (commands call this before loading anything); errors name ``prefix + "device"``."""
+    d = resolve_device(device, key=f"{prefix}device")
+    return d, resolve_precision(precision, d, key=f"{prefix}precision")
 
 
 def enable_fast_matmul() -> None:

@@ -113,6 +113,7 @@ def save_run_config(cfg: Any, out: Path, name: str = RESOLVED) -> Path:
     return save_resolved(cfg, Path(out) / name)
 
 
-def need_device(device: str | None, precision: str | None = None) -> None:
-    """Refuse a device or precision this machine lacks (DeviceError: what there is), before any model loads."""
-    check_device(device, precision)
+def need_device(device: str | None, precision: str | None = None, prefix: str = "") -> None:
+    """Refuse a device or precision this machine lacks (DeviceError: what there is), before any model loads;
+    the message names the config key (``prefix``: its section, e.g. ``loop.``)."""
+    check_device(device, precision, prefix)

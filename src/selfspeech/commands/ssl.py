@@ -38,7 +38,7 @@ def pretrain(
         cfg = load_config(PretrainConfig, config, overrides, {"objective": objective, "loop.max_steps": steps,
                                                               "loop.budget_seconds": budget_seconds,
                                                               "loop.device": device, "loop.precision": precision})
-        need_device(cfg.loop.device, cfg.loop.precision)
+        need_device(cfg.loop.device, cfg.loop.precision, "loop.")
         need_files(manifest=manifest)
     save_run_config(cfg, out)
     with refusing(ValueError, TypeError):
@@ -71,7 +71,7 @@ def finetune_ctc(
     with refusing():
         cfg = load_config(CTCConfig, config, overrides, {"lexicon": str(lexicon) if lexicon else None,
                                                          "loop.device": device, "loop.precision": precision})
-        need_device(cfg.loop.device, cfg.loop.precision)
+        need_device(cfg.loop.device, cfg.loop.precision, "loop.")
         need_files(train=train, dev=dev)
         need_files("lexicon (WORD<TAB>PHONES)", lexicon_key=cfg.lexicon)
         if init is not None and not init.is_dir():

@@ -53,7 +53,7 @@ def train(
         cfg = load_config(SpeakerSSLConfig, config, overrides, {"method": method, "loop.max_steps": steps,
                                                                 "loop.budget_seconds": budget_seconds,
                                                                 "loop.device": device, "loop.precision": precision})
-        need_device(cfg.loop.device, cfg.loop.precision)
+        need_device(cfg.loop.device, cfg.loop.precision, "loop.")
         need_files(manifest=manifest)
     save_run_config(cfg, out)
     with refusing(ValueError, TypeError, FileNotFoundError):
