@@ -104,3 +104,38 @@ def test_to_device_moves_nested_tensors_and_keeps_the_rest():
 def test_check_device_resolves_both():
     d, p = check_device("cpu", "fp32")
     assert d.type == "cpu" and p.name == "fp32"
+
+
+@no_cuda
+def test_demo_refuses_a_missing_gpu_before_synthesising(tmp_path):
+    from typer.testing import CliRunner
+
+    from selfspeech.cli import app
+
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--device", "cuda"])
+    out = res.output.strip()
+    assert res.exit_code == 2 and len(out.splitlines()) == 1 and "--device 'cuda': no CUDA device" in out
+    assert not (tmp_path / "d").exists()
+
+
+def test_recipe_device_places_the_students_unless_they_name_their_own():
+    from selfspeech.adapt.recipe import recipe_from_dict
+
+    r = recipe_from_dict({"device": "cpu"})
+    assert r.device == "cpu" and r.student.finetune.device == "cpu"
+    r = recipe_from_dict({"device": "cpu", "student": {"finetune": {"device": "cuda:1"}}})
+    assert r.student.finetune.device == "cuda:1"
+    assert recipe_from_dict({}).student.finetune.device == "auto"
+    assert recipe_from_dict(r.resolved()).student.finetune.device == "cuda:1"  # reads back
+
+
+def test_stage_and_run_identity_ignore_where_they_compute():
+    from selfspeech.adapt.stages import config_hash
+    from selfspeech.train.runs import config_diff
+
+    a = {"finetune": {"lr": 1e-5, "device": "cpu", "num_workers": 0}, "teacher": {"device": "cpu"}}
+    b = {"finetune": {"lr": 1e-5, "device": "cuda:0", "num_workers": 4}, "teacher": {"device": "cuda"}}
+    assert config_hash(a) == config_hash(b) and config_diff(a, b) == {}
+    c = {**b, "finetune": {**b["finetune"], "lr": 2e-5}}
+    assert config_hash(a) != config_hash(c) and list(config_diff(a, c)) == ["finetune.lr"]
+    assert config_hash({"x": (1, 2)}) == config_hash({"x": [1, 2]})  # as JSON writes it

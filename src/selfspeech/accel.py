@@ -66,7 +66,8 @@ def resolve_device(spec: str | torch.device | None = "auto", key: str = "device"
         return torch.device("cpu")
     if s == "cuda" or s.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise DeviceError(f"{key} {spec!r}: {cuda_summary()}; use {key} cpu (or auto)")
+            name = key.rsplit(": ", 1)[-1]  # the option or config key without the file that holds it
+            raise DeviceError(f"{key} {spec!r}: {cuda_summary()}; use {name} cpu (or auto)")
         index = local_rank() if s == "cuda" else s.split(":", 1)[1]
         try:
             index = int(index)

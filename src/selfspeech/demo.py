@@ -39,6 +39,7 @@ class DemoConfig:
     normalizer: str = "whisper_english"
     adapt: bool = True                  # then run Pseudo2Real from the first accent to the last
     adapt_steps: int = 24               # optimizer steps per student fine-tune (CPU budget)
+    device: str = "auto"                # teacher, students and decoding: auto|cpu|cuda|cuda:N
 
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = True, log=print) -> Path:
@@ -62,8 +63,9 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool
     times["validate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log(f"[2/{5 if cfg.adapt else 4}] pseudo-labelling with {cfg.teacher} (faster-whisper, int8, batched)")
-    teacher = load_teacher(cfg.teacher, "faster-whisper")
+    teacher = load_teacher(cfg.teacher, "faster-whisper", device=cfg.device)
+    log(f"[2/{5 if cfg.adapt else 4}] pseudo-labelling with {cfg.teacher} (faster-whisper, {teacher.compute_type} "
+        f"on {teacher.device}, batched)")
     labels = out / f"labels.{cfg.teacher}.jsonl"
     stats = label_manifest(manifest, labels, teacher, cfg.teacher, cfg.batch_size, progress=progress)
     times["label"] = time.perf_counter() - t
@@ -95,7 +97,7 @@ def demo_recipe(cfg: DemoConfig, manifest: Path):
 
     n = cfg.speakers_per_accent
     return recipe_from_dict({
-        "name": "demo", "normalizer": cfg.normalizer,
+        "name": "demo", "normalizer": cfg.normalizer, "device": cfg.device,
         "data": {"manifest": str(manifest), "source_rule": f"accent=={cfg.accents[0]}",
                  "target_rule": f"accent=={cfg.accents[-1]}", "seed": cfg.seed,
                  "source_parts": {"train": max(1, n - 3), "dev": 1, "sim": 2},
@@ -136,7 +138,9 @@ def _report(cfg: DemoConfig, refs: list[dict], label_stats: dict, results: dict,
         f"Synthetic corpus: {len(refs)} utterances ({hours * 60:.1f} min) from "
         f"{len({r['speaker'] for r in refs})} speakers in accents {', '.join(cfg.accents)} "
         "(eSpeak NG voices; speakers differ by voice variant, rate and pitch).",
-        f"Teacher: `{cfg.teacher}` through faster-whisper (CTranslate2 int8, greedy, batched {cfg.batch_size}).",
+        f"Teacher: `{cfg.teacher}` through faster-whisper (CTranslate2 {label_stats.get('compute_type') or 'int8'}"
+        f"{' on ' + label_stats['device'] if str(label_stats.get('device', 'cpu')).startswith('cuda') else ''}, "
+        f"greedy, batched {cfg.batch_size}).",
         f"Labelling: {label_stats['labelled']} labelled, {label_stats['failed']} failed, "
         f"flags {label_stats['flags'] or 'none'}, real-time factor {label_stats['rtf']}.",
         "",

@@ -78,8 +78,9 @@ def run_stages(recipe: Recipe, S: StageRunner, progress: bool = True) -> dict:
 
     st = Student(recipe, str(resolve_model(recipe.student.init).hf_dir), _ft_config(recipe), progress)
     parts = S(Stage("data", partial(P.make_parts, recipe), {"data": recipe.to_dict()["data"]}))
-    lab = S(Stage("label", partial(_label, recipe, parts["all"], progress), {"teacher": recipe.to_dict()["teacher"]},
-                  ("data",)))
+    # int8 labels of a CPU and float16 labels of a GPU differ: the resolved type keys the stage
+    lab = S(Stage("label", partial(_label, recipe, parts["all"], progress),
+                  {"teacher": recipe.to_dict()["teacher"], "compute_type": teacher_compute_type(recipe)}, ("data",)))
     ps = S(Stage("pseudo", partial(_pseudo, recipe, parts, lab["labels"]),
                  {"drop_flagged": recipe.teacher.drop_flagged, "paired_real": True}, ("label",)))
     theta_sr = produce(S, finetune_stage(st, "source_real", ps["source_train_real"]["path"], parts["source_dev"]))
@@ -101,6 +102,15 @@ def run_stages(recipe: Recipe, S: StageRunner, progress: bool = True) -> dict:
             "parts": json.loads((S.root / "data" / "parts.json").read_text())}
 
 
+def teacher_compute_type(recipe: Recipe) -> str:
+    """The type the teacher decodes in on the recipe's device (``auto`` resolved)."""
+    from selfspeech.accel import resolve_device
+    from selfspeech.label.teacher import resolve_compute_type
+
+    device = resolve_device(recipe.device)
+    return f"{device.type}:{resolve_compute_type(recipe.teacher.compute_type, device)}"
+
+
 def _label(recipe: Recipe, manifest: str, progress: bool, d: Path) -> dict:
     """The teacher's pseudo-label of every utterance of every part (resumable)."""
     import torch
@@ -110,7 +120,8 @@ def _label(recipe: Recipe, manifest: str, progress: bool, d: Path) -> dict:
 
     t = load_teacher(recipe.teacher.name, "faster-whisper", cpu_threads=torch.get_num_threads(),
                      options=DecodeOptions(max_new_tokens=recipe.teacher.max_new_tokens,
-                                           window_s=recipe.teacher.window_s))
+                                           window_s=recipe.teacher.window_s),
+                     device=recipe.device, compute_type=recipe.teacher.compute_type)
     st = label_manifest(manifest, d / "labels.jsonl", t, recipe.teacher.name, recipe.teacher.batch_size,
                         progress=progress)
     return {"labels": str(d / "labels.jsonl"), "stats": st.as_dict()}

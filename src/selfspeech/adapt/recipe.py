@@ -79,6 +79,7 @@ class TeacherSpec:
     drop_flagged: bool = True          # train only on labels that pass the label-free filters
     max_new_tokens: int = checked(128, ge=1)
     window_s: float = checked(15.0, gt=0, le=30)  # encoder window, see label.teacher.DecodeOptions
+    compute_type: str = "auto"         # faster-whisper's: auto = int8 on a CPU, float16 on a GPU
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,9 @@ class Recipe:
     systems: tuple[System, ...] = checked(("teacher", "zero_shot", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random",
                                            "source_real_ft", "source_real_plus_target_pseudo", "oracle"),
                                           nonempty=True)
+    # where every stage computes (teacher, fine-tunes, decoding, speaker encoder): auto|cpu|cuda|cuda:N;
+    # student.finetune.device, when set, places the fine-tunes elsewhere
+    device: str = "auto"
     root: str = field(default=".", metadata={"internal": True})  # folder relative data paths start from
     source: str = field(default="recipe", metadata={"internal": True})  # the file, named in messages
 
@@ -139,6 +143,9 @@ class Recipe:
         ft = self.student.finetune
         if ft.normalizer != self.normalizer:  # the fine-tunes use the recipe's normaliser, nothing else
             ft = dataclasses.replace(ft, normalizer=self.normalizer)
+        if ft.device == "auto" and self.device != "auto":
+            ft = dataclasses.replace(ft, device=self.device)
+        if ft is not self.student.finetune:
             object.__setattr__(self, "student", dataclasses.replace(self.student, finetune=ft))
 
     def path(self, p: str) -> Path:
@@ -206,7 +213,19 @@ def check_recipe(recipe: Recipe) -> None:
     """Everything that can be checked before hours of compute; opens no model file, reads no audio."""
     from selfspeech.adapt import prepare as P
 
+    from selfspeech.accel import DeviceError, check_device
+    from selfspeech.label.teacher import resolve_compute_type
+
     where = recipe.source
+    device, _ = check_device(recipe.device, None, f"{where}: ")  # a device this machine lacks: refused here
+    try:
+        resolve_compute_type(recipe.teacher.compute_type, device, key=f"{where}: teacher.compute_type")
+    except ValueError as e:
+        if isinstance(e, DeviceError):
+            raise
+        raise RecipeError(str(e)) from None
+    ft = recipe.student.finetune
+    check_device(ft.device, ft.precision, f"{where}: student.finetune.")
     for key, name in (("teacher.name", recipe.teacher.name), ("student.init", recipe.student.init)):
         check_model_name(name, f"{where}: {key}")
     if recipe.clusters.enabled and {"p2r_sc", "p2r_sc_random"} & set(recipe.systems):

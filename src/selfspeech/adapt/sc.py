@@ -39,7 +39,7 @@ def run_sc(S: StageRunner, st: Student, parts: dict, ps: dict, theta_tp: Output,
     spec, seed = st.recipe.clusters, st.recipe.data.seed
     items = {n: list(read_manifest(parts[n])) for n in _MEMBERS}
     every = [it for n in _MEMBERS for it in items[n]]
-    emb_path = S(Stage("sc_embed", partial(_embed, spec.extractor, every, st.progress),
+    emb_path = S(Stage("sc_embed", partial(_embed, spec.extractor, every, st.progress, st.recipe.device),
                        {"extractor": extractor_fingerprint(spec.extractor)}, ("data",)))
     utt_emb = load_embeddings(emb_path)
     vecs = speaker_means(every, utt_emb) if spec.level == "speaker" else utt_emb
@@ -54,8 +54,8 @@ def run_sc(S: StageRunner, st: Student, parts: dict, ps: dict, theta_tp: Output,
     return hyps, info
 
 
-def _embed(extractor: str, items: list[dict], progress: bool, d: Path) -> str:
-    emb = embed_manifest(items, get_extractor(extractor), progress)
+def _embed(extractor: str, items: list[dict], progress: bool, device: str, d: Path) -> str:
+    emb = embed_manifest(items, get_extractor(extractor, device), progress)
     return str(save_embeddings(d / "utt_emb.npz", emb))
 
 

@@ -29,14 +29,24 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from selfspeech.data.atomic import write_json
+from selfspeech.train.runs import RUNTIME_KEYS
 
 MARKER = "STAGE.json"
 
 
 def config_hash(config: Any) -> str:
-    """Stable short hash of a JSON-able config (keys sorted)."""
-    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    """Stable short hash of a JSON-able config (keys sorted), without the keys that only say where a stage
+    computes (:data:`~selfspeech.train.runs.RUNTIME_KEYS`): a stage done on a GPU is reused on a CPU."""
+    blob = json.dumps(_what(json.loads(json.dumps(config, default=str))), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _what(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _what(v) for k, v in x.items() if k not in RUNTIME_KEYS}
+    if isinstance(x, list):
+        return [_what(v) for v in x]
+    return x
 
 
 @dataclass(frozen=True)

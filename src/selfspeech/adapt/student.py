@@ -107,8 +107,10 @@ def _decode_corrected(st: Student, base: str, tau: str, lam: float, scope: str, 
 
 
 def _decode(st: Student, model_dir: str, manifest: str, trim: bool | None, d: Path) -> str:
+    from selfspeech.accel import resolve_device
     from selfspeech.label.transcribe import transcribe_whisper
 
     r = st.recipe.student
     return str(transcribe_whisper(model_dir, manifest, d / "hyp.jsonl", trim_input=trim,
-                                  batch_size=r.decode_batch_size, max_new_tokens=r.max_new_tokens))
+                                  batch_size=r.decode_batch_size, max_new_tokens=r.max_new_tokens,
+                                  device=resolve_device(st.recipe.device)))

@@ -14,6 +14,9 @@ def adapt(
     overrides: list[str] = typer.Argument(None, help="Dotted overrides of recipe keys, e.g. "
                                           "student.finetune.lr=3e-5 'lambda.grid=[0,0.5,1]' (values read as YAML)."),
     out: Path = typer.Option(None, help="Run folder (default: runs/<recipe name>). Rerun to resume: finished stages are cached."),
+    device: str = typer.Option(None, help="Where every stage computes (teacher, fine-tunes, decoding, speaker "
+                               "encoder): auto (a CUDA GPU when present), cpu, cuda or cuda:N (the recipe's device key)."),
+    precision: str = typer.Option(None, help=PRECISION_HELP + " (the students' student.finetune.precision)"),
 ) -> None:
     """Adapt a Whisper student to an unlabelled target domain with Pseudo2Real.
 
@@ -26,13 +29,14 @@ def adapt(
     (keys, types, ranges, data source, speakers, model names) before anything
     runs; OUT/resolved_config.json records it with every default filled in.
 
-    Example: selfspeech adapt recipes/speechocean762/pseudo2real.yaml student.finetune.lr=3e-5 --out runs/p2r
+    Example: selfspeech adapt recipes/speechocean762/pseudo2real.yaml student.finetune.lr=3e-5 --out runs/p2r --device cuda
     """
     from selfspeech.adapt.pseudo2real import run_pseudo2real
     from selfspeech.adapt.recipe import check_recipe, load_recipe
 
     with refusing():
-        r = load_recipe(recipe, overrides or ())
+        given = [f"device={device}"] * bool(device) + [f"student.finetune.precision={precision}"] * bool(precision)
+        r = load_recipe(recipe, [*(overrides or ()), *given])
         check_recipe(r)
         out = out or Path("runs") / r.name
         save_run_config(r.resolved(), out)
