@@ -198,8 +198,23 @@ def _whisper(tmp_path, name, tiny_whisper_dir=None, **loop):
     return tmp_path / name
 
 
+def _dino(tmp_path, name, **loop):
+    from test_speaker_ssl import _speaker_corpus, _sv_cfg
+
+    from selfspeech.train.speaker import train_speaker
+
+    m = _speaker_corpus(tmp_path) if not (tmp_path / "m.jsonl").exists() else tmp_path / "m.jsonl"
+    base = _sv_cfg("dino", 4, ssps=False)
+    base = type(base).from_dict({**base.to_dict(), "ssps": {"k": 2, "m": 0, "queue": 16, "start": 0.0,
+                                                             "ref_seconds": 1.5}})
+    cfg = type(base).from_dict({**base.to_dict(), "loop": {**base.to_dict()["loop"], **loop}})
+    train_speaker(m, tmp_path / name, cfg, progress=False)
+    return tmp_path / name
+
+
 TRAINERS = {"bestrq": _pretrain, "wav2vec2": lambda t, n, **k: _pretrain(t, n, "wav2vec2", **k),
-            "ctc": _ctc, "speaker_simclr": _speaker, "whisper": None}
+            "birq": lambda t, n, **k: _pretrain(t, n, "birq", **k),
+            "ctc": _ctc, "speaker_simclr": _speaker, "speaker_dino_ssps": _dino, "whisper": None}
 
 
 @bf16
@@ -252,3 +267,34 @@ def test_speaker_views_with_workers_equal_in_process(tmp_path):
     a, b = _speaker(tmp_path, "a"), _speaker(tmp_path, "b", num_workers=2)
     wa, wb = load_file(str(a / "best" / "model.safetensors")), load_file(str(b / "best" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fp16_loss_scaling_path_steps_checkpoints_and_resumes(tmp_path, monkeypatch):
+    """fp16 is refused on a CPU, but its loop path (scale, unscale before clipping, scaler step and update,
+    the scale in the checkpoint) is device-independent: run it here under CPU float16 autocast."""
+    import selfspeech.train.loop as L
+    from selfspeech.accel import Precision
+
+    monkeypatch.setattr(L, "resolve_precision", lambda *a, **k: Precision("fp16"))
+    m16, st = run_reg(tmp_path / "a", ckpt_every=2)
+    recs = [r for r in log_of(tmp_path / "a") if "loss" in r and "event" not in r]
+    assert st["step"] == 6 and all("loss_scale" in r for r in recs) and "scaler" in st
+    assert log_of(tmp_path / "a")[0]["precision"] == "fp16"
+    m32, _ = run_reg(tmp_path / "b", precision="fp32")
+    assert torch.allclose(m16.lin.weight, m32.lin.weight, atol=2e-2)  # float16 products, fp32 weights
+    assert m16.lin.weight.dtype is torch.float32
+
+
+def test_whisper_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_whisper_dir):
+    a = _whisper(tmp_path, "plain", tiny_whisper_dir)
+    b = _whisper(tmp_path, "ckpt", tiny_whisper_dir, grad_checkpointing=True)
+    la = [r["loss"] for r in log_of(a) if "loss" in r and "event" not in r]
+    lb = [r["loss"] for r in log_of(b) if "loss" in r and "event" not in r]
+    assert len(la) == 4 and np.allclose(la, lb, atol=1e-4), (la, lb)
+
+
+def test_encoder_gradient_checkpointing_through_the_loop(tmp_path):
+    a, b = _pretrain(tmp_path, "plain"), _pretrain(tmp_path, "ckpt", grad_checkpointing=True)
+    la = [r["loss"] for r in log_of(a) if "loss" in r and "event" not in r]
+    lb = [r["loss"] for r in log_of(b) if "loss" in r and "event" not in r]
+    assert np.allclose(la, lb, atol=1e-4), (la, lb)

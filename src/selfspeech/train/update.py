@@ -17,10 +17,14 @@ from selfspeech.config import invalid
 
 
 def enable_grad_checkpointing(module: torch.nn.Module) -> None:
-    """Recompute activations in backward: ``gradient_checkpointing_enable()`` of a transformers model, else
+    """Recompute activations in backward: activation (gradient) checkpointing of a transformers model, else
     ``grad_checkpointing = True`` on every sub-module that offers it; refused when nothing does."""
+    kwargs = {"use_reentrant": False}  # the non-reentrant form: works with frozen inputs and kwargs
+    if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.20 (the older name is deprecated)
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        return
     if hasattr(module, "gradient_checkpointing_enable"):
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         return
     found = [m for m in module.modules() if hasattr(m, "grad_checkpointing")]
     if not found:
