@@ -32,12 +32,15 @@ class CTCModel(nn.Module):
             raise ValueError(f"head_init {head_init!r}: use None (PyTorch's default) or 'zero'")
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, time_mask=None, channel_mask=None):
-        """(B, T[, F]) -> log-probs (B, T', V) and lengths T'."""
+        """(B, T[, F]) -> fp32 log-probs (B, T', V) and lengths T'.
+
+        The log-softmax runs in fp32 under autocast too: CTC sums these log-probabilities
+        over every frame, and the beam search compares such sums."""
         feats, flen = self.encoder.features(x, lengths)
         if channel_mask is not None:
             feats = feats.masked_fill(channel_mask[:, None, :], 0.0)
         h = self.encoder.encode(feats, flen, time_mask)[-1]
-        return self.head(h).log_softmax(-1), flen
+        return self.head(h).float().log_softmax(-1), flen
 
 
 def top_layer_state(encoder: nn.Module, n: int) -> dict[str, torch.Tensor]:

@@ -17,11 +17,14 @@ from selfspeech.models.ctc import CTCModel
 from selfspeech.objectives.masking import span_mask
 
 
-def channel_mask(B: int, C: int, prob: float, span: int, gen=None) -> torch.Tensor | None:
-    """(B, C) bool mask of feature channels set to 0 (spans of ``span`` channels), or None for ``prob`` 0."""
+def channel_mask(B: int, C: int, prob: float, span: int, gen=None,
+                 device: torch.device | None = None) -> torch.Tensor | None:
+    """(B, C) bool mask on ``device`` of feature channels set to 0 (spans of ``span`` channels);
+    None for ``prob`` 0."""
     if prob <= 0:
         return None
-    return span_mask(torch.full((B,), C, dtype=torch.long), C, prob, min(span, C), min_spans=0, generator=gen)
+    return span_mask(torch.full((B,), C, dtype=torch.long, device=device), C, prob, min(span, C), min_spans=0,
+                     generator=gen)
 
 
 class CTCTask:
@@ -42,16 +45,20 @@ class CTCTask:
         flen = model.encoder.cfg.out_lengths(lengths)
         tmask = span_mask(flen, int(flen.max()), cfg.mask_time_prob, min(cfg.mask_time_span, int(flen.min())),
                           min_spans=0) if cfg.mask_time_prob > 0 else None
-        cmask = channel_mask(x.shape[0], model.encoder.feat_dim, cfg.mask_channel_prob, cfg.mask_channel_span)
+        cmask = channel_mask(x.shape[0], model.encoder.feat_dim, cfg.mask_channel_prob, cfg.mask_channel_span,
+                             device=x.device)
         frozen = step < cfg.freeze_steps
         if frozen:
             with torch.no_grad():
                 feats, flen = model.encoder.features(x, lengths)
                 h = model.encoder.encode(feats, flen, tmask)[-1]
-            lp = model.head(h).log_softmax(-1)
+            lp = model.head(h).float().log_softmax(-1)
         else:
             lp, flen = model(x, lengths, tmask, cmask)
-        tgt = [torch.tensor(t) for t in batch["tokens"]]
-        loss = F.ctc_loss(lp.transpose(0, 1), torch.cat(tgt), flen, torch.tensor([len(t) for t in tgt]),
-                          blank=0, zero_infinity=True)
+        # fp32 log-probabilities under autocast too (CTC sums them over every frame); the targets
+        # (python lists in the batch) go to the log-probs' device
+        dev = lp.device
+        tgt = [torch.tensor(t, dtype=torch.long, device=dev) for t in batch["tokens"]]
+        tlen = torch.tensor([len(t) for t in tgt], dtype=torch.long, device=dev)
+        loss = F.ctc_loss(lp.float().transpose(0, 1), torch.cat(tgt), flen, tlen, blank=0, zero_infinity=True)
         return loss, {"frozen": frozen}

@@ -17,8 +17,11 @@ def sample_negatives(groups: torch.Tensor, k: int, generator=None) -> torch.Tens
     utterance contiguous. Returns (N, k) indices into the N frames: each row drawn
     uniformly with replacement from the *other* masked frames of the same
     utterance (never the frame itself). An utterance with a single masked frame
-    has no distractor: its row is -1 (the caller drops it).
+    has no distractor: its row is -1 (the caller drops it). The draws run on the
+    CPU (CPU generators: the same distractors on every device); the indices are
+    returned on the device of ``groups``.
     """
+    device, groups = groups.device, groups.cpu()
     N = groups.shape[0]
     out = torch.full((N, k), -1, dtype=torch.long)
     counts = torch.bincount(groups) if N else torch.zeros(0, dtype=torch.long)
@@ -31,7 +34,7 @@ def sample_negatives(groups: torch.Tensor, k: int, generator=None) -> torch.Tens
             r = torch.randint(0, n - 1, (n, k), generator=gen)
             out[start:start + n] = start + r + (r >= own).long()  # skip the anchor itself
         start += n
-    return out
+    return out.to(device)
 
 
 def contrastive_loss(context: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
@@ -51,7 +54,7 @@ def contrastive_loss(context: torch.Tensor, targets: torch.Tensor, negatives: to
     logits = F.cosine_similarity(c[:, None].float(), cand.float(), dim=-1) / temperature
     same = (targets[neg] == q[:, None]).all(-1)
     logits[:, 1:] = logits[:, 1:].masked_fill(same, float("-inf"))
-    target = torch.zeros(c.shape[0], dtype=torch.long)
+    target = torch.zeros(c.shape[0], dtype=torch.long, device=logits.device)
     loss = F.cross_entropy(logits, target)
     acc = (logits.argmax(-1) == 0).float().mean()
     return {"loss": loss, "accuracy": acc.detach(), "frames": int(c.shape[0])}

@@ -19,11 +19,16 @@ def row_generator(generator, b: int) -> torch.Generator | None:
     return generator[b] if isinstance(generator, (list, tuple)) else generator
 
 
-def draw_rows(fn, shape: tuple, generator) -> torch.Tensor:
-    """``fn(shape)`` (torch.randn, torch.rand), drawn row by row when ``generator`` is a per-row list."""
+def draw_rows(fn, shape: tuple, generator, device: torch.device | None = None) -> torch.Tensor:
+    """``fn(shape)`` (torch.randn, torch.rand), drawn row by row when ``generator`` is a per-row list.
+
+    The draws come from the (CPU) generators, so they are the same on every device; the
+    result is then moved to ``device`` (None: left on the CPU)."""
     if isinstance(generator, (list, tuple)):
-        return torch.stack([fn(tuple(shape[1:]), generator=g) for g in generator])
-    return fn(shape, generator=generator)
+        out = torch.stack([fn(tuple(shape[1:]), generator=g) for g in generator])
+    else:
+        out = fn(shape, generator=generator)
+    return out if device is None else out.to(device)
 
 
 def span_mask(lengths: torch.Tensor, T: int, mask_prob: float, span: int, min_spans: int = 1,
@@ -32,7 +37,10 @@ def span_mask(lengths: torch.Tensor, T: int, mask_prob: float, span: int, min_sp
 
     Raises ValueError if an utterance is shorter than ``span`` frames: nothing
     could be masked and predicted there (callers filter such utterances first).
+    The spans are drawn on the CPU (from CPU generators: the same masks on every
+    device); the mask is returned on the device of ``lengths``.
     """
+    device, lengths = lengths.device, lengths.cpu()
     if not 0.0 < mask_prob <= 1.0 or span < 1:
         raise ValueError(f"mask_prob must be in (0, 1] and span >= 1, got {mask_prob}, {span}")
     short = (lengths < span).nonzero().flatten().tolist()
@@ -50,7 +58,7 @@ def span_mask(lengths: torch.Tensor, T: int, mask_prob: float, span: int, min_sp
         starts = torch.randperm(n - span + 1, generator=g)[:k]
         idx = (starts[:, None] + torch.arange(span)[None, :]).flatten()
         mask[b, idx] = True
-    return mask
+    return mask.to(device)
 
 
 def upsample_mask(mask: torch.Tensor, factor: int, T_in: int) -> torch.Tensor:

@@ -71,9 +71,13 @@ class RandomProjectionQuantizer(nn.Module):
 
     @torch.no_grad()
     def similarities(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in_dim) -> (..., books, codes) cosine similarity to every code."""
-        z = F.normalize(torch.einsum("...i,bic->...bc", x.float(), self.proj), dim=-1)
-        return torch.einsum("...bc,bkc->...bk", z, self.codebook)
+        """(..., in_dim) -> (..., books, codes) cosine similarity to every code.
+
+        In fp32 even under autocast: a half-precision product would move near-ties
+        between codes, so the labels would depend on the precision of the run."""
+        with torch.autocast(x.device.type, enabled=False):
+            z = F.normalize(torch.einsum("...i,bic->...bc", x.float(), self.proj), dim=-1)
+            return torch.einsum("...bc,bkc->...bk", z, self.codebook)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

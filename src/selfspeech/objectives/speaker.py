@@ -23,10 +23,13 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.03) -> tu
 
     Symmetric: both views serve as anchors. Cosine similarities (L2-normalised).
     Accuracy: how often the positive is the most similar of the 2B-1 candidates.
+    The similarities are fp32 even under autocast: divided by a temperature of a
+    few hundredths, a half-precision cosine's rounding would move the logits by ~0.1.
     """
     B = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=-1)
-    sim = z @ z.T / temperature
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)
+    with torch.autocast(z.device.type, enabled=False):
+        sim = z @ z.T / temperature
     sim = sim.masked_fill(torch.eye(2 * B, dtype=torch.bool, device=z.device), float("-inf"))
     target = torch.cat([torch.arange(B, 2 * B), torch.arange(0, B)]).to(z.device)
     loss = F.cross_entropy(sim, target)
@@ -55,8 +58,11 @@ class DINOHead(nn.Module):
         self.prototypes = nn.Parameter(torch.randn(out_dim, bottleneck) * 0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, dim_in) -> (B, out_dim) logits (cosine to each prototype)."""
-        return F.normalize(self.mlp(x), dim=-1) @ F.normalize(self.prototypes, dim=-1).T
+        """(B, dim_in) -> (B, out_dim) fp32 logits (cosine to each prototype), fp32 under autocast too:
+        the losses sharpen them by temperatures of 0.04-0.1."""
+        h = F.normalize(self.mlp(x).float(), dim=-1)
+        with torch.autocast(h.device.type, enabled=False):
+            return h @ F.normalize(self.prototypes, dim=-1).T
 
 
 def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
@@ -66,8 +72,8 @@ def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: 
     student: V tensors (B, K) of logits (global crops first); teacher: G tensors
     (B, K) for the global crops, detached; center: (K,).
     """
-    targets = [torch.softmax((t.detach() - center) / t_teacher, dim=-1) for t in teacher]
-    logps = [torch.log_softmax(s / t_student, dim=-1) for s in student]
+    targets = [torch.softmax((t.detach().float() - center) / t_teacher, dim=-1) for t in teacher]
+    logps = [torch.log_softmax(s.float() / t_student, dim=-1) for s in student]
     total, n = 0.0, 0
     for i, q in enumerate(targets):
         for v, lp in enumerate(logps):
@@ -110,7 +116,7 @@ def prototype_entropy(teacher: list[torch.Tensor], center: torch.Tensor, t_teach
     the per-sample entropy reaches log K. Their difference (a KL) is what the
     targets tell the student; it should grow.
     """
-    q = torch.cat([torch.softmax((t - center) / t_teacher, -1) for t in teacher])
+    q = torch.cat([torch.softmax((t.float() - center) / t_teacher, -1) for t in teacher])
     p = q.mean(0)
     mean_h = float(-(p * p.clamp(min=1e-12).log()).sum())
     sample_h = float(-(q * q.clamp(min=1e-12).log()).sum(-1).mean())

@@ -69,7 +69,10 @@ class SpeakerSSLTask(nn.Module):
         self.register_buffer("activated_at", torch.full((), -1, dtype=torch.long))
         if scfg is not None and scfg.oracle and speaker_of is None:
             raise ValueError("ssps.oracle clusters by true speakers: the manifest has no 'speaker' field")
-        self.speaker_of = speaker_of  # monitoring only, never in the loss (except the ssps.oracle diagnostic)
+        # (N,) true speaker ids: monitoring only, never in the loss (except the ssps.oracle diagnostic).
+        # A buffer so it moves with the module to the training device; not persistent: checkpoints
+        # and exported weights hold no manifest data
+        self.register_buffer("speaker_of", speaker_of, persistent=False)
 
     def export_encoder(self) -> ECAPATDNN:
         return self.teacher_encoder if self.cfg.method == "dino" else self.encoder

@@ -84,12 +84,16 @@ class SSPSQueues(nn.Module):
         self.ref_filled[indices] = True
 
     def push_pos(self, indices: torch.Tensor, views: list[torch.Tensor]) -> None:
-        """Round-robin write of B entries: views is V tensors (B, P); wraps around the queue end."""
+        """Round-robin write of B entries: views is V tensors (B, P); wraps around the queue end.
+
+        With B > Q only the last Q entries are written (they are the ones a sequential write
+        leaves): a scatter with repeated rows has no defined winner on a GPU."""
         Q, B = self.cfg.queue, len(indices)
-        rows = (self.pos_ptr + torch.arange(B)) % Q
-        self.pos_idx[rows] = indices
+        first = max(0, B - Q)
+        rows = (self.pos_ptr + torch.arange(first, B, device=self.pos_ptr.device)) % Q
+        self.pos_idx[rows] = indices[first:].to(self.pos_idx.device)
         for v, z in enumerate(views):
-            self.pos[v, rows] = z.detach().float()
+            self.pos[v, rows] = z[first:].detach().float()
         self.pos_ptr.copy_((self.pos_ptr + B) % Q)
 
     # ---------------------------------------------------------------- clustering
@@ -108,19 +112,19 @@ class SSPSQueues(nn.Module):
         else:
             from sklearn.cluster import KMeans
 
-            x = self.ref[filled].numpy().astype(np.float64)
+            x = self.ref[filled].cpu().numpy().astype(np.float64)
             km = KMeans(self.cfg.k, n_init=1, max_iter=self.cfg.kmeans_iters, random_state=seed).fit(x)
             labels, centroids = km.labels_.astype(np.int64), torch.from_numpy(km.cluster_centers_).float()
         self.assign.fill_(-1)
-        self.assign[filled] = torch.from_numpy(labels)
+        self.assign[filled] = torch.from_numpy(labels).to(self.assign.device)
         self.centroids.copy_(F.normalize(centroids, dim=-1))
         sim = self.centroids @ self.centroids.T
         order = sim.argsort(dim=1, descending=True)
+        own = torch.arange(self.cfg.k, device=order.device)[:, None]
         if self.cfg.m == 0:
-            self.neighbours.copy_(torch.arange(self.cfg.k)[:, None])
+            self.neighbours.copy_(own)
         else:
             # drop each cluster itself (its own row's most similar entry) -> M nearest other clusters
-            own = torch.arange(self.cfg.k)[:, None]
             others = order[order != own].view(self.cfg.k, self.cfg.k - 1)
             self.neighbours.copy_(others[:, : self.cfg.m])
         self.n_clusterings += 1
@@ -129,15 +133,16 @@ class SSPSQueues(nn.Module):
                 "largest_cluster": int(sizes.max())}
 
     def _speaker_clusters(self, filled: torch.Tensor, speaker_of: torch.Tensor | None):
-        """Oracle clusters: (labels (F,) int64 numpy, centroids (K, D)) from the true speakers of ``filled``."""
+        """Oracle clusters: (labels (F,) int64 numpy, centroids (K, D) on the CPU) from the true speakers of
+        ``filled``; the centroid sums run on the CPU, in a fixed order (CUDA's index_add_ is not deterministic)."""
         if speaker_of is None:
             raise ValueError("ssps.oracle clusters by the manifest's speakers, but its utterances have no "
                              "'speaker' field; add speakers or drop ssps.oracle")
-        spk, labels = torch.unique(speaker_of[filled], return_inverse=True)
+        spk, labels = torch.unique(speaker_of[filled.to(speaker_of.device)].cpu(), return_inverse=True)
         if len(spk) > self.cfg.k:
             raise ValueError(f"ssps.oracle: {len(spk)} speakers in the reference queue but k={self.cfg.k}; "
                              f"set ssps.k >= {len(spk)}")
-        centroids = torch.zeros(self.cfg.k, self.ref.shape[1]).index_add_(0, labels, self.ref[filled])
+        centroids = torch.zeros(self.cfg.k, self.ref.shape[1]).index_add_(0, labels, self.ref[filled].cpu())
         return labels.numpy().astype(np.int64), centroids
 
     # ---------------------------------------------------------------- sampling
@@ -146,25 +151,33 @@ class SSPSQueues(nn.Module):
         """Queue rows of pseudo-positives for the anchors ``indices`` (B,), -1 where none (fallback).
 
         ``speaker_of`` (N,) true speaker ids, for monitoring only: the share of
-        pseudo-positives that are really the anchor's speaker.
+        pseudo-positives that are really the anchor's speaker. ``gen`` is a CPU
+        generator: the per-anchor draws run on CPU copies of the small index
+        tensors (no device round trip per anchor); the rows are returned on the
+        queues' device.
         """
+        dev = self.pos_idx.device
         rows = torch.full((len(indices),), -1, dtype=torch.long)
         valid = self.pos_idx >= 0
         q_idx = self.pos_idx.clamp(min=0)
-        q_cluster = torch.where(valid, self.assign[q_idx], torch.full_like(q_idx, -1))
+        q_cluster = torch.where(valid, self.assign[q_idx], torch.full_like(q_idx, -1)).cpu()
+        pos_idx, neighbours = self.pos_idx.cpu(), self.neighbours.cpu()
+        anchor_cluster = self.assign[indices.to(dev)].tolist()
         for b, idx in enumerate(indices.tolist()):
-            c = int(self.assign[idx])
+            c = anchor_cluster[b]
             if c < 0:
                 continue
-            nb = self.neighbours[c]
+            nb = neighbours[c]
             chosen = int(nb[torch.randint(len(nb), (1,), generator=gen)])
-            cand = ((q_cluster == chosen) & (self.pos_idx != idx)).nonzero().squeeze(1)
+            cand = ((q_cluster == chosen) & (pos_idx != idx)).nonzero().squeeze(1)
             if len(cand):
                 rows[b] = cand[torch.randint(len(cand), (1,), generator=gen)]
+        rows = rows.to(dev)
         got = rows >= 0
         stats = {"ssps_coverage": round(float(got.float().mean()), 4)}
         if speaker_of is not None and got.any():
-            same = speaker_of[self.pos_idx[rows[got]]] == speaker_of[indices[got]]
+            spk = speaker_of.to(dev)
+            same = spk[self.pos_idx[rows[got]]] == spk[indices.to(dev)[got]]
             stats["ssps_speaker_acc"] = round(float(same.float().mean()), 4)
         return rows, stats
 

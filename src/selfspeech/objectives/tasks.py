@@ -124,7 +124,7 @@ class Wav2Vec2Task(SSLTask):
         context = self.final_proj(self.encoder.encode(feats, flen, mask)[-1][mask])   # (N, final_dim)
         qd = self.quantizer(feats[mask], self.tau(step))
         targets = self.project_q(qd["q"])
-        groups = torch.arange(x.shape[0])[:, None].expand_as(mask)[mask]
+        groups = torch.arange(x.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
         neg = L.sample_negatives(groups, c.negatives, generator)
         con = L.contrastive_loss(context, targets, neg, c.logit_temp)
         return {"contrastive": con["loss"],
@@ -175,7 +175,7 @@ class BestRQTask(SSLTask):
         Tp = labels.shape[1]                                                        # T' frames
         mask = span_mask(flen, Tp, c.mask_prob, c.mask_span, generator=generator)
         up = upsample_mask(mask, k, xn.shape[1])
-        noise = draw_rows(torch.randn, xn.shape, generator) * c.noise_std
+        noise = draw_rows(torch.randn, xn.shape, generator, xn.device) * c.noise_std
         xm = torch.where(up[..., None], noise, xn)
         feats, _ = self.encoder.features(xm, lengths)
         states = self.encoder.encode(feats[:, :Tp], flen)
@@ -236,7 +236,7 @@ class BiRQTask(BestRQTask):
         if self.cfg.self_tau <= 0:
             return sims.argmax(-1)                                                # nearest code
         logits = sims * self.cfg.self_logit_scale
-        g = -torch.log(-torch.log(draw_rows(torch.rand, sims.shape, generator).clamp(1e-9, 1 - 1e-9)))
+        g = -torch.log(-torch.log(draw_rows(torch.rand, sims.shape, generator, sims.device).clamp(1e-9, 1 - 1e-9)))
         return (logits + g).argmax(-1)  # hard Gumbel-softmax sample (argmax is unchanged by dividing by tau)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, step: int = 0,
