@@ -85,7 +85,7 @@ class LoopConfig:
     grad_accum: int = checked(1, ge=1)             # micro-batches per update: memory / k, the same update
     num_workers: int = checked(0, ge=0)            # loader processes collating the next batches (0: in-process)
     grad_checkpointing: bool = False               # recompute layer activations in backward: less memory, ~30% slower
-    compile: bool = False                          # torch.compile the module's sub-networks
+    compile: bool = False                          # torch.compile the networks' repeated blocks (layers)
 
     def __post_init__(self):
         check_ranges(self)

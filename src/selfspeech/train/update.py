@@ -2,7 +2,7 @@
 
 The loop (:mod:`selfspeech.train.loop`) owns the schedule, the optimizer step
 and the checkpoints; this module owns what depends on the hardware: placing
-the module (TF32, gradient checkpointing, ``torch.compile``) and running an
+the module (TF32, gradient checkpointing, ``torch.compile`` of its blocks) and running an
 update's micro-batches under autocast, with fp16's loss scaling, into
 gradients equal to those of the whole batch.
 """
@@ -34,6 +34,26 @@ def enable_grad_checkpointing(module: torch.nn.Module) -> None:
         m.grad_checkpointing = True
 
 
+def compile_blocks(module: torch.nn.Module) -> int:
+    """``torch.compile`` each repeated block (every member of an ``nn.ModuleList``: Transformer layers,
+    Whisper's encoder and decoder layers, ECAPA's blocks); returns how many.
+
+    Regional compilation, as PyTorch recommends for models built of repeated
+    blocks: one graph serves every layer, so compilation is quick, and the code
+    around the blocks (masking, sampling, losses), whose shapes and control flow
+    change per batch, stays eager."""
+    n = 0
+    for ml in [m for m in module.modules() if isinstance(m, torch.nn.ModuleList)]:
+        for block in ml:
+            # the instance's forward, not the module: its state-dict keys (and so checkpoints) stay as they are
+            block.forward = torch.compile(block.forward)
+            n += 1
+    if n == 0:
+        raise invalid("compile", True, f"{type(module).__name__} has no repeated blocks to compile",
+                      "set it to false")
+    return n
+
+
 def place_module(module: torch.nn.Module, device: torch.device, grad_checkpointing: bool = False,
                  compile: bool = False) -> None:
     """``module`` on ``device`` in place, with the memory and speed options asked for."""
@@ -44,10 +64,7 @@ def place_module(module: torch.nn.Module, device: torch.device, grad_checkpointi
     if grad_checkpointing:
         enable_grad_checkpointing(module)
     if compile:
-        # the sub-networks, not the loss code around them (masking, sampling) that changes shape per batch
-        for child in module.children():
-            if any(True for _ in child.parameters()):
-                child.compile(dynamic=True)
+        compile_blocks(module)
 
 
 def mean_records(recs: list[tuple[float, dict]]) -> dict:
