@@ -9,6 +9,7 @@ is loaded or audio read; a run then writes :data:`RESOLVED` beside its outputs.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,12 +22,40 @@ from rich.markup import escape
 from selfspeech.accel import DeviceError, check_device
 from selfspeech.config import ConfigError, apply_overrides, from_mapping, save_resolved
 
-console = Console(stderr=True)
+console = Console(stderr=True)  # errors, warnings, progress: stderr
+out_console = Console()          # a command's summary: stdout (``--json``: one JSON object there instead)
 RESOLVED = "resolved_config.json"  # every default filled in: rerun with `selfspeech <command> OUT/resolved_config.json`
 OVERRIDES_HELP = "Dotted overrides of the config's keys, e.g. loop.lr=3e-4 loop.max_steps=200 (values read as YAML)."
 DEVICE_HELP = "Where to compute: auto (a CUDA GPU when present, else the CPU), cpu, cuda or cuda:N (overrides the config)."
 PRECISION_HELP = ("Training precision: auto (bf16 on GPUs that have it, else fp32), fp32, bf16 (also on CPUs with "
                   "native bfloat16) or fp16 (GPUs, with loss scaling); weights and checkpoints stay fp32.")
+
+
+JSON_HELP = "Print the summary as one JSON object on stdout (warnings and progress stay on stderr)."
+
+
+def warn(msg: str) -> None:
+    """One warning line on stderr."""
+    console.print(f"[yellow]warning:[/] {escape(' '.join(str(msg).split()))}", highlight=False, soft_wrap=True)
+
+
+def emit(summary: dict, as_json: bool, human: Any = None) -> None:
+    """A command's summary on stdout: ``summary`` as one JSON line with ``as_json``, else ``human`` (text or a
+    rich renderable; None: the summary as indented JSON)."""
+    if as_json:
+        typer.echo(json.dumps(summary, ensure_ascii=False, default=str))
+    elif human is None:
+        out_console.print_json(json.dumps(summary, default=str))
+    else:  # plain text is printed as it is (paths and reasons may hold brackets), a renderable as rich draws it
+        out_console.print(human, highlight=False, soft_wrap=True, markup=not isinstance(human, str))
+
+
+def fail_if_all_failed(done: int, failed: int, what: str, first: str | None = None, fix: str = "") -> None:
+    """Exit 1 with one line when a batch command had items and every one failed (partial failures exit 0:
+    the summary counts them)."""
+    if failed and not done:
+        fail(f"all {failed} {what} failed" + (f" (first: {first})" if first else "") + (f"; {fix}" if fix else ""),
+             code=1)
 
 
 def fail(msg: str, code: int = 2) -> None:

@@ -1,13 +1,12 @@
 """``selfspeech label``: pseudo-label a manifest with a Whisper teacher."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from selfspeech.accel import DEVICE_CHOICES
-from selfspeech.commands.common import console, fail, refusing
+from selfspeech.commands.common import JSON_HELP, emit, fail, fail_if_all_failed, refusing
 from selfspeech.data.manifest import ManifestError
 from selfspeech.label.filters import FilterConfig
 
@@ -29,6 +28,7 @@ def label(
     limit: int = typer.Option(None, help="Label only the first N utterances."),
     ray_actors: int = typer.Option(0, "--ray", help="Decode with N Ray actors (pip install 'selfspeech\\[ray]'; RAY_ADDRESS joins a cluster); the same records as one process."),
     threads: int = typer.Option(0, help="CPU threads per teacher (0 = CTranslate2's default; with --ray: 1 if 0)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Pseudo-label every utterance of a manifest with a teacher.
 
@@ -37,11 +37,15 @@ def label(
     compression_ratio, no_speech_prob, decode_seconds, status (ok|failed, with
     the reason) and flags (empty, repetition, low_logprob, no_speech,
     truncated_30s). Flagged labels are kept so reports can count them.
-    A killed run resumes where it stopped: run the same command again.
+    A killed run resumes where it stopped: run the same command again. An
+    output written by another teacher, backend, compute type or decoding
+    option is refused (OUT.teacher.json records them). Exit 1 when every
+    utterance of the run failed; failures of some are counted in the summary.
 
     Example: selfspeech label --teacher whisper-base --in children.jsonl --out children.labels.jsonl
     """
     from selfspeech.accel import resolve_device
+    from selfspeech.label.resume import ResumeError, check_resume, labelling_spec, record_spec
     from selfspeech.label.run import label_manifest
     from selfspeech.label.teacher import DecodeOptions, load_teacher, resolve_compute_type
     from selfspeech.models.zoo import ModelError
@@ -55,25 +59,43 @@ def label(
         fail(f"{in_path}: manifest not found")
     options = DecodeOptions(language=language, beam_size=beam_size, window_s=window)
     filters = FilterConfig(max_compression_ratio, min_avg_logprob, max_no_speech_prob)
+    spec = labelling_spec(teacher, backend, compute_type, options)
+    with refusing(ResumeError):  # before any model is opened: a resumed file keeps one teacher
+        check_resume(out_path, spec)
     if ray_actors > 0:
         import dataclasses
 
         from selfspeech.label.ray_label import TeacherSpec, label_with_ray
 
-        spec = TeacherSpec(teacher, backend, compute_type, threads or 1, dataclasses.asdict(options), str(dev))
+        ray_spec = TeacherSpec(teacher, backend, compute_type, threads or 1, dataclasses.asdict(options), str(dev))
         try:
-            spec.load()  # fail here, clearly, rather than inside a remote actor
-            stats = label_with_ray(in_path, out_path, spec, batch_size, ray_actors, filters, limit)
+            ray_spec.load()  # fail here, clearly, rather than inside a remote actor
+            record_spec(out_path, spec)
+            stats = label_with_ray(in_path, out_path, ray_spec, batch_size, ray_actors, filters, limit)
         except (ValueError, FileNotFoundError, ModelError, ImportError, ManifestError) as e:
             fail(f"teacher {teacher!r}: {e}")
-        console.print_json(json.dumps(stats.as_dict()))
+        _summary(stats, out_path, as_json)
         return
     try:
         t = load_teacher(teacher, backend, compute_type, options, cpu_threads=threads, device=dev)
     except (ValueError, FileNotFoundError, ModelError) as e:
         fail(f"teacher {teacher!r}: {e}")
+    record_spec(out_path, spec)
     try:
         stats = label_manifest(in_path, out_path, t, teacher, batch_size, filters, limit)
     except ManifestError as e:
         fail(str(e))
-    console.print_json(json.dumps(stats.as_dict()))
+    _summary(stats, out_path, as_json)
+
+
+def _summary(stats, out_path: Path, as_json: bool) -> None:
+    """The run's counts on stdout; exit 1 (one line on stderr) when every utterance of the run failed."""
+    d = {"out": str(out_path), **stats.as_dict()}
+    flags = ", ".join(f"{k} {v}" for k, v in sorted(stats.flags.items()))
+    line = (f"{out_path}: {stats.labelled} labelled, {stats.failed} failed, {stats.already_done} already there "
+            f"({stats.total} utterances)" + (f"; flagged: {flags}" if flags else "")
+            + (f"; first failure: {stats.first_error}" if stats.failed else "")
+            + (f"; RTF {stats.rtf:.3f} on {stats.device} ({stats.compute_type})" if stats.audio_seconds else ""))
+    emit(d, as_json, line)
+    fail_if_all_failed(stats.labelled, stats.failed, "utterances of this run", stats.first_error,
+                       "check the audio paths with `selfspeech data validate`")

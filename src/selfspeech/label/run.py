@@ -46,6 +46,7 @@ class LabelStats:
     wall_seconds: float = 0.0
     device: str | None = None        # where the teacher decoded (cpu, cuda:0) and in which compute type:
     compute_type: str | None = None  # int8 and float16 kernels can choose a different word now and then
+    first_error: str | None = None   # "id: reason" of the first utterance that failed in this run
 
     @property
     def rtf(self) -> float:
@@ -57,7 +58,7 @@ class LabelStats:
                 "failed": self.failed, "duplicate_ids": self.duplicate_ids, "flags": dict(self.flags),
                 "audio_seconds": round(self.audio_seconds, 2), "wall_seconds": round(self.wall_seconds, 2),
                 "rtf": round(self.rtf, 4) if self.audio_seconds else None,
-                "device": self.device, "compute_type": self.compute_type}
+                "device": self.device, "compute_type": self.compute_type, "first_error": self.first_error}
 
     def note_teacher(self, teacher) -> None:
         """Record the teacher's device and compute type (teachers without them leave None)."""
@@ -185,6 +186,8 @@ def write_records(out, recs: list[dict], stats: "LabelStats") -> None:
     os.fsync(out.fileno())
     for r in recs:
         stats.failed += r["status"] == "failed"
+        if r["status"] == "failed" and stats.first_error is None:
+            stats.first_error = f"{r['id']}: {r.get('error')}"
         stats.labelled += r["status"] == "ok"
         if r["status"] == "ok":
             stats.audio_seconds += r["duration"]
