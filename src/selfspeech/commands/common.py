@@ -21,6 +21,7 @@ from rich.markup import escape
 
 from selfspeech.accel import DeviceError, check_device
 from selfspeech.config import ConfigError, apply_overrides, from_mapping, save_resolved
+from selfspeech.data.atomic import _finite as finite_json
 
 console = Console(stderr=True)  # errors, warnings, progress: stderr
 out_console = Console()          # a command's summary: stdout (``--json``: one JSON object there instead)
@@ -42,10 +43,11 @@ def warn(msg: str) -> None:
 def emit(summary: dict, as_json: bool, human: Any = None) -> None:
     """A command's summary on stdout: ``summary`` as one JSON line with ``as_json``, else ``human`` (text or a
     rich renderable; None: the summary as indented JSON)."""
+    summary = finite_json(summary)  # nan/inf as null, as the JSON files hold them: strict JSON for parsers
     if as_json:
-        typer.echo(json.dumps(summary, ensure_ascii=False, default=str))
+        typer.echo(json.dumps(summary, ensure_ascii=False, allow_nan=False, default=str))
     elif human is None:
-        out_console.print_json(json.dumps(summary, default=str))
+        out_console.print_json(json.dumps(summary, allow_nan=False, default=str))
     else:  # plain text is printed as it is (paths and reasons may hold brackets), a renderable as rich draws it
         out_console.print(human, highlight=False, soft_wrap=True, markup=not isinstance(human, str))
 

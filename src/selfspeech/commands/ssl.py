@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from selfspeech.commands.common import (DEVICE_HELP, OVERRIDES_HELP, PRECISION_HELP, console, fail, load_config,
-                                       need_device, need_files, refusing, save_run_config)
+from selfspeech.commands.common import (DEVICE_HELP, JSON_HELP, OVERRIDES_HELP, PRECISION_HELP, console, emit, fail,
+                                       fail_if_all_failed, load_config, need_device, need_files, refusing,
+                                       save_run_config)
 
 
 def pretrain(
@@ -88,9 +89,15 @@ def decode_ctc(
     out: Path = typer.Option(..., help="Hypotheses JSONL {id, text} for `selfspeech eval` (phones: space-separated)."),
     beam: int = typer.Option(0, help="0 = greedy best path; N > 0 = CTC prefix beam search of width N (no language model)."),
     device: str = typer.Option("auto", help="Where the model runs: auto, cpu, cuda or cuda:N (auto: the GPU when there is one)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Greedy CTC transcripts. For PER, score against phone references:
+    """CTC transcripts (greedy or beam search). For PER, score against phone references:
     `selfspeech eval --ref phones.jsonl --hyp OUT --normalizer none`.
+
+    An unreadable utterance keeps its line (empty text, status failed, the
+    reason) and is counted; exit 1 when every utterance failed.
+
+    Example: selfspeech decode-ctc runs/ctc/best --in eval.jsonl --out hyps/ctc.jsonl --beam 8
     """
     from selfspeech.accel import resolve_device
     from selfspeech.label.transcribe import transcribe_ctc
@@ -101,7 +108,13 @@ def decode_ctc(
         transcribe_ctc(model, manifest, out, beam=beam, device=dev)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    console.print(f"[green]wrote[/] {out}")
+    recs = [json.loads(line) for line in open(out, encoding="utf-8") if line.strip()]
+    failed = [r for r in recs if r.get("status") == "failed"]
+    first = f"{failed[0]['id']}: {failed[0].get('reason')}" if failed else None
+    emit({"out": str(out), "utterances": len(recs), "failed": len(failed), "first_failure": first}, as_json,
+         f"wrote {out}: {len(recs)} utterances, {len(failed)} failed" + (f" (first: {first})" if first else ""))
+    fail_if_all_failed(len(recs) - len(failed), len(failed), "utterances", first,
+                       "check the audio paths with `selfspeech data validate`")
 
 
 def export_ctc(
@@ -134,7 +147,10 @@ def units(
     by: str = typer.Option("age_group", help="Manifest field naming the groups (language, accent, age_group...)."),
     out: Path = typer.Option(..., help="Folder for units.json, units_heatmap.png, units_histograms.png."),
 ) -> None:
-    """Codeword usage per group and the similarity of groups (XLSR's shared-units analysis)."""
+    """Codeword usage per group and the similarity of groups (XLSR's shared-units analysis).
+
+    Example: selfspeech units runs/wav2vec2/best --in all.jsonl --by age_group --out reports/units
+    """
     from selfspeech.data.manifest import read_manifest
     from selfspeech.eval.units import load_wav2vec2_task, unit_usage, write_unit_report
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from selfspeech.commands.common import (DEVICE_HELP, OVERRIDES_HELP, PRECISION_HELP, console, fail, load_config,
-                                       need_device, need_files, read_mapping, refusing, save_run_config,
-                                       split_overrides)
+from selfspeech.commands.common import (DEVICE_HELP, JSON_HELP, OVERRIDES_HELP, PRECISION_HELP, console, emit, fail,
+                                       fail_if_all_failed, load_config, need_device, need_files, read_mapping,
+                                       refusing, save_run_config, split_overrides)
 
 app = typer.Typer(no_args_is_help=True, help="Self-supervised speaker verification: ECAPA-TDNN trained with "
                   "SimCLR or DINO (optionally SSPS) on unlabelled audio; embeddings; EER/minDCF scoring.")
@@ -69,11 +69,15 @@ def embed(
     on_error: str = typer.Option("skip", help="An unreadable or non-finite utterance: skip (counted, listed in summary.json) or raise."),
     plot: bool = typer.Option(True, help="Also draw a 2-D projection of the embeddings, coloured by speaker (PNG)."),
     device: str = typer.Option("auto", help="Where the speaker encoder runs: auto, cpu, cuda or cuda:N (auto: the GPU when there is one; melstats runs on the CPU)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Per-utterance and per-speaker embeddings (speaker = mean of L2-normalised utterance embeddings).
 
     One utterance in memory at a time. These files feed `sv score` and
-    Pseudo2Real-SC (recipe clusters.extractor: the model folder).
+    Pseudo2Real-SC (recipe clusters.extractor: the model folder). Exit 1 when
+    no utterance could be embedded.
+
+    Example: selfspeech sv embed runs/sv eval.jsonl --out runs/sv/emb
     """
     import numpy as np
 
@@ -113,7 +117,9 @@ def embed(
     if not writer.ids:
         writer.close()
         (out / "utterances.npz").unlink(missing_ok=True)
-        fail(f"no utterance could be embedded ({len(skipped)} skipped; first: {skipped[:1]})")
+        first = f"{skipped[0].get('id')}: {skipped[0].get('reason')}" if skipped else None
+        fail_if_all_failed(0, len(skipped), "utterances", first, "check the audio with `selfspeech data validate`")
+        fail(f"{manifest}: no utterances to embed; give a manifest with at least one line")
     writer.close()
     spk = {s: (v[0] / v[1]).astype(np.float32) for s, v in sums.items()}  # mean of L2-normalised embeddings
     if spk:
@@ -130,8 +136,9 @@ def embed(
                "no_speaker": {"count": len(no_speaker), "first": no_speaker[:10],
                               "policy": "utterance embedding written; left out of speakers.npz"}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    console.print(f"wrote {out}: {n_utts} utterance and {len(spk)} speaker embeddings; {len(skipped)} skipped"
-                  + (f"; {len(no_speaker)} without a speaker field (not in speakers.npz)" if no_speaker else ""))
+    emit({"out": str(out), **summary}, as_json,
+         f"wrote {out}: {n_utts} utterance and {len(spk)} speaker embeddings; {len(skipped)} skipped"
+         + (f"; {len(no_speaker)} without a speaker field (not in speakers.npz)" if no_speaker else ""))
 
 
 class _Sized:
@@ -164,6 +171,8 @@ def score(
     EER: the interpolated crossing of the miss and false-alarm rates over all
     distinct thresholds (accept iff score >= t); within 1/n_target of Kaldi's
     compute-eer. Optional adaptive symmetric score normalisation.
+
+    Example: selfspeech sv score runs/sv/emb/utterances.npz --trials trials.txt --cohort cohort/utterances.npz --out reports/sv
     """
     import numpy as np
 

@@ -25,6 +25,7 @@ import numpy as np
 from selfspeech.data.atomic import atomic_write, write_json
 from selfspeech.data.manifest import ManifestError, parse_line
 from selfspeech.data.versions import software_versions, versions_line
+from selfspeech.eval.coverage import check_coverage, note_subset, subset_of
 from selfspeech.eval.sources import JsonlIndex, ListSource
 from selfspeech.eval.wer import (
     MISSING, ErrorCounts, Group, as_text, bootstrap_ci, count_errors_batch, field_value, group_seed, group_value_order,
@@ -75,7 +76,8 @@ def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ("id",), allow
 def _flag_list(h: dict) -> list[str]:
     """A hypothesis' labeller flags; a bare string counts as one flag."""
     fl = h.get("flags") or []
-    return [fl] if isinstance(fl, str) else [str(x) for x in fl]
+    out = [fl] if isinstance(fl, str) else [str(x) for x in fl]
+    return out + ["failed"] if h.get("status") == "failed" and "failed" not in out else out  # decode-ctc's
 
 
 CHUNK = 1000  # utterances aligned per jiwer call: memory bounded by the chunk, not the corpus
@@ -216,36 +218,63 @@ def _system(name: str, p: _Pass, j: int, source, n_resamples: int, seed: int) ->
 def build_results(refs: list[dict], hyps: list[dict], *, by: Sequence[str] = (),
                   normalizer: str = "whisper_english", n_resamples: int = 1000, seed: int = 0,
                   compare: list[dict] | None = None, names: tuple[str, str] = ("hyp", "compare"),
-                  ref_name: str = "ref", speaker_field: str = "speaker", notes: Sequence[str] = ()) -> dict:
+                  ref_name: str = "ref", speaker_field: str = "speaker", notes: Sequence[str] = (),
+                  min_coverage: float = 0.0, subset: bool = False) -> dict:
     """Everything ``eval.json`` holds: per-group counts, WER/CER with CIs, and an optional A/B test.
 
     ``refs`` need ``id`` and ``text``; ``hyps`` need ``id`` and may carry
     ``text`` (None counts as empty) and ``flags``. Raises ValueError for an
     unknown normaliser or a ``by`` field no reference has. For files too large
     to hold, :func:`build_results_files` computes the same dict streaming.
+
+    CoverageError (a ValueError) when a system has hypotheses for less than
+    ``min_coverage`` of the reference ids; ``subset`` scores only the
+    references with a hypothesis in every system instead, and notes it.
     """
     sources = [ListSource(hyps)] + ([ListSource(compare)] if compare is not None else [])
-    return _results(refs, sources, by=by, normalizer=normalizer, n_resamples=n_resamples, seed=seed, names=names,
-                    ref_name=ref_name, speaker_field=speaker_field, notes=notes)
+    return _covered_results(refs, sources, min_coverage, subset, by=by, normalizer=normalizer,
+                            n_resamples=n_resamples, seed=seed, names=names, ref_name=ref_name,
+                            speaker_field=speaker_field, notes=notes)[0]
 
 
 def build_results_files(ref: str | os.PathLike, hyp: str | os.PathLike, compare: str | os.PathLike | None = None,
                         *, by: Sequence[str] = (), normalizer: str = "whisper_english", n_resamples: int = 1000,
                         seed: int = 0, names: tuple[str, str] | None = None, speaker_field: str = "speaker",
-                        notes: Sequence[str] = (), warn: Callable[[str], None] | None = None) -> dict:
+                        notes: Sequence[str] = (), warn: Callable[[str], None] | None = None,
+                        min_coverage: float = 0.0, subset: bool = False, align: str | os.PathLike | None = None) -> dict:
     """:func:`build_results` for JSONL files, in memory bounded by a chunk: texts are read as scored.
 
     The files are validated first as ``read_jsonl`` would (ManifestError naming
     ``path:line``); a half-written last hypothesis line is skipped with ``warn``.
+    ``align``: also write the per-utterance word alignments of ``hyp`` there
+    (:mod:`selfspeech.eval.align`).
     """
     refs = JsonlIndex(ref, required=("id", "text"))
     if refs.n == 0:
         raise ValueError(f"{ref}: no reference lines")
-    sources = [JsonlIndex(h, required=("id", "text"), allow_partial_last=True, warn=warn, keep=("id", "text", "flags"))
+    sources = [JsonlIndex(h, required=("id", "text"), allow_partial_last=True, warn=warn,
+                          keep=("id", "text", "flags", "status"))
                for h in ([hyp] + ([compare] if compare is not None else []))]
     names = names or (str(hyp), str(compare) if compare is not None else "")
-    return _results(refs, sources, by=by, normalizer=normalizer, n_resamples=n_resamples, seed=seed, names=names,
-                    ref_name=str(ref), speaker_field=speaker_field, notes=notes)
+    results, scored = _covered_results(refs, sources, min_coverage, subset, by=by, normalizer=normalizer,
+                                       n_resamples=n_resamples, seed=seed, names=names, ref_name=str(ref),
+                                       speaker_field=speaker_field, notes=notes)
+    if align is not None:
+        from selfspeech.eval.align import write_alignments
+
+        n = write_alignments(scored, sources[0], get_normalizer(normalizer), align)
+        results["alignments"] = {"path": str(align), "system": names[0], "utterances": n}
+    return results
+
+
+def _covered_results(refs: Iterable[dict], sources: Sequence, min_coverage: float, subset: bool,
+                     **kw) -> tuple[dict, Iterable[dict]]:
+    """(results, the references scored): all of them, refused below ``min_coverage``; or with ``subset``
+    only those with a hypothesis in every system."""
+    if subset:
+        covered = subset_of(refs, sources, kw["ref_name"])
+        return note_subset(_results(covered, sources, **kw), covered, min_coverage), covered
+    return check_coverage(_results(refs, sources, **kw), min_coverage), refs
 
 
 def _results(refs: Iterable[dict], sources: Sequence, *, by, normalizer, n_resamples, seed, names, ref_name,

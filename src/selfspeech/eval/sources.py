@@ -117,17 +117,28 @@ class JsonlIndex:
     def _kept(self, item: dict) -> dict:
         return item if self.keep is None else {k: item[k] for k in self.keep if k in item}
 
-    def get(self, uid: str) -> dict | None:
-        """The item with this id (marked used), or None."""
+    def _find(self, uid: str) -> tuple[int, dict] | None:
+        """(row, item) of the line with this id, or None."""
         h = np.uint64(id_hash(uid))
         j = int(np.searchsorted(self._hash, h))
         while j < self.n and self._hash[j] == h:
             item = self._read(j)
             if item["id"] == uid:
-                self._used[j] = True
-                return self._kept(item)
+                return j, item
             j += 1
         return None
+
+    def get(self, uid: str) -> dict | None:
+        """The item with this id (marked used), or None."""
+        found = self._find(uid)
+        if found is None:
+            return None
+        self._used[found[0]] = True
+        return self._kept(found[1])
+
+    def __contains__(self, uid: str) -> bool:
+        """Whether a line has this id (not marked used: :meth:`unused` still counts it)."""
+        return self._find(uid) is not None
 
     def __iter__(self) -> Iterator[dict]:
         """Every item in file order (the full item: ``keep`` applies to ``get`` only)."""
@@ -153,6 +164,9 @@ class ListSource:
         self.by_id = {str(h["id"]): h for h in items}
         self.n = len(items)
         self._used: set[str] = set()
+
+    def __contains__(self, uid: str) -> bool:
+        return uid in self.by_id
 
     def get(self, uid: str) -> dict | None:
         item = self.by_id.get(uid)
