@@ -280,3 +280,63 @@ def test_pipeline_stops_clearly_when_teacher_gives_nothing(tmp_path, tiny_whispe
     }, root=tmp_path)
     with pytest.raises(RecipeError, match="no usable pseudo-label in source_train"):
         run_pseudo2real(recipe, tmp_path / "run", log=lambda m: None, progress=False)
+
+
+def test_unlabelled_speakerless_target_from_its_own_manifest(tmp_path, tiny_whisper_dir, monkeypatch):
+    """Source and target as two manifests; the target has neither transcripts nor speakers (segments of
+    recordings): every target speaker is adapted to, one pseudo-speaker per recording, and the report
+    says plainly that no target WER can be measured."""
+    import selfspeech.label.teacher as teacher_mod
+    from selfspeech.adapt.pseudo2real import run_pseudo2real
+
+    monkeypatch.setattr(teacher_mod, "load_teacher", lambda *a, **k: WordTeacher())
+    items = list(read_manifest(_corpus(tmp_path)))
+    write_manifest(tmp_path / "source.jsonl", [i for i in items if i["age_group"] == "adult"])
+    # the target: 6 recordings' segments, no text, no speaker
+    target = [{"id": i["id"], "audio_filepath": i["audio_filepath"], "duration": i["duration"],
+               "recording": f"rec{n // 2}"} for n, i in enumerate(i for i in items if i["age_group"] == "child")]
+    write_manifest(tmp_path / "target.jsonl", target)
+    spec = {
+        "name": "unlabelled",
+        "data": {"source_manifest": "source.jsonl", "target_manifest": "target.jsonl",
+                 "source_parts": {"train": 4, "dev": 2, "sim": 2}, "dev_fraction": 0.34},
+        "teacher": {"name": str(tiny_whisper_dir), "drop_flagged": False},
+        "student": {"init": str(tiny_whisper_dir), "max_new_tokens": 6,
+                    "finetune": {"max_steps": 2, "eval_every": 2, "batch_size": 4, "max_new_tokens": 6}},
+        "lambda": {"grid": [0.0, 1.0]},
+        "clusters": {"k": 2, "min_size": 1},
+        "systems": ["teacher", "pseudo_ft", "p2r", "p2r_sc", "oracle"],
+    }
+    recipe = recipe_from_dict(spec, root=tmp_path)
+    res = run_pseudo2real(recipe, tmp_path / "run", progress=False)
+    assert res["target_labelled"] is False and res["target_speakers"] == "recording"
+    assert set(res["hyps"]) == {"pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random"}  # no teacher (the reference), no oracle
+    data = tmp_path / "run" / "data"
+    assert list(read_manifest(data / "target_eval.jsonl")) == []
+    adapt = list(read_manifest(data / "target_adapt.jsonl"))
+    assert {i["id"] for i in adapt} == {t["id"] for t in target}                # every target utterance adapted to
+    assert {i["speaker"] for i in adapt} == {f"rec:rec{k}" for k in range(6)}   # one pseudo-speaker per recording
+    for name, h in res["hyps"].items():
+        assert {json.loads(line)["id"] for line in open(h)} == {t["id"] for t in target}, name
+    assert "curve_target_oracle" not in res["lambda"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "no target WER can be measured" in report and "one pseudo-speaker per recording" in report
+    assert "WER against the teacher" in report
+
+
+def test_target_speakers_and_labels_are_checked_up_front(tmp_path):
+    from selfspeech.adapt import prepare as P
+    from selfspeech.adapt.recipe import RecipeError
+
+    items = list(read_manifest(_corpus(tmp_path)))
+    write_manifest(tmp_path / "source.jsonl", [i for i in items if i["age_group"] == "adult"])
+    write_manifest(tmp_path / "target.jsonl", [{k: v for k, v in i.items() if k != "speaker"}
+                                               for i in items if i["age_group"] == "child"])
+    data = {"source_manifest": "source.jsonl", "target_manifest": "target.jsonl"}
+    d = P.load_domains(recipe_from_dict({"data": data}, root=tmp_path))
+    assert d.target_speakers == "recording" and d.target_labelled and len(d.target) == 12
+    with pytest.raises(RecipeError, match="target_speakers: field, but 12 target utterance"):
+        P.load_domains(recipe_from_dict({"data": {**data, "target_speakers": "field"}}, root=tmp_path))
+    write_manifest(tmp_path / "nolabel.jsonl", [{**i, "text": ""} for i in items if i["age_group"] == "adult"])
+    with pytest.raises(RecipeError, match="source_manifest: 16 source utterance.*without a transcript"):
+        P.load_domains(recipe_from_dict({"data": {**data, "source_manifest": "nolabel.jsonl"}}, root=tmp_path))

@@ -94,6 +94,8 @@ def ws(tmp_path):
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
     nospk = [{k: v for k, v in it.items() if not (k == "speaker" and it["age_group"] == "child")} for it in items]
     (tmp_path / "nospk.jsonl").write_text("".join(json.dumps(it) + "\n" for it in nospk))
+    srcnospk = [{k: v for k, v in it.items() if not (k == "speaker" and it["age_group"] == "adult")} for it in items]
+    (tmp_path / "srcnospk.jsonl").write_text("".join(json.dumps(it) + "\n" for it in srcnospk))
     (tmp_path / "train.jsonl").write_text((tmp_path / "m.jsonl").read_text())
     return tmp_path
 
@@ -221,9 +223,15 @@ CASES = {
     "student_missing_dir": (recipe(student={"init": "models/none"}), ["student.init: 'models/none'",
                                                                       "give a model folder"]),
     "extractor_unknown": (recipe(clusters={"extractor": "ecapa-nowhere"}), ["clusters.extractor:", "sv train"]),
-    "target_without_speakers": (recipe(data={"manifest": "nospk.jsonl"}),
-                                ["data.manifest:", "nospk.jsonl' has 16 target utterance(s) without a speaker",
-                                 "data.target_parts are split by speaker", "add \"speaker\""]),
+    # a target without speakers gets one pseudo-speaker per recording, unless the recipe asks for the field
+    "target_speakers_field_missing": (recipe(data={"manifest": "nospk.jsonl", "target_speakers": "field"}),
+                                      ["data.target_speakers: field, but 16 target utterance(s) have no speaker",
+                                       "set data.target_speakers: recording"]),
+    "source_without_speakers": (recipe(data={"manifest": "srcnospk.jsonl"}),
+                                ["data.manifest:", "source utterance(s) without a speaker field", "add it"]),
+    "two_manifests_half_given": (recipe(data={"manifest": None, "source_manifest": "train.jsonl"}),
+                                 ["data: data.source_manifest is given without data.target_manifest",
+                                  "give both data.source_manifest and data.target_manifest"]),
     "rule_selects_nothing": (recipe(data={"target_rule": "age_group==elder"}),
                              ["data.target_rule: 'age_group==elder' selects no utterance"]),
     "parts_too_many": (recipe(data={"target_parts": {"adapt": 9, "eval": 1}}),

@@ -7,7 +7,16 @@ Parts (all split by speaker, seeded):
   target situation to choose lambda without target labels;
 - ``target_adapt`` / ``target_eval``: target speakers; adapt is unlabelled audio
   (its real transcripts are used only by the oracle, a measurement), eval is
-  only ever scored.
+  only ever scored. A target without transcripts has no eval part: every target
+  speaker is adapted to, and the report can only say how far the systems agree
+  with the teacher.
+
+The domains come from one data source split by rules (``data.kaldi_dir`` or
+``data.manifest`` with ``source_rule``/``target_rule``) or from two manifests
+(``data.source_manifest``, ``data.target_manifest``). The source needs speakers
+and transcripts; a target without speakers gets one pseudo-speaker per
+recording (``data.target_speakers``), which keeps a recording's segments in one
+part.
 
 ``<part>_fit``/``<part>_stop`` split an adapt/sim part again by speaker, so a
 pseudo-label fine-tune can early-stop on held-out pseudo-labels.
@@ -15,6 +24,7 @@ pseudo-label fine-tune can early-stop on held-out pseudo-labels.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from selfspeech.adapt.recipe import Recipe, RecipeError
@@ -25,11 +35,12 @@ from selfspeech.data.select import select, split_by_speaker
 
 
 def load_items(recipe: Recipe, durations: bool = True) -> list[dict]:
-    """The data source's items; ``durations=False``: a Kaldi directory's audio is not opened."""
+    """The one data source's items; ``durations=False``: a Kaldi directory's audio is not opened."""
     d, where = recipe.data, recipe.source
     if bool(d.kaldi_dir) == bool(d.manifest):
         raise RecipeError(f"{where}: data: {d.kaldi_dir or d.manifest!r} is not one data source; "
-                          "give exactly one of data.kaldi_dir or data.manifest")
+                          "give exactly one of data.kaldi_dir or data.manifest, or data.source_manifest and "
+                          "data.target_manifest")
     key, p = ("kaldi_dir", recipe.path(d.kaldi_dir)) if d.kaldi_dir else ("manifest", recipe.path(d.manifest))
     if not (p.is_dir() if d.kaldi_dir else p.is_file()):
         raise RecipeError(f"{where}: data.{key}: {str(p)!r} is not found; give an existing "
@@ -39,6 +50,74 @@ def load_items(recipe: Recipe, durations: bool = True) -> list[dict]:
         return list(iter_kaldi_dir(p, with_durations=durations)) if d.kaldi_dir else list(read_manifest(p))
     except ValueError as e:
         raise RecipeError(f"{where}: data.{key}: {' '.join(str(e).split())}") from None
+
+
+@dataclass(frozen=True)
+class Domains:
+    """The source and target items, with what the target lacks."""
+
+    source: list[dict]
+    target: list[dict]
+    target_speakers: str   # "field" (the manifest's speakers) or "recording" (one pseudo-speaker each)
+    target_labelled: bool  # every target line has a transcript: a target-eval part can be scored
+
+    def info(self) -> dict:
+        return {"target_speakers": self.target_speakers, "target_labelled": self.target_labelled,
+                "source_utterances": len(self.source), "target_utterances": len(self.target)}
+
+
+def _read(recipe: Recipe, key: str) -> list[dict]:
+    p = recipe.path(getattr(recipe.data, key))
+    if not p.is_file():
+        raise RecipeError(f"{recipe.source}: data.{key}: {str(p)!r} is not found; give an existing manifest (JSONL) "
+                          "(relative paths start at the recipe's folder)")
+    try:
+        return list(read_manifest(p))
+    except ValueError as e:
+        raise RecipeError(f"{recipe.source}: data.{key}: {' '.join(str(e).split())}") from None
+
+
+def load_domains(recipe: Recipe, durations: bool = True) -> Domains:
+    """Source and target items from one data source and the rules, or from two manifests; checked."""
+    d, where = recipe.data, recipe.source
+    if d.source_manifest or d.target_manifest:
+        if not (d.source_manifest and d.target_manifest) or d.kaldi_dir or d.manifest:
+            what = (f"data.{'kaldi_dir' if d.kaldi_dir else 'manifest'} is given beside the two manifests"
+                    if d.kaldi_dir or d.manifest else
+                    f"data.{'source' if d.source_manifest else 'target'}_manifest is given without "
+                    f"data.{'target' if d.source_manifest else 'source'}_manifest")
+            raise RecipeError(f"{where}: data: {what}; give both data.source_manifest and data.target_manifest "
+                              "(and neither data.kaldi_dir nor data.manifest), or one data source with the rules")
+        source, target, src_key = _read(recipe, "source_manifest"), _read(recipe, "target_manifest"), "source_manifest"
+    else:
+        items = load_items(recipe, durations)
+        source, target = list(select(items, d.source_rule)), list(select(items, d.target_rule))
+        src_key = "kaldi_dir" if d.kaldi_dir else "manifest"
+        if not source or not target:
+            key, rule = ("source_rule", d.source_rule) if not source else ("target_rule", d.target_rule)
+            raise RecipeError(f"{where}: data.{key}: {rule!r} selects no utterance (source {len(source)}, target "
+                              f"{len(target)}); write a rule the manifest's fields meet, e.g. age_group==adult")
+    if not source or not target:
+        side = "source" if not source else "target"
+        raise RecipeError(f"{where}: data.{side}_manifest has no utterance; give a manifest with lines")
+    for what, missing in (("a speaker field", [i.get("id") for i in source if i.get("speaker") in (None, "")]),
+                          ("a transcript", [i.get("id") for i in source if not str(i.get("text") or "").strip()])):
+        if missing:
+            raise RecipeError(f"{where}: data.{src_key}: {len(missing)} source utterance(s) without {what} (first: "
+                              f"{missing[0]!r}); the source domain's real labels build tau: add it to each line")
+    mode = d.target_speakers
+    if mode == "auto":
+        mode = "field" if all(i.get("speaker") not in (None, "") for i in target) else "recording"
+    if mode == "field":
+        missing = [i.get("id") for i in target if i.get("speaker") in (None, "")]
+        if missing:
+            raise RecipeError(f"{where}: data.target_speakers: field, but {len(missing)} target utterance(s) have no "
+                              f"speaker (first: {missing[0]!r}); add speakers or set data.target_speakers: recording")
+    else:  # a recording's segments stay together in one part, as one speaker's would
+        target = [{**i, "speaker": f"rec:{i.get('recording') or i['audio_filepath']}"} for i in target]
+    labelled = all(str(i.get("text") or "").strip() for i in target)
+    return Domains(_subsample(source, d.max_utts_per_speaker, d.seed),
+                   _subsample(target, d.max_utts_per_speaker, d.seed), mode, labelled)
 
 
 def _subsample(items: list[dict], per_speaker: int | None, seed: int) -> list[dict]:
@@ -55,24 +134,22 @@ def _subsample(items: list[dict], per_speaker: int | None, seed: int) -> list[di
     return out
 
 
-def split_parts(recipe: Recipe, items: list[dict]) -> dict[str, list[dict]]:
-    """Every part (and the fit/stop splits of adapt and sim) as item lists; RecipeError if one is empty."""
+def split_parts(recipe: Recipe, domains: Domains) -> dict[str, list[dict]]:
+    """Every part (and the fit/stop splits of adapt and sim) as item lists; RecipeError if one is empty.
+
+    An unlabelled target is adapted to whole: ``target_eval`` is empty."""
     d, where = recipe.data, recipe.source
-    source = _subsample(list(select(items, d.source_rule)), d.max_utts_per_speaker, d.seed)
-    target = _subsample(list(select(items, d.target_rule)), d.max_utts_per_speaker, d.seed)
-    if not source or not target:
-        key, rule = ("source_rule", d.source_rule) if not source else ("target_rule", d.target_rule)
-        raise RecipeError(f"{where}: data.{key}: {rule!r} selects no utterance (source {len(source)}, target "
-                          f"{len(target)}); write a rule the manifest's fields meet, e.g. age_group==adult")
     parts = {}
-    for side, its in (("source", source), ("target", target)):
-        sizes = dict(getattr(d, f"{side}_parts"))
+    for side, its in (("source", domains.source), ("target", domains.target)):
+        sizes = dict(getattr(d, f"{side}_parts")) if side == "source" or domains.target_labelled else {"adapt": 1.0}
         try:
             parts.update({f"{side}_{k}": v for k, v in split_by_speaker(its, sizes, d.seed).items()})
         except ValueError as e:  # more speakers asked for than there are
             raise RecipeError(f"{where}: data.{side}_parts: {sizes!r} cannot be split ({e}); give smaller "
                               "speaker counts, or fractions summing to 1") from None
-    for need in ("source_train", "source_dev", "source_sim", "target_adapt", "target_eval"):
+    parts.setdefault("target_eval", [])
+    needed = ("source_train", "source_dev", "source_sim", "target_adapt") + (("target_eval",) * domains.target_labelled)
+    for need in needed:
         if not parts.get(need):
             side = need.split("_")[0]
             raise RecipeError(f"{where}: data.{side}_parts: {dict(getattr(d, f'{side}_parts'))!r} leaves part "
@@ -86,9 +163,11 @@ def split_parts(recipe: Recipe, items: list[dict]) -> dict[str, list[dict]]:
     return parts
 
 
-def make_parts(recipe: Recipe, out: Path) -> dict[str, str]:
-    """Write every part's reference manifest into ``out``; returns name -> path."""
-    parts = split_parts(recipe, load_items(recipe))
+def make_parts(recipe: Recipe, out: Path) -> dict:
+    """Write every part's reference manifest into ``out``; returns name -> path, and ``info``
+    (:meth:`Domains.info`: the target's speakers and whether it is labelled)."""
+    domains = load_domains(recipe)
+    parts = split_parts(recipe, domains)
     paths = {}
     for name, its in parts.items():
         paths[name] = str(out / f"{name}.jsonl")
@@ -98,7 +177,7 @@ def make_parts(recipe: Recipe, out: Path) -> dict[str, str]:
     paths["all"] = str(out / "all.jsonl")
     summary = {n: {"utterances": len(v), "speakers": len({i["speaker"] for i in v})} for n, v in parts.items()}
     write_json(out / "parts.json", summary)
-    return paths
+    return {**paths, "info": domains.info()}
 
 
 def pseudo_manifest(ref_path: str, labels: dict[str, dict], out_path: Path, drop_flagged: bool) -> dict:

@@ -64,8 +64,9 @@ def run_pseudo2real(recipe: Recipe, out: str | Path, log: Callable[[str], None] 
     _drop_superseded(out, log)
     S = StageRunner(out, log, keep_all=keep_all)
     result = run_stages(recipe, S, progress)
-    result["scores"] = score_systems(str(out / "data" / "target_eval.jsonl"), result["hyps"], recipe.normalizer,
-                                     recipe.data.seed)
+    # an unlabelled target has no WER: the systems are compared with the teacher's labels instead
+    refs = out / "data" / "target_eval.jsonl" if result["target_labelled"] else out / "pseudo" / "teacher_adapt.jsonl"
+    result["scores"] = score_systems(str(refs), result["hyps"], recipe.normalizer, recipe.data.seed)
     result["disk"] = {"total": folder_bytes(out), "stages": {n: folder_bytes(out / n) for n in S.times}}
     result["report"] = str(write_report(out, result, result["scores"], title or f"Pseudo2Real: {recipe.name}"))
     write_json(out / "pipeline.json", result, default=str)
@@ -81,22 +82,27 @@ def run_stages(recipe: Recipe, S: StageRunner, progress: bool = True) -> dict:
     # int8 labels of a CPU and float16 labels of a GPU differ: the resolved type keys the stage
     lab = S(Stage("label", partial(_label, recipe, parts["all"], progress),
                   {"teacher": recipe.to_dict()["teacher"], "compute_type": teacher_compute_type(recipe)}, ("data",)))
+    info = parts.get("info", {"target_labelled": True, "target_speakers": "field"})
+    labelled = info["target_labelled"]
     ps = S(Stage("pseudo", partial(_pseudo, recipe, parts, lab["labels"]),
-                 {"drop_flagged": recipe.teacher.drop_flagged, "paired_real": True}, ("label",)))
+                 {"drop_flagged": recipe.teacher.drop_flagged, "paired_real": True, "labelled": labelled}, ("label",)))
     theta_sr = produce(S, finetune_stage(st, "source_real", ps["source_train_real"]["path"], parts["source_dev"]))
     theta_sp = produce(S, finetune_stage(st, "source_pseudo", ps["source_train"]["path"], ps["source_dev"]["path"]))
     theta_tp = produce(S, finetune_stage(st, "target_pseudo", ps["target_adapt_fit"]["path"],
                                          ps["target_adapt_stop"]["path"]))
     tau = produce(S, tau_stage("tau", theta_sr, theta_sp, frees=(theta_sp.stage,)))  # theta_sp: read by tau only
     choice = choose_lambda(S, st, parts, ps, tau)
-    hyps = {"teacher": ps["teacher_eval"]["path"], **decode_systems(S, st, parts, ps, theta_sr, theta_tp, tau, choice)}
+    hyps = {"teacher": ps["teacher_eval"]["path"]} if labelled else {}  # unlabelled: the teacher is the reference
+    hyps.update(decode_systems(S, st, parts, ps, theta_sr, theta_tp, tau, choice, labelled))
     clusters: dict = {}
     if recipe.clusters.enabled and {"p2r_sc", "p2r_sc_random"} & set(recipe.systems):
         from selfspeech.adapt.sc import run_sc
 
-        sc_hyps, clusters = run_sc(S, st, parts, ps, theta_tp, choice["lambda"], choice["scope"])
+        sc_hyps, clusters = run_sc(S, st, parts, ps, theta_tp, choice["lambda"], choice["scope"],
+                                   "target_eval" if labelled else "target_adapt")
         hyps.update(sc_hyps)
     return {"hyps": hyps, "lambda": choice, "clusters": clusters, "times": S.times, "cached": S.cached,
+            "target_labelled": labelled, "target_speakers": info["target_speakers"],
             "label_stats": lab["stats"], "pseudo_counts": {k: {kk: vv for kk, vv in v.items() if kk != "path"}
                                                             for k, v in ps.items()},
             "parts": json.loads((S.root / "data" / "parts.json").read_text())}
@@ -146,6 +152,9 @@ def _pseudo(recipe: Recipe, parts: dict, labels_path: str, d: Path) -> dict:
                                 "kept": len(kept)}
     P.subset(labels_path, {i["id"] for i in read_manifest(parts["target_eval"])}, d / "teacher_eval.jsonl")
     res["teacher_eval"] = {"path": str(d / "teacher_eval.jsonl")}
+    # every usable teacher label of the target: the reference of the agreement figures when it has no transcripts
+    res["teacher_adapt"] = {"path": str(d / "teacher_adapt.jsonl"),
+                            **P.pseudo_manifest(parts["target_adapt"], labels, d / "teacher_adapt.jsonl", False)}
     return res
 
 
@@ -183,10 +192,11 @@ def choose_lambda(S: StageRunner, st: Student, parts: dict, ps: dict, tau: Outpu
 
 
 def decode_systems(S: StageRunner, st: Student, parts: dict, ps: dict, theta_sr: Output, theta_tp: Output,
-                   tau: Output, choice: dict) -> dict[str, str]:
-    """Hypotheses on the target-eval speakers of Pseudo2Real and the recipe's baselines (and oracle curves)."""
-    r, evalm = st.recipe, parts["target_eval"]
-    systems, hyps = set(r.systems), {}
+                   tau: Output, choice: dict, labelled: bool = True) -> dict[str, str]:
+    """Hypotheses on the target-eval speakers of Pseudo2Real and the recipe's baselines (and oracle curves);
+    on the (unlabelled) target-adapt speakers when the target has no transcripts, without the oracles."""
+    r, evalm = st.recipe, parts["target_eval"] if labelled else parts["target_adapt"]
+    systems, hyps = set(r.systems) - (set() if labelled else {"oracle"}), {}
     if "zero_shot" in systems:  # un-fine-tuned Whisper decoded the standard way (30-s padded input)
         hyps["zero_shot"] = S(decode_stage(st, "zero_shot", Output("data", st.init), evalm, trim=False))
     hyps["pseudo_ft"] = S(decode_stage(st, "pseudo_ft", theta_tp, evalm))
@@ -204,7 +214,7 @@ def decode_systems(S: StageRunner, st: Student, parts: dict, ps: dict, theta_sr:
         oracle = produce(S, finetune_stage(st, "oracle", parts["target_adapt_fit"], parts["target_adapt_stop"],
                                            inputs=("data",)))
         hyps["oracle"] = S(decode_stage(st, "oracle", oracle, evalm))
-    if r.lam.oracle_sweep:
+    if r.lam.oracle_sweep and labelled:
         for sc in r.lam.scopes:
             choice[_curve_key("target_oracle", sc)] = sweep(S, st, "target_oracle", theta_tp, tau, sc, evalm)
     return hyps

@@ -46,10 +46,15 @@ def _check_parts(key: str, parts: dict, names: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class DataSpec:
-    kaldi_dir: str | None = None       # a Kaldi data directory, or
-    manifest: str | None = None        # a manifest (JSONL) with speaker and metadata
-    source_rule: str = "age_group==adult"   # source domain: real transcripts usable
-    target_rule: str = "age_group==child"   # target domain: transcripts only to measure
+    kaldi_dir: str | None = None       # one data source, a Kaldi data directory, or
+    manifest: str | None = None        # a manifest (JSONL) with speaker and metadata, split by the rules; or
+    source_manifest: str | None = None  # two manifests: the labelled source domain (speakers and transcripts)
+    target_manifest: str | None = None  # and the target domain (transcripts and speakers optional)
+    source_rule: str = "age_group==adult"   # one data source: the source domain (real transcripts usable)
+    target_rule: str = "age_group==child"   # one data source: the target domain (transcripts only to measure)
+    # target speakers: auto = the speaker field when every target line has one, else recording;
+    # recording = one pseudo-speaker per recording (the `recording` field of segments, else the audio file)
+    target_speakers: Literal["auto", "field", "recording"] = "auto"
     # source speakers: train (tau), dev (early stopping), sim (the label-free lambda rule)
     source_parts: dict[str, int | float] = checked(
         default_factory=lambda: {"train": 0.6, "dev": 0.15, "sim": 0.25}, gt=0)
@@ -160,7 +165,7 @@ class Recipe:
         (data paths made absolute, the normaliser only at the top level)."""
         d = to_mapping(self)
         d["student"]["finetune"].pop("normalizer", None)
-        for key in ("kaldi_dir", "manifest"):
+        for key in ("kaldi_dir", "manifest", "source_manifest", "target_manifest"):
             if d["data"][key]:
                 d["data"][key] = str(self.path(d["data"][key]))
         return d
@@ -232,9 +237,8 @@ def check_recipe(recipe: Recipe) -> None:
         _check_extractor(where, recipe.clusters.extractor)
     # a Kaldi directory's audio headers are read only when a rule selects by duration
     rules = recipe.data.source_rule + recipe.data.target_rule
-    items = P.load_items(recipe, durations="duration" in rules)  # the data source exists and parses
-    _check_speakers(recipe, items)
-    P.split_parts(recipe, items)  # every part and early-stopping split gets speakers
+    domains = P.load_domains(recipe, durations="duration" in rules)  # the data exists, parses, has speakers
+    P.split_parts(recipe, domains)  # every part and early-stopping split gets speakers
 
 
 def check_model_name(name: str, key: str) -> None:
@@ -262,19 +266,3 @@ def _check_extractor(where: str, name: str) -> None:
         return
     raise RecipeError(f"{where}: clusters.extractor: {name!r} is not a speaker extractor; use melstats or the "
                       "folder written by `selfspeech sv train` (its encoder/ subfolder)")
-
-
-def _check_speakers(recipe: Recipe, items: list[dict]) -> None:
-    """Parts are split by speaker (and clusters.level speaker clusters speakers): each utterance needs one."""
-    from selfspeech.data.select import select
-
-    d = recipe.data
-    for side, rule in (("target", d.target_rule), ("source", d.source_rule)):
-        missing = [it.get("id") for it in select(items, rule) if it.get("speaker") in (None, "")]
-        if missing:
-            key, path = ("manifest", recipe.path(d.manifest)) if d.manifest else ("kaldi_dir", recipe.path(d.kaldi_dir))
-            why = f"data.{side}_parts are split by speaker" + (
-                " and clusters.level: speaker clusters speakers" if recipe.clusters.level == "speaker" else "")
-            raise RecipeError(f"{recipe.source}: data.{key}: {str(path)!r} has {len(missing)} {side} utterance(s) "
-                              f"without a speaker field (first: {missing[0]!r}); {why}: add \"speaker\" to each "
-                              f"of its lines")

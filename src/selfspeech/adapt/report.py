@@ -102,6 +102,20 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
+def _target_lines(result: dict) -> list[str]:
+    """What the target let the run know: a scored eval part, or only agreement with the teacher."""
+    spk = {"field": "the manifest's speakers",
+           "recording": "one pseudo-speaker per recording (the target has no speaker field)"}
+    lines = [f"Target speakers: {spk.get(result.get('target_speakers', 'field'), result.get('target_speakers'))}."]
+    if result.get("target_labelled", True):
+        return lines + ["Scored on the target-eval speakers' transcripts, which no stage trained or chose on."]
+    return lines + ["**The target has no transcripts, so no target WER can be measured.** Every target speaker was "
+                    "adapted to. The table gives each system's word disagreement with the teacher's labels on the "
+                    "target (the teacher is the reference, so a lower figure means closer to the teacher, not "
+                    "more accurate); lambda was chosen on held-out source speakers; the teacher's filter counts "
+                    "are under Data."]
+
+
 def write_report(out: Path, result: dict, scores: dict, title: str) -> Path:
     out = Path(out)
     write_json(out / "scores.json", scores)
@@ -119,11 +133,14 @@ def write_report(out: Path, result: dict, scores: dict, title: str) -> Path:
     if curves:
         plot_lambda(curves, lam["lambda"], out / "wer_lambda.png")
     s = scores["systems"]
-    lines = [f"# {title}", "",
+    labelled = result.get("target_labelled", True)
+    metric = "WER" if labelled else "WER against the teacher"
+    lines = [f"# {title}", "", *_target_lines(result), "",
              f"lambda = {lam['lambda']:g}, tau scope `{lam.get('scope', 'all')}`, chosen by rule `{lam['rule']}` "
              "(no target transcript used).", "", _disk_line(result.get("disk") or {}), "",
              versions_line(scores.get("versions")), "",
-             "![WER per system](wer_systems.png)", "", "| system | WER % [95% CI] | CER % | utterances | speakers |",
+             "![WER per system](wer_systems.png)", "",
+             f"| system | {metric} % [95% CI] | CER % | utterances | speakers |",
              "| --- | --- | --- | --- | --- |"]
     for k, v in s.items():
         lines.append(f"| {LABELS.get(k, k)} | {_pct(v['wer'])} [{_pct(v['wer_ci95'][0])}, {_pct(v['wer_ci95'][1])}] "

@@ -34,8 +34,10 @@ _MEMBERS = ("source_train", "target_adapt", "target_eval")  # the parts embedded
 
 
 def run_sc(S: StageRunner, st: Student, parts: dict, ps: dict, theta_tp: Output, lam: float,
-           scope: str) -> tuple[dict[str, str], dict]:
-    """Pseudo2Real-SC (and its random-cluster control): a hypothesis file per system, and the clusters."""
+           scope: str, decoded: str = "target_eval") -> tuple[dict[str, str], dict]:
+    """Pseudo2Real-SC (and its random-cluster control): a hypothesis file per system, and the clusters.
+
+    ``decoded``: the target part whose utterances are decoded (target_adapt for an unlabelled target)."""
     spec, seed = st.recipe.clusters, st.recipe.data.seed
     items = {n: list(read_manifest(parts[n])) for n in _MEMBERS}
     every = [it for n in _MEMBERS for it in items[n]]
@@ -47,7 +49,7 @@ def run_sc(S: StageRunner, st: Student, parts: dict, ps: dict, theta_tp: Output,
     cl = S(Stage("sc_clusters", partial(_cluster, vecs, src_keys, spec, seed),
                  {"k": spec.k, "level": spec.level, "min_size": spec.min_size, "seed": seed}, ("sc_embed",)))
     kinds = {"kmeans": "p2r_sc"} | ({"random": "p2r_sc_random"} if spec.random_control else {})
-    hyps = {system: _decode_by_cluster(S, st, parts, ps, items, kind, cl, theta_tp, lam, scope)
+    hyps = {system: _decode_by_cluster(S, st, parts, ps, items, kind, cl, theta_tp, lam, scope, decoded)
             for kind, system in kinds.items()}
     info = {k: v for k, v in cl.items() if k not in ("kmeans", "random")}
     info["assignment"] = {"kmeans": cl["kmeans"], "random": cl["random"]}
@@ -75,8 +77,9 @@ def _cluster(vecs: dict, src_keys: set[str], spec, seed: int, d: Path) -> dict:
 
 
 def _decode_by_cluster(S: StageRunner, st: Student, parts: dict, ps: dict, items: dict, kind: str, cl: dict,
-                       theta_tp: Output, lam: float, scope: str) -> str:
-    """Each target-eval utterance of cluster c decoded by theta_tp + lam * tau_c[scope]; one hypothesis file."""
+                       theta_tp: Output, lam: float, scope: str, decoded: str = "target_eval") -> str:
+    """Each utterance of part ``decoded`` in cluster c decoded by theta_tp + lam * tau_c[scope]; one hypothesis
+    file."""
     level = st.recipe.clusters.level
     labels = {k: int(v) for k, v in cl[kind].items()}
     parts_dir = S.root / f"sc_{kind}_parts"
@@ -86,7 +89,7 @@ def _decode_by_cluster(S: StageRunner, st: Student, parts: dict, ps: dict, items
     for c in range(cl["k"]):
         keep = {it["id"] for it in items["source_train"] if labels[_key(it, level)] == c} & paired
         tau_c = _cluster_tau(S, st, parts, ps, f"sc_{kind}_c{c}", keep, parts_dir / f"c{c}")
-        ev = [it for it in items["target_eval"] if labels[_key(it, level)] == c]
+        ev = [it for it in items[decoded] if labels[_key(it, level)] == c]
         if not ev:
             continue
         sub = parts_dir / f"c{c}_eval.jsonl"
