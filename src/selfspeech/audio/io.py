@@ -83,12 +83,26 @@ def load_audio(
     return np.ascontiguousarray(wav, dtype=np.float32)
 
 
-def load_item(item: dict, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Load the audio of a manifest item, honouring optional ``offset``/``end`` seconds."""
+def item_span(item: dict) -> tuple[float, float | None]:
+    """[start, end) seconds of a manifest item's audio in its file (end None: to the end of the file).
+
+    ``end`` wins; otherwise an item with an ``offset`` spans ``offset + duration``
+    (NeMo's convention, what ``selfspeech data segment`` writes). A ``duration``
+    without an offset describes the whole file, which is read to its end.
+    """
     offset = float(item.get("offset", 0.0) or 0.0)
-    end = item.get("end")
+    if item.get("end") is not None:
+        return offset, float(item["end"])
+    if item.get("offset") is not None and item.get("duration") is not None:
+        return offset, offset + float(item["duration"])
+    return offset, None
+
+
+def load_item(item: dict, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Load the audio of a manifest item, honouring ``offset`` with ``end`` or ``duration`` (:func:`item_span`)."""
+    offset, end = item_span(item)
     try:
-        return load_audio(item["audio_filepath"], sample_rate, offset, None if end is None else float(end))
+        return load_audio(item["audio_filepath"], sample_rate, offset, end)
     except AudioError as e:
         raise AudioError(f"utterance {item.get('id')!r}: {e}") from None
 

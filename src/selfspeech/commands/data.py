@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from selfspeech.commands.common import console, fail
+from selfspeech.commands.common import JSON_HELP, console, fail
 from selfspeech.data.kaldi import KaldiError, iter_kaldi_dir
 from selfspeech.data.manifest import ManifestError, read_manifest, write_manifest
 from selfspeech.data.select import parse_parts, select, split_by_speaker
@@ -228,3 +228,50 @@ def stats_cmd(
         n, spk, dur = groups[k]
         t.add_row(k, str(n), str(len(spk)), f"{dur / 3600:.2f}")
     console.print(t)
+
+
+@app.command("segment")
+def segment_cmd(
+    manifest: Path = typer.Argument(..., help="Manifest of long recordings (JSONL)."),
+    out: Path = typer.Argument(..., help="Manifest of segments to write (JSONL; rerun to resume)."),
+    min_seconds: float = typer.Option(1.0, help="Speech regions shorter than this are joined to a neighbour within 2 s when the result fits, else dropped and counted."),
+    max_seconds: float = typer.Option(30.0, help="Longest segment, padding included (at most 30: Whisper's window); longer speech is split at its quietest 10-ms frame."),
+    pad_seconds: float = typer.Option(0.2, help="Padding on each side of a region, clipped to the file and to half the gap to the next one."),
+    merge_gap: float = typer.Option(0.5, help="Regions closer than this (seconds of silence) are joined while they fit in --max-seconds."),
+    threshold: float = typer.Option(0.5, help="Silero VAD speech probability above which a 32-ms frame is speech."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Cut long recordings (lectures, calls) into utterances with Silero VAD (as faster-whisper ships it).
+
+    Each output line points into the original file with offset and duration
+    (seconds; no audio is copied): id = <recording id>_<start ms, zero-padded>,
+    recording = the source id, the source's other fields copied, its text not
+    (a recording's transcript does not belong to one segment). An item already
+    at most --max-seconds long with one speech region passes through unchanged,
+    text included. The summary (recordings, segments, speech and dropped seconds)
+    is printed and written to OUT.summary.json; OUT.recordings.jsonl holds one
+    line per recording. A killed run resumes: run the same command again.
+
+    Example: selfspeech data segment lectures.jsonl lectures.segments.jsonl --max-seconds 20
+    """
+    from selfspeech.commands.common import emit, fail_if_all_failed
+    from selfspeech.data.segment import SegmentConfig, segment_manifest, side_paths
+
+    if not manifest.is_file():
+        fail(f"{manifest}: manifest not found")
+    try:
+        cfg = SegmentConfig(min_seconds, max_seconds, pad_seconds, merge_gap, threshold)
+        s = segment_manifest(manifest, out, cfg)
+    except (ManifestError, ValueError) as e:
+        fail(str(e))
+    def span(sec: float) -> str:
+        return f"{sec / 3600:.2f} h" if sec >= 3600 else f"{sec / 60:.1f} min" if sec >= 60 else f"{sec:.1f} s"
+
+    line = (f"{out}: {s['segments']} segments ({span(s['speech_seconds'])}) from {s['recordings']} recordings "
+            f"({span(s['audio_seconds'])}; {s['passed_through']} passed through unchanged); dropped "
+            f"{s['dropped_regions']} regions shorter than --min-seconds ({s['dropped_seconds']:.1f} s); "
+            f"{s['no_speech_recordings']} without speech, {s['failed_recordings']} failed; {s['resumed']} already "
+            f"there; summary in {side_paths(out)[1]}")
+    emit(s, as_json, line)
+    fail_if_all_failed(s["recordings"] - s["failed_recordings"], s["failed_recordings"], "recordings",
+                       s["failed"][0] if s["failed"] else None, "check the audio paths with `selfspeech data validate`")

@@ -29,6 +29,7 @@ def label(
     ray_actors: int = typer.Option(0, "--ray", help="Decode with N Ray actors (pip install 'selfspeech\\[ray]'; RAY_ADDRESS joins a cluster); the same records as one process."),
     threads: int = typer.Option(0, help="CPU threads per teacher (0 = CTranslate2's default; with --ray: 1 if 0)."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    segment: bool = typer.Option(False, "--segment", help="Cut utterances longer than 30 s with the VAD first (`selfspeech data segment` defaults; into OUT.segments.jsonl, resumable) and label the segments; without it such a manifest is refused."),
 ) -> None:
     """Pseudo-label every utterance of a manifest with a teacher.
 
@@ -36,7 +37,11 @@ def label(
     reference text) with text = the teacher's transcript, avg_logprob,
     compression_ratio, no_speech_prob, decode_seconds, status (ok|failed, with
     the reason) and flags (empty, repetition, low_logprob, no_speech,
-    truncated_30s). Flagged labels are kept so reports can count them.
+    truncated_30s: the audio ran past 30 s although its manifest said less).
+    Flagged labels are kept so reports can count them. An utterance longer
+    than Whisper's 30-s window is refused before any model opens; --segment
+    cuts such utterances into segments (one output line each, with offset and
+    duration into the recording) and labels those.
     A killed run resumes where it stopped: run the same command again. An
     output written by another teacher, backend, compute type or decoding
     option is refused (OUT.teacher.json records them). Exit 1 when every
@@ -45,6 +50,7 @@ def label(
     Example: selfspeech label --teacher whisper-base --in children.jsonl --out children.labels.jsonl
     """
     from selfspeech.accel import resolve_device
+    from selfspeech.data.segment import check_lengths
     from selfspeech.label.resume import ResumeError, check_resume, labelling_spec, record_spec
     from selfspeech.label.run import label_manifest
     from selfspeech.label.teacher import DecodeOptions, load_teacher, resolve_compute_type
@@ -62,6 +68,9 @@ def label(
     spec = labelling_spec(teacher, backend, compute_type, options)
     with refusing(ResumeError):  # before any model is opened: a resumed file keeps one teacher
         check_resume(out_path, spec)
+    in_path = _segmented(in_path, out_path) if segment else in_path
+    with refusing(ManifestError):  # Whisper sees 30 s: a longer utterance is refused, never truncated
+        check_lengths(in_path, limit=limit)
     if ray_actors > 0:
         import dataclasses
 
@@ -86,6 +95,20 @@ def label(
     except ManifestError as e:
         fail(str(e))
     _summary(stats, out_path, as_json)
+
+
+def _segmented(in_path: Path, out_path: Path) -> Path:
+    """``in_path`` with every utterance over 30 s cut by the VAD, as OUT.segments.jsonl (resumable)."""
+    from selfspeech.commands.common import console
+    from selfspeech.data.segment import WHISPER_SECONDS, SegmentConfig, segment_manifest
+
+    seg_path = out_path.with_name(out_path.name + ".segments.jsonl")
+    with refusing(ManifestError, ValueError):
+        s = segment_manifest(in_path, seg_path, SegmentConfig(untouched_up_to=WHISPER_SECONDS))
+    console.print(f"--segment: {s['recordings']} utterances -> {s['segments']} segments in {seg_path} "
+                  f"({s['dropped_regions']} speech regions under 1 s dropped, {s['no_speech_recordings']} "
+                  f"without speech, {s['failed_recordings']} unreadable)", highlight=False)
+    return seg_path
 
 
 def _summary(stats, out_path: Path, as_json: bool) -> None:

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import soundfile as sf
 
-from selfspeech.audio.io import SAMPLE_RATE
+from selfspeech.audio.io import SAMPLE_RATE, item_span
 from selfspeech.data.manifest import ManifestError, read_manifest
 
 KINDS = ("missing_file", "unreadable_audio", "empty_audio", "nan_samples", "wrong_rate",
@@ -70,10 +70,10 @@ def check_item(item: dict, sample_rate: int = SAMPLE_RATE, channels: int = 1, re
     try:
         with sf.SoundFile(path) as f:
             sr, ch = f.samplerate, f.channels
-            start = int(round(float(item.get("offset", 0) or 0) * sr))
+            offset, end = item_span(item)
+            start = int(round(offset * sr))
             f.seek(start)
-            end = item.get("end")
-            wav = f.read(-1 if end is None else max(0, int(round(float(end) * sr)) - start), dtype="float32")
+            wav = f.read(-1 if end is None else max(0, int(round((end - offset) * sr))), dtype="float32")
     except Exception as e:
         msg = str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__
         return out + [Problem("unreadable_audio", uid, path, msg)]

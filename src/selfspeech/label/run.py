@@ -22,6 +22,7 @@ import numpy as np
 
 from selfspeech.audio.io import AudioError, load_item
 from selfspeech.data.manifest import read_manifest
+from selfspeech.data.segment import check_lengths
 from selfspeech.label.filters import FilterConfig, flags_for
 from selfspeech.label.teacher import MAX_SECONDS, Hypothesis
 
@@ -197,11 +198,15 @@ def write_records(out, recs: list[dict], stats: "LabelStats") -> None:
 def label_manifest(in_path: str | os.PathLike, out_path: str | os.PathLike, teacher: Teacher,
                    teacher_name: str, batch_size: int = 8, filters: FilterConfig = FilterConfig(),
                    limit: int | None = None, progress: bool = True) -> LabelStats:
-    """Label every utterance of ``in_path`` not yet in ``out_path``; returns counts and timing."""
+    """Label every utterance of ``in_path`` not yet in ``out_path``; returns counts and timing.
+
+    A manifest with an utterance over 30 s is refused (TooLongError, before any
+    decoding): cut it with :func:`selfspeech.data.segment.segment_manifest` first."""
     from tqdm import tqdm
 
     in_path, out_path = Path(in_path), Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    check_lengths(in_path, MAX_SECONDS, limit)  # before decoding: Whisper would truncate a longer utterance
     done = recover_done_ids(out_path)
     stats = LabelStats()
     stats.note_teacher(teacher)

@@ -33,7 +33,7 @@ import torch
 from selfspeech.accel import DeviceError, cuda_summary, resolve_device
 
 SAMPLE_RATE = 16_000
-MAX_SECONDS = 30.0  # Whisper's window; longer utterances are flagged, not split
+MAX_SECONDS = 30.0  # Whisper's window: longer utterances are refused before labelling (data.segment)
 
 
 @dataclass(frozen=True)
