@@ -1,0 +1,54 @@
+"""Long recordings joined from utterances: lengths, pauses and the references' offsets."""
+from __future__ import annotations
+
+import numpy as np
+import soundfile as sf
+
+from selfspeech.audio.io import load_item
+from selfspeech.data.longform import LongFormConfig, join_recordings
+from selfspeech.data.manifest import read_manifest, write_manifest
+
+
+def _utts(tmp_path, speakers=2, per=6, seconds=1.0):
+    items = []
+    for s in range(speakers):
+        for u in range(per):
+            n = int(16000 * (seconds + 0.1 * u))
+            t = np.arange(n) / 16000
+            wav = (0.3 * np.sin(2 * np.pi * (200 + 50 * s + 10 * u) * t)).astype(np.float32)
+            p = tmp_path / f"s{s}u{u}.flac"
+            sf.write(p, wav, 16000)
+            items.append({"id": f"s{s}u{u}", "audio_filepath": str(p), "duration": n / 16000, "speaker": f"s{s}",
+                          "text": f"word {u}"})
+    return items
+
+
+def test_recordings_hold_every_utterance_where_the_reference_says(tmp_path):
+    items = _utts(tmp_path)
+    cfg = LongFormConfig(min_seconds=3.0, max_seconds=5.0, pause_seconds=(0.3, 0.6), seed=1)
+    recs, refs = join_recordings(items, tmp_path / "lf", cfg)
+    recs, refs = list(read_manifest(recs)), list(read_manifest(refs))
+    assert sorted(r["id"] for r in refs) == sorted(i["id"] for i in items)   # all speech kept, once
+    assert all("text" not in r and "speaker" not in r for r in recs)        # what a user's folder gives
+    assert all(r["duration"] <= 5.0 + 1e-6 for r in recs)
+    assert all(r["recording"].startswith(r["speaker"]) for r in refs)       # one speaker per recording
+    by_id = {i["id"]: i for i in items}
+    for r in refs:  # the reference's offset cuts out exactly the original utterance
+        assert np.allclose(load_item(r), load_item(by_id[r["id"]]), atol=1e-4), r["id"]
+    # consecutive utterances of a recording are separated by a pause in the configured range
+    for rec in {r["recording"] for r in refs}:
+        spans = sorted((r["offset"], r["offset"] + r["duration"]) for r in refs if r["recording"] == rec)
+        gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
+        assert all(0.3 - 1e-3 <= g <= 0.6 + 1e-3 for g in gaps), gaps
+
+
+def test_noise_condition_keeps_offsets_and_is_deterministic(tmp_path):
+    items = _utts(tmp_path, speakers=1, per=4)
+    cfg = LongFormConfig(min_seconds=2.0, max_seconds=10.0, snr_db=10.0, seed=3)
+    a = list(read_manifest(join_recordings(items, tmp_path / "a", cfg)[1]))
+    b = list(read_manifest(join_recordings(items, tmp_path / "b", cfg)[1]))
+    assert [(r["id"], r["offset"]) for r in a] == [(r["id"], r["offset"]) for r in b]
+    wa, _ = sf.read(a[0]["audio_filepath"])
+    wb, _ = sf.read(b[0]["audio_filepath"])
+    assert np.array_equal(wa, wb) and np.std(wa[:1000]) > 0.01  # the pauses are noisy
+    write_manifest(tmp_path / "x.jsonl", a)
