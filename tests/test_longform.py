@@ -32,6 +32,12 @@ def test_recordings_hold_every_utterance_where_the_reference_says(tmp_path):
     assert all("text" not in r and "speaker" not in r for r in recs)        # what a user's folder gives
     assert all(r["duration"] <= 5.0 + 1e-6 for r in recs)
     assert all(r["recording"].startswith(r["speaker"]) for r in refs)       # one speaker per recording
+    # speakers one after another: fewer, longer recordings, every utterance still where the reference says
+    mixed = list(read_manifest(join_recordings(items, tmp_path / "mix", LongFormConfig(
+        min_seconds=8.0, max_seconds=12.0, pause_seconds=(0.3, 0.6), per_speaker=False, seed=1))[1]))
+    assert sorted(r["id"] for r in mixed) == sorted(i["id"] for i in items)
+    assert len({r["recording"] for r in mixed}) < len({r["recording"] for r in refs})
+    assert any(len({m["speaker"] for m in mixed if m["recording"] == rec}) == 2 for rec in {m["recording"] for m in mixed})
     by_id = {i["id"]: i for i in items}
     for r in refs:  # the reference's offset cuts out exactly the original utterance
         assert np.allclose(load_item(r), load_item(by_id[r["id"]]), atol=1e-4), r["id"]

@@ -30,6 +30,9 @@ class LongFormConfig:
     max_seconds: float = 300.0        # ... and never passes this (a speaker's rest starts a new one)
     pause_seconds: tuple[float, float] = (0.3, 1.5)   # uniform pause between utterances
     snr_db: float | None = None       # white noise over the whole recording at this SNR (speech power)
+    # True: one speaker per recording; False: speakers follow one another (a classroom, a meeting),
+    # which makes long recordings from speakers with little speech each
+    per_speaker: bool = True
     seed: int = 0
 
 
@@ -44,8 +47,9 @@ def join_recordings(items: list[dict], out_dir: str | Path, cfg: LongFormConfig 
 
     A speaker's utterances are shuffled (seeded) and laid end to end with
     pauses; a recording is closed once it reaches ``min_seconds``, or before
-    an utterance would push it past ``max_seconds``. A speaker's last recording
-    may be shorter than ``min_seconds`` (all of their speech is kept)."""
+    an utterance would push it past ``max_seconds``. The last recording of a
+    speaker (``per_speaker``) or of all (otherwise) may be shorter than
+    ``min_seconds``: all speech is kept."""
     out = Path(out_dir)
     (out / "audio").mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
@@ -53,10 +57,12 @@ def join_recordings(items: list[dict], out_dir: str | Path, cfg: LongFormConfig 
     by: dict[str, list[dict]] = {}
     for it in items:
         by.setdefault(str(it["speaker"]), []).append(it)
+    for spk in by:
+        by[spk] = sorted(by[spk], key=lambda x: x["id"])
+        rng.shuffle(by[spk])
+    groups = {s: by[s] for s in sorted(by)} if cfg.per_speaker else {"all": [u for s in sorted(by) for u in by[s]]}
     recordings, refs = [], []
-    for spk in sorted(by):
-        utts = sorted(by[spk], key=lambda x: x["id"])
-        rng.shuffle(utts)
+    for spk, utts in groups.items():
         pieces: list[tuple[dict, np.ndarray]] = []
         for it in utts + [None]:  # None: flush the speaker's last recording
             wav = load_item(it) if it is not None else None
@@ -64,15 +70,15 @@ def join_recordings(items: list[dict], out_dir: str | Path, cfg: LongFormConfig 
             full = it is None or length >= cfg.min_seconds or (
                 length + len(wav) / SAMPLE_RATE + cfg.pause_seconds[1] > cfg.max_seconds)
             if full and pieces:
-                rec = f"{spk}_rec{sum(r['speaker'] == spk for r in recordings):02d}"
+                rec = f"{spk}_rec{sum(r['group'] == spk for r in recordings):03d}"
                 line, placed = _write(out, rec, pieces, cfg, rng, nrng)
-                recordings.append({**line, "speaker": spk})
+                recordings.append({**line, "group": spk})
                 refs += placed
                 pieces = []
             if it is not None:
                 pieces.append((it, wav))
     # the recordings manifest is what a user's folder gives: audio only
-    write_manifest(out / "recordings.jsonl", [{k: v for k, v in r.items() if k != "speaker"} for r in recordings])
+    write_manifest(out / "recordings.jsonl", [{k: v for k, v in r.items() if k != "group"} for r in recordings])
     write_manifest(out / "reference.jsonl", refs)
     return out / "recordings.jsonl", out / "reference.jsonl"
 
