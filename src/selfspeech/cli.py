@@ -12,6 +12,7 @@ from selfspeech.commands import arith as _arith
 from selfspeech.commands import data as _data
 from selfspeech.commands import demo as _demo
 from selfspeech.commands import eval as _eval
+from selfspeech.commands import imports as _imports  # noqa: F401  (adds import-dir, import-table, import-hf to data)
 from selfspeech.commands import label as _label
 from selfspeech.commands import models as _models
 from selfspeech.commands import ssl as _ssl

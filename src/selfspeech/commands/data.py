@@ -13,7 +13,8 @@ from selfspeech.data.manifest import ManifestError, read_manifest, write_manifes
 from selfspeech.data.select import parse_parts, select, split_by_speaker
 from selfspeech.data.validate import validate_manifest
 
-app = typer.Typer(no_args_is_help=True, help="Manifests: import a Kaldi directory, select, split by speaker, validate.")
+app = typer.Typer(no_args_is_help=True, help="Manifests: import a folder of recordings, a CSV/TSV table, Kaldi, "
+                  "Lhotse or Hugging Face data; select, split by speaker, validate.")
 
 
 @app.command("import-kaldi")
@@ -81,37 +82,6 @@ def import_lhotse(
     try:
         n = write_manifest(out, read_lhotse(cuts))
     except (ValueError, ImportError, OSError) as e:
-        fail(str(e))
-    console.print(f"wrote {n} utterances to {out}")
-
-
-@app.command("import-hf")
-def import_hf(
-    dataset: Path = typer.Argument(..., help="A Hugging Face dataset saved with save_to_disk (a Dataset, or a DatasetDict with --split)."),
-    out: Path = typer.Argument(..., help="Manifest to write (JSONL)."),
-    audio_dir: Path = typer.Option(None, help="Where decoded audio is written as FLAC (default: OUT's folder/audio)."),
-    split: str = typer.Option(None, help="Split of a DatasetDict, e.g. train."),
-    audio: str = typer.Option("audio", help="Audio column."),
-    text: str = typer.Option("text", help="Transcript column ('' for none)."),
-    speaker: str = typer.Option("speaker", help="Speaker column ('' for none)."),
-    id_column: str = typer.Option(None, help="Utterance id column (default: row numbers)."),
-) -> None:
-    """Import a Hugging Face `datasets` audio dataset (decoded arrays or file paths). Needs datasets."""
-    try:
-        import datasets
-    except ImportError:
-        fail("needs the datasets package: pip install 'selfspeech[exchange]'")
-    from selfspeech.data.exchange import from_hf_dataset
-
-    try:
-        ds = datasets.load_from_disk(str(dataset))
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                fail(f"{dataset} is a DatasetDict: give --split, one of {list(ds)}")
-            ds = ds[split]
-        n = write_manifest(out, from_hf_dataset(ds, audio_dir or out.parent / "audio", audio, text or None,
-                                                speaker or None, id_column))
-    except (ValueError, OSError, FileNotFoundError) as e:
         fail(str(e))
     console.print(f"wrote {n} utterances to {out}")
 

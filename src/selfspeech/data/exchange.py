@@ -12,18 +12,22 @@ Our manifest item is ``{"id", "audio_filepath", "duration", "text", "speaker",
   item, a ``Recording`` per audio file and one ``SupervisionSegment`` carrying
   text, speaker, gender and every other field in ``custom``; saved as
   ``cuts.jsonl.gz``.
-- **Hugging Face datasets** (import): an ``Audio`` column decoded to arrays
-  (written to FLAC once) or holding file paths, plus text/speaker/id columns;
-  other scalar columns become metadata.
+- **Hugging Face datasets** (import): an ``Audio`` column read undecoded (its
+  bytes written once, or its file paths used in place), decoded arrays (written
+  to FLAC once), plus text/speaker/id columns; other scalar columns become
+  metadata. An ``audiofolder`` is read by ``data.imports.import_audiofolder``.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from selfspeech.data.atomic import atomic_path, atomic_write
+from selfspeech.data.imports import audio_extensions
+from selfspeech.data.manifest import safe_id
 
 CORE = ("id", "audio_filepath", "duration", "text", "speaker", "offset", "end")
 
@@ -158,48 +162,68 @@ def read_lhotse(cuts) -> Iterator[dict]:
 
 # ---------------------------------------------------------------- Hugging Face datasets
 
-def from_hf_dataset(ds, audio_dir: str | os.PathLike, audio: str = "audio", text: str | None = "text",
-                    speaker: str | None = "speaker", id_column: str | None = None) -> Iterator[dict]:
-    """Rows of a ``datasets.Dataset`` -> manifest items.
+def _hf_audio_file(a, uid: str, out: Path, where: str) -> tuple[str, float]:
+    """(audio file, duration) of one row's audio value; in-memory audio is written to ``out`` once.
 
-    The audio column may hold decoded ``{"array", "sampling_rate"}`` (written to
-    ``audio_dir/<id>.flac`` once, 16-bit) or ``{"path"}``/a path string (used in
-    place). Other scalar columns are kept as metadata. Missing columns are
-    errors that name the column and list the ones that exist.
+    ``{"array", "sampling_rate"}`` -> ``<id>.flac`` (16-bit); ``{"bytes", "path"}``
+    (an ``Audio(decode=False)`` column) -> the bytes as they are, ``<id>`` plus
+    the path's suffix when soundfile reads it (else decoded to FLAC); a local
+    file path -> used in place.
     """
     import numpy as np
     import soundfile as sf
 
+    path = a if isinstance(a, str) else (a.get("path") if isinstance(a, dict) else None)
+    if isinstance(a, dict) and a.get("array") is not None:
+        wav, sr = np.asarray(a["array"], dtype=np.float32), int(a["sampling_rate"])
+        dest = out / f"{safe_id(uid)}.flac"
+        if not dest.is_file():  # atomic: a killed import leaves no half file that a rerun would keep
+            with atomic_path(dest, suffix=".flac") as tmp:
+                sf.write(tmp, wav, sr)
+        return str(dest), len(wav) / sr
+    if isinstance(a, dict) and a.get("bytes"):
+        try:
+            info = sf.info(io.BytesIO(a["bytes"]))
+        except Exception as e:
+            raise ValueError(f"{where}: audio bytes soundfile cannot read ({str(e).strip()[:120]})") from None
+        ext = Path(path or "").suffix.lower()
+        dest = out / f"{safe_id(uid)}{ext if ext[1:] in audio_extensions() else '.flac'}"
+        if not dest.is_file():
+            with atomic_path(dest, suffix=dest.suffix) as tmp:
+                if dest.suffix == ext:
+                    tmp.write_bytes(a["bytes"])
+                else:
+                    sf.write(tmp, *sf.read(io.BytesIO(a["bytes"]), dtype="float32"))
+        return str(dest), info.duration
+    if not (path and Path(path).is_file()):
+        raise ValueError(f"{where}: neither decoded audio, nor audio bytes, nor a readable file ({str(a)[:80]})")
+    return os.path.abspath(path), sf.info(path).duration
+
+
+def from_hf_dataset(ds, audio_dir: str | os.PathLike, audio: str = "audio", text: str | None = "text",
+                    speaker: str | None = "speaker", id_column: str | None = None) -> Iterator[dict]:
+    """Rows of a ``datasets.Dataset`` -> manifest items.
+
+    An ``Audio`` column is cast to ``Audio(decode=False)`` and read with
+    soundfile (no torchcodec needed); see :func:`_hf_audio_file` for what is
+    written to ``audio_dir``. The id is ``id_column`` (default: the column
+    ``id`` when there is one, else ``utt<row number>``). Other scalar columns
+    are kept as metadata. Missing columns are errors that name the column and
+    list the ones that exist.
+    """
     cols = list(ds.column_names)
+    if id_column is None and "id" in cols and audio != "id":
+        id_column = "id"
     for c in (audio, text, speaker, id_column):
         if c is not None and c not in cols:
             raise ValueError(f"dataset has no column {c!r}; columns: {cols}")
+    feature = (getattr(ds, "features", None) or {}).get(audio)
+    if type(feature).__name__ == "Audio" and getattr(feature, "decode", False):
+        ds = ds.cast_column(audio, type(feature)(decode=False))
     out = Path(audio_dir)
     for i, row in enumerate(ds):
         uid = str(row[id_column]) if id_column else f"utt{i:07d}"
-        a = row[audio]
-        path = a if isinstance(a, str) else (a.get("path") if isinstance(a, dict) else None)
-        wav = None
-        if isinstance(a, dict) and a.get("array") is not None:
-            wav, sr = np.asarray(a["array"], dtype=np.float32), int(a["sampling_rate"])
-        elif isinstance(a, dict) and a.get("bytes"):  # Audio(decode=False): encoded bytes
-            import io
-
-            wav, sr = sf.read(io.BytesIO(a["bytes"]), dtype="float32")
-        elif hasattr(a, "get_all_samples"):  # datasets >= 4 decodes lazily with torchcodec
-            s = a.get_all_samples()
-            wav, sr = s.data.numpy().mean(0).astype(np.float32), int(s.sample_rate)
-        elif not (path and Path(path).is_file()):
-            raise ValueError(f"row {i} ({uid}): column {audio!r} has neither a decoded array nor a readable file "
-                             f"({str(a)[:80]})")
-        if wav is not None:  # decoded in memory: written once as FLAC, then used like any file
-            out.mkdir(parents=True, exist_ok=True)
-            path = str(out / f"{uid}.flac")
-            if not Path(path).is_file():
-                sf.write(path, wav, sr)
-            dur = len(wav) / sr
-        else:
-            dur = sf.info(path).duration
+        path, dur = _hf_audio_file(row[audio], uid, out, f"row {i} ({uid}): column {audio!r}")
         item = {"id": uid, "audio_filepath": path, "duration": round(dur, 4)}
         if text:
             item["text"] = row[text]

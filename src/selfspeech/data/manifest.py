@@ -6,7 +6,9 @@ A line looks like::
      "text": "WE CALL IT BEAR", "speaker": "0001", "age": 6, "group": "child"}
 
 ``audio_filepath`` may be relative: it is then resolved against the manifest's
-own folder, so a corpus folder can be moved as a whole. Reading streams (a
+own folder, so a corpus folder can be moved as a whole. ``id`` may be absent
+(NeMo manifests have none): it is then derived from the audio path, see
+:func:`derived_id`. Reading streams (a
 generator), so a manifest of any size never sits in memory with its audio.
 Writing is atomic (temp file + rename): a killed writer leaves the old file.
 """
@@ -14,12 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+import re
+from pathlib import Path, PurePath
 from typing import Callable, Iterable, Iterator
 
 from selfspeech.data.atomic import atomic_write
 
-REQUIRED = ("id", "audio_filepath")
+REQUIRED = ("id", "audio_filepath")  # a line without ``id`` gets :func:`derived_id` of its audio path
 
 
 class ManifestError(ValueError):
@@ -31,8 +34,9 @@ def read_manifest(path: str | os.PathLike, resolve_paths: bool = True,
                   audio_root: str | os.PathLike | None = None) -> Iterator[dict]:
     """Yield one dict per non-empty line of a JSONL manifest.
 
-    Raises ManifestError naming ``path:line`` for a line that is not a JSON
-    object or lacks ``id``/``audio_filepath``; with ``on_bad_line`` the error
+    A line without ``id`` gets :func:`derived_id` (same line, same id on every
+    read). Raises ManifestError naming ``path:line`` for a line that is not a
+    JSON object or lacks ``audio_filepath``; with ``on_bad_line`` the error
     is handed to it instead and reading goes on (``data validate`` does this).
     ``audio_root`` (or the environment's ``SELFSPEECH_AUDIO_ROOT``): every audio
     path must resolve inside it (symlinks and ``..`` included), so a manifest
@@ -70,17 +74,64 @@ def read_manifest(path: str | os.PathLike, resolve_paths: bool = True,
             yield item
 
 
+def safe_id(text: str) -> str:
+    """``text`` with path separators and whitespace replaced by ``_``: usable as an id, a Kaldi key and a file name."""
+    return re.sub(r"[\s/\\]+", "_", text).strip("_")
+
+
+def derived_id(audio_filepath: str, root: str | os.PathLike, offset: float | None = None) -> str:
+    """The id of a line that has none: its audio path without extension, separators replaced by ``_``.
+
+    The path is taken as written, relative to ``root`` (the manifest's folder)
+    when it lies inside it, else without its leading ``/``; ``.``/``..`` parts
+    are dropped. With an ``offset`` (seconds) ``_<offset in ms>`` is appended,
+    so segments of one file differ: ``spk1/a.wav`` at 1.5 s -> ``spk1_a_1500``.
+    Two lines naming the same audio and offset get the same id: a duplicate,
+    reported by ``data validate`` and skipped by the trainers like any other.
+    """
+    p = PurePath(os.path.normpath(audio_filepath))
+    if p.is_absolute():
+        roots = [r for r in (os.path.abspath(root), os.path.realpath(root)) if p.is_relative_to(r)]
+        p = p.relative_to(roots[0]) if roots else PurePath(*p.parts[1:])
+    parts = [x for x in p.parts if x not in (".", "..")]
+    if parts:
+        parts[-1] = os.path.splitext(parts[-1])[0] or parts[-1]
+    uid = safe_id("/".join(parts))
+    if offset is not None:
+        uid = f"{uid}_{int(round(float(offset) * 1000))}"
+    return uid
+
+
+def _add_derived_id(item: dict, path: str | os.PathLike, lineno: int) -> None:
+    if "id" in item or not isinstance(item.get("audio_filepath"), str) or not item["audio_filepath"]:
+        return
+    try:
+        uid = derived_id(item["audio_filepath"], Path(path).parent, item.get("offset"))
+    except (TypeError, ValueError, OverflowError):
+        raise ManifestError(f"{path}:{lineno}: offset must be a number of seconds, got {item.get('offset')!r}") from None
+    if not uid or "\ufffd" in uid:
+        raise ManifestError(f"{path}:{lineno}: no id can be derived from audio_filepath {item['audio_filepath']!r}; "
+                            "add an \"id\" field (or convert the file to UTF-8)")
+    item["id"] = uid
+
+
 def parse_line(line: str, path: str | os.PathLike, lineno: int, required: tuple[str, ...] = REQUIRED) -> dict:
-    """One JSONL line -> dict with the ``required`` fields; ManifestError names ``path:line``."""
+    """One JSONL line -> dict with the ``required`` fields; ManifestError names ``path:line``.
+
+    A line with an ``audio_filepath`` but no ``id`` gets :func:`derived_id`.
+    """
     try:
         item = json.loads(line)
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
     if not isinstance(item, dict):
         raise ManifestError(f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}")
+    _add_derived_id(item, path, lineno)
     missing = [k for k in required if k not in item]
     if missing:
-        raise ManifestError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+        both = {"id", "audio_filepath"} <= set(missing)
+        hint = " (the id is derived from audio_filepath when absent)" if both else ""
+        raise ManifestError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}{hint}")
     if "audio_filepath" in item and (not isinstance(item["audio_filepath"], str) or not item["audio_filepath"]):
         raise ManifestError(f"{path}:{lineno}: audio_filepath must be a non-empty string, got "
                             f"{item['audio_filepath']!r}")
