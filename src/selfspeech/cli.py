@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import typer
 
+import selfspeech
 from selfspeech.commands import adapt as _adapt
 from selfspeech.commands import arith as _arith
 from selfspeech.commands import data as _data
@@ -25,7 +26,22 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every sub-command
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"selfspeech {selfspeech.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the package version and exit.")) -> None:
+    """Learn speech models from audio nobody has transcribed."""
+
+
 app.add_typer(_data.app, name="data")
 app.add_typer(_models.app, name="models")
 app.add_typer(_arith.app, name="arith")

@@ -132,6 +132,22 @@ def need_files(what: str = "manifest", **paths: Path | str | None) -> None:
             raise ConfigError(f"{key}: {str(p)!r} is not found; give the path of an existing {what}")
 
 
+def need_fields(manifest: Path, wanted: dict[str, str], hint: str = "") -> None:
+    """Refuse a field that no line of ``manifest`` has (``wanted``: field -> the option that named it): one
+    line naming the option, the fields the lines do have, and ``hint``. Stops reading once all are seen."""
+    from selfspeech.data.manifest import read_manifest
+
+    present: set[str] = set()
+    for item in read_manifest(manifest):
+        present.update(item)
+        if all(f in present for f in wanted):
+            return
+    for field, option in wanted.items():
+        if field not in present:
+            have = f"its lines have {', '.join(sorted(present))}" if present else "it has no lines"
+            fail(f"{option} {field!r}: no line of {manifest} has this field; {have}" + (f"; {hint}" if hint else ""))
+
+
 def check_model(name: str, option: str) -> None:
     """A Whisper zoo name or model folder given on the command line; nothing is pulled or opened."""
     from selfspeech.adapt.recipe import check_model_name

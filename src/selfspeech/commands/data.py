@@ -7,10 +7,10 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from selfspeech.commands.common import JSON_HELP, console, fail
+from selfspeech.commands.common import JSON_HELP, console, emit, fail, need_fields
 from selfspeech.data.kaldi import KaldiError, iter_kaldi_dir
 from selfspeech.data.manifest import ManifestError, read_manifest, write_manifest
-from selfspeech.data.select import parse_parts, select, split_by_speaker
+from selfspeech.data.select import parse_parts, parse_rule, select, split_by_speaker
 from selfspeech.data.validate import validate_manifest
 
 app = typer.Typer(no_args_is_help=True, help="Manifests: import a folder of recordings, a CSV/TSV table, Kaldi, "
@@ -61,7 +61,10 @@ def export_lhotse(
     manifest: Path = typer.Argument(..., help="Manifest (JSONL)."),
     out: Path = typer.Argument(..., help="CutSet to write (.jsonl.gz)."),
 ) -> None:
-    """Write a Lhotse CutSet (recordings + supervisions; metadata in supervision.custom). Needs lhotse."""
+    """Write a Lhotse CutSet (recordings + supervisions; metadata in supervision.custom). Needs lhotse.
+
+    Example: selfspeech data export-lhotse so762.jsonl data/so762_cuts.jsonl.gz
+    """
     from selfspeech.data.exchange import write_lhotse
 
     try:
@@ -76,7 +79,10 @@ def import_lhotse(
     cuts: Path = typer.Argument(..., help="Lhotse CutSet (.jsonl.gz), one supervision per cut."),
     out: Path = typer.Argument(..., help="Manifest to write (JSONL)."),
 ) -> None:
-    """Import a Lhotse CutSet into a manifest (text, speaker, gender, language, custom fields). Needs lhotse."""
+    """Import a Lhotse CutSet into a manifest (text, speaker, gender, language, custom fields). Needs lhotse.
+
+    Example: selfspeech data import-lhotse data/librispeech_cuts_dev-clean.jsonl.gz data/dev-clean.jsonl
+    """
     from selfspeech.data.exchange import read_lhotse
 
     try:
@@ -97,10 +103,11 @@ def select_cmd(
     Example: selfspeech data select so762.jsonl adults.jsonl --where 'age>=18'
     """
     try:
+        need_fields(manifest, {c.field: "--where" for c in parse_rule(where)})
         n = write_manifest(out, select(read_manifest(manifest), where))
     except (ManifestError, ValueError) as e:
         fail(str(e))
-    console.print(f"selected {n} utterances into {out}")
+    emit({"out": str(out), "utterances": n}, False, f"selected {n} utterances into {out}")
 
 
 @app.command("split")
@@ -116,40 +123,51 @@ def split_cmd(
     Example: selfspeech data split children.jsonl splits/ --parts adapt=0.5,eval=0.5 --seed 0
     """
     try:
+        need_fields(manifest, {speaker_field: "--speaker-field"},
+                    "splits are by speaker: name the field that holds it with --speaker-field")
         splits = split_by_speaker(read_manifest(manifest), parse_parts(parts), seed, speaker_field)
     except (ManifestError, ValueError) as e:
         fail(str(e))
+    lines = []
     for name, items in splits.items():
         write_manifest(out_dir / f"{name}.jsonl", items)
         n_spk = len({i[speaker_field] for i in items})
-        console.print(f"{name}: {len(items)} utterances, {n_spk} speakers -> {out_dir / (name + '.jsonl')}")
+        lines.append(f"{name}: {len(items)} utterances, {n_spk} speakers -> {out_dir / (name + '.jsonl')}")
+    emit({}, False, "\n".join(lines))
 
 
 @app.command("validate")
 def validate_cmd(
     manifest: Path = typer.Argument(..., help="Manifest to check (JSONL)."),
-    sample_rate: int = typer.Option(16000, help="Expected sample rate."),
-    channels: int = typer.Option(1, help="Expected channel count."),
-    require_text: bool = typer.Option(True, help="Treat a missing/empty transcript as a problem (--no-require-text for unlabelled audio)."),
+    sample_rate: int = typer.Option(16000, help="Expected sample rate (another one is a warning: resampled on load)."),
+    channels: int = typer.Option(1, help="Expected channel count (another one is a warning: mixed down on load)."),
+    require_text: bool = typer.Option(True, "--text/--no-text", "--require-text/--no-require-text", help="--no-text for unlabelled audio: a missing or empty transcript is fine (one that is there is still checked)."),
     require_speaker: bool = typer.Option(False, help="Treat a missing speaker field as a problem (splits and CIs are by speaker)."),
     min_seconds: float = typer.Option(0.1, help="Shorter audio is a problem (too_short)."),
     max_seconds: float = typer.Option(30.0, help="Longer audio is a problem (too_long: Whisper sees 30 s)."),
     max_show: int = typer.Option(50, help="Print at most this many problems (all are counted)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Check every utterance: missing files, unreadable/corrupt, empty or NaN audio,
-    digital silence, clipping, too short or too long, wrong rate or channels,
-    empty or non-text transcripts, non-UTF-8 ids, missing speakers, duplicate
-    ids, malformed lines (named by file and line).
+    """Check every utterance before anything long runs on it.
 
-    Prints each problem with utterance id and path; exits 1 when anything is wrong.
+    Errors: missing files, unreadable/corrupt, empty or NaN audio, digital
+    silence, clipping, too short or too long, empty or non-text transcripts,
+    non-UTF-8 ids, missing speakers, duplicate ids, malformed lines (named by
+    file and line). Warnings: another sample rate or channel count than
+    expected, which the readers convert (soxr resampling, mixdown).
 
-    Example: selfspeech data validate so762.jsonl
+    Prints each problem with utterance id and path (stderr), then the counts;
+    exits 1 when there is an error, 0 when there are only warnings.
+
+    Example: selfspeech data validate so762.jsonl (unlabelled audio: --no-text)
     """
+    import sys
+
     from tqdm import tqdm
 
     if not manifest.is_file():
         fail(f"{manifest}: manifest not found")
-    counts: Counter[str] = Counter()
+    found: dict[bool, Counter[str]] = {False: Counter(), True: Counter()}  # warning? -> kind -> count
     n_items = 0
     with tqdm(desc="validate", unit="utt", disable=None) as bar:
         for x in validate_manifest(manifest, sample_rate, channels, require_text, require_speaker=require_speaker,
@@ -158,46 +176,62 @@ def validate_cmd(
                 n_items += 1
                 bar.update()
                 continue
-            counts[x.kind] += 1
-            if sum(counts.values()) <= max_show:
-                bar.write(str(x))
-    if not counts:
-        console.print(f"[green]ok[/]: {n_items} utterances, no problems")
-        return
-    t = Table(title=f"{manifest}: {sum(counts.values())} problems in {n_items} utterances")
-    t.add_column("problem")
-    t.add_column("count", justify="right")
-    for k, v in counts.most_common():
-        t.add_row(k, str(v))
-    console.print(t)
-    raise typer.Exit(1)
+            found[x.warning][x.kind] += 1
+            if sum(found[False].values()) + sum(found[True].values()) <= max_show:
+                bar.write(("warning: " if x.warning else "") + str(x), file=sys.stderr)
+    errors, warnings = found[False], found[True]
+    summary = {"manifest": str(manifest), "utterances": n_items, "errors": sum(errors.values()),
+               "warnings": sum(warnings.values()), "error_kinds": dict(errors.most_common()),
+               "warning_kinds": dict(warnings.most_common())}
+    emit(summary, as_json, _validate_table(summary) if errors or warnings else
+         f"ok: {n_items} utterances, no problems")
+    if errors:
+        raise typer.Exit(1)
+
+
+def _validate_table(s: dict) -> Table:
+    verdict = "ok (warnings only)" if not s["errors"] else f"{s['errors']} errors"
+    t = Table(title=f"{s['manifest']}: {verdict}, {s['warnings']} warnings in {s['utterances']} utterances")
+    for c in ("problem", "severity", "count"):
+        t.add_column(c, justify="right" if c == "count" else "left")
+    for sev, kinds in (("error", s["error_kinds"]), ("warning (converted on load)", s["warning_kinds"])):
+        for k, v in kinds.items():
+            t.add_row(k, sev, str(v))
+    return t
 
 
 @app.command("stats")
 def stats_cmd(
     manifest: Path = typer.Argument(..., help="Manifest (JSONL)."),
-    by: str = typer.Option("age_group", help="Metadata field to group by."),
+    by: str = typer.Option(None, help="Metadata field to group by (default: age_group where the lines have it, else all utterances in one group)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Utterances, speakers and hours per group.
 
     Example: selfspeech data stats so762.jsonl --by age_group
     """
+    key = by or "age_group"
     groups: dict[str, list] = {}
     try:
+        if by is not None:
+            need_fields(manifest, {by: "--by"})
         for it in read_manifest(manifest):
-            g = groups.setdefault(str(it.get(by, "-")), [0, set(), 0.0])
+            g = groups.setdefault(str(it.get(key, "-")), [0, set(), 0.0])
             g[0] += 1
             g[1].add(it.get("speaker"))
             g[2] += float(it.get("duration") or 0)
     except ManifestError as e:
         fail(str(e))
+    if by is None and list(groups) == ["-"]:  # no line has age_group: one group of everything
+        key, groups = "all", {"all": groups["-"]}
+    rows = [{"group": k, "utterances": n, "speakers": len(spk - {None}), "hours": round(dur / 3600, 4)}
+            for k, (n, spk, dur) in sorted(groups.items())]
     t = Table(title=str(manifest))
-    for c in (by, "utterances", "speakers", "hours"):
+    for c in (key, "utterances", "speakers", "hours"):
         t.add_column(c)
-    for k in sorted(groups):
-        n, spk, dur = groups[k]
-        t.add_row(k, str(n), str(len(spk)), f"{dur / 3600:.2f}")
-    console.print(t)
+    for r in rows:
+        t.add_row(r["group"], str(r["utterances"]), str(r["speakers"]), f"{r['hours']:.2f}")
+    emit({"manifest": str(manifest), "by": key, "groups": rows}, as_json, t)
 
 
 @app.command("segment")

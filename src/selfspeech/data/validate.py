@@ -20,6 +20,9 @@ from selfspeech.data.manifest import ManifestError, read_manifest
 KINDS = ("missing_file", "unreadable_audio", "empty_audio", "nan_samples", "wrong_rate",
          "wrong_channels", "silent_audio", "clipped_audio", "too_short", "too_long", "empty_text", "non_text",
          "bad_id", "no_speaker", "duplicate_id", "bad_line")
+# differences the audio readers convert on load (soxr resampling, mixdown to mono): the audio is usable as it
+# is, so these are warnings; every other kind is an error
+WARNING_KINDS = ("wrong_rate", "wrong_channels")
 SILENCE_PEAK = 1e-4      # peak |x| below this: digital silence (-80 dBFS)
 CLIP_LEVEL, CLIP_FRACTION = 0.999, 0.01  # more than 1% of samples at full scale: clipped
 
@@ -30,6 +33,11 @@ class Problem:
     utt_id: str
     path: str
     detail: str
+
+    @property
+    def warning(self) -> bool:
+        """True for a difference the readers convert (:data:`WARNING_KINDS`), False for an error."""
+        return self.kind in WARNING_KINDS
 
     def __str__(self) -> str:
         if self.kind == "bad_line":  # utt_id holds "line N": the line has no usable id
@@ -61,8 +69,9 @@ def check_item(item: dict, sample_rate: int = SAMPLE_RATE, channels: int = 1, re
         out.append(Problem("bad_id", uid, path, "id contains U+FFFD (bytes that were not valid UTF-8)"))
     if require_speaker and not str(item.get("speaker") or "").strip():
         out.append(Problem("no_speaker", uid, path, "no speaker field (speaker-disjoint splits and CIs need it)"))
-    if require_text or "text" in item:
-        tp = text_problem(item.get("text"))
+    text = item.get("text")
+    if require_text or not (text is None or (isinstance(text, str) and not text.strip())):  # unlabelled: no text
+        tp = text_problem(text)
         if tp:
             out.append(Problem(tp[0], uid, path, tp[1]))
     if not os.path.exists(path):
