@@ -49,6 +49,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, SO762, machine, write_result  # noqa: E402
 
+from selfspeech.eval.longform import recording_texts, recording_wer, speech_coverage  # noqa: E402
+
 GOALS = {"speech_coverage": 0.98, "wer_long_form_within_relative": 0.10}
 CONDITIONS = {"clean": None, "noise_10db": 10.0}
 
@@ -67,37 +69,9 @@ def children() -> list[dict]:
     return [it for it in iter_kaldi_dir(SO762, with_durations=True) if it.get("age_group") == "child"]
 
 
-def covered_seconds(refs: list[dict], segs: list[dict]) -> float:
-    """Reference speech seconds that lie inside some segment of the same audio file."""
-    by: dict[str, list[tuple[float, float]]] = {}
-    for s in segs:
-        o = float(s.get("offset") or 0.0)
-        by.setdefault(str(Path(s["audio_filepath"]).resolve()), []).append((o, o + float(s["duration"])))
-    total = 0.0
-    for r in refs:
-        a, b = float(r["offset"]), float(r["offset"]) + float(r["duration"])
-        spans = by.get(str(Path(r["audio_filepath"]).resolve()), [])
-        total += sum(max(0.0, min(b, e) - max(a, s)) for s, e in spans)  # segments never overlap
-    return total
-
-
-def joined(items: list[dict], text: dict[str, str]) -> dict[str, str]:
-    """audio file -> the texts of its items in time order, joined."""
-    by: dict[str, list[tuple[float, str]]] = {}
-    for it in items:
-        by.setdefault(str(Path(it["audio_filepath"]).resolve()), []).append(
-            (float(it.get("offset") or 0.0), text.get(it["id"], "")))
-    return {k: " ".join(t for _, t in sorted(v) if t) for k, v in by.items()}
-
-
-def wer(refs: dict[str, str], hyps: dict[str, str]) -> float:
-    import jiwer
-
-    from selfspeech.text.normalize import get_normalizer
-
-    norm = get_normalizer("whisper_english")
-    keys = sorted(refs)
-    return float(jiwer.wer([norm(refs[k]) for k in keys], [norm(hyps.get(k, "")) or "<empty>" for k in keys]))
+def utterance_wer(utts: list[dict], labels: dict[str, str]) -> float:
+    """Corpus WER over the original utterances (a missing label counts as all deletions)."""
+    return recording_wer({u["id"]: u["text"] for u in utts}, {u["id"]: labels.get(u["id"], "") for u in utts})
 
 
 def labels_of(path: Path) -> dict[str, str]:
@@ -123,14 +97,14 @@ def run_condition(name: str, snr: float | None, utts: list[dict], out: Path, tea
                threads=threads)
     segs = list(read_manifest(d / "segments.jsonl"))
     recs = list(read_manifest(d / "recordings.jsonl"))
-    speech = sum(float(r["duration"]) for r in refs)
-    ref_text = joined(refs, {r["id"]: r["text"] for r in refs})
+    ref_text = recording_texts(refs, {r["id"]: r["text"] for r in refs})
     return {"recordings": len(recs), "recording_minutes": [round(min(float(r["duration"]) for r in recs) / 60, 2),
                                                            round(max(float(r["duration"]) for r in recs) / 60, 2)],
             "reference_utterances": len(refs), "segments": len(segs),
-            "speech_coverage": covered_seconds(refs, segs) / speech,
+            "speech_minutes": round(sum(float(r["duration"]) for r in refs) / 60, 1),
+            "speech_coverage": speech_coverage(refs, segs),
             "segments_per_utterance": len(segs) / len(refs),
-            "wer_long_form": wer(ref_text, joined(segs, labels_of(d / "labels.jsonl"))),
+            "wer_long_form": recording_wer(ref_text, recording_texts(segs, labels_of(d / "labels.jsonl"))),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -172,13 +146,13 @@ def adapt_long_form(out: Path, threads: int) -> dict:
     (d / "recipe.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     selfspeech("adapt", str(d / "recipe.yaml"), "--out", str(d / "run"), threads=threads)
     refs = list(read_manifest(evald / "reference.jsonl"))
-    ref_text = joined(refs, {r["id"]: r["text"] for r in refs})
+    ref_text = recording_texts(refs, {r["id"]: r["text"] for r in refs})
     segs = list(read_manifest(evald / "segments.jsonl"))
     wers = {}
     for system, model in (("pseudo_ft", d / "run" / "ft_target_pseudo" / "best"),
                           ("p2r", d / "run" / "model_p2r" / "model")):
         hyp = transcribe_whisper(model, evald / "segments.jsonl", evald / f"{system}.hyp.jsonl")
-        wers[system] = wer(ref_text, joined(segs, labels_of(Path(hyp))))
+        wers[system] = recording_wer(ref_text, recording_texts(segs, labels_of(Path(hyp))))
     return {"wer": wers, "p2r_relative_reduction": 1 - wers["p2r"] / wers["pseudo_ft"],
             "target_recordings": len(list(read_manifest(target / "recordings.jsonl"))),
             "target_segments": len(list(read_manifest(target / "segments.jsonl"))),
@@ -212,7 +186,7 @@ def main() -> None:
     selfspeech("label", "--teacher", a.teacher, "--in", str(a.out / "utterances.jsonl"),
                "--out", str(a.out / "utterances.labels.jsonl"), threads=a.threads)
     lab = labels_of(a.out / "utterances.labels.jsonl")
-    w_utt = wer({u["id"]: u["text"] for u in utts}, lab)
+    w_utt = utterance_wer(utts, lab)
     conds = {n: run_condition(n, snr, utts, a.out, a.teacher, a.threads) for n, snr in CONDITIONS.items()}
     clean = conds["clean"]
     payload = {"speech_coverage": clean["speech_coverage"], "wer_long_form": clean["wer_long_form"],

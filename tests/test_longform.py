@@ -58,3 +58,19 @@ def test_noise_condition_keeps_offsets_and_is_deterministic(tmp_path):
     wb, _ = sf.read(b[0]["audio_filepath"])
     assert np.array_equal(wa, wb) and np.std(wa[:1000]) > 0.01  # the pauses are noisy
     write_manifest(tmp_path / "x.jsonl", a)
+
+
+def test_speech_coverage_and_recording_wer():
+    from selfspeech.eval.longform import recording_texts, recording_wer, speech_coverage
+
+    refs = [{"id": "u1", "audio_filepath": "/r/a.flac", "offset": 1.0, "duration": 2.0, "text": "the cat"},
+            {"id": "u2", "audio_filepath": "/r/a.flac", "offset": 4.0, "duration": 2.0, "text": "sat down"},
+            {"id": "u3", "audio_filepath": "/r/b.flac", "offset": 0.0, "duration": 1.0, "text": "hello"}]
+    segs = [{"id": "a_1", "audio_filepath": "/r/a.flac", "offset": 0.5, "duration": 2.0},   # covers 1.5 of u1
+            {"id": "a_2", "audio_filepath": "/r/a.flac", "offset": 2.0, "duration": 5.0},   # the rest of u1, all u2
+            {"id": "a_3", "audio_filepath": "/r/a.flac", "offset": 2.5, "duration": 1.0}]   # overlaps: not twice
+    assert abs(speech_coverage(refs, segs) - 4.0 / 5.0) < 1e-9   # b.flac's second is not covered
+    ref = recording_texts(refs, {r["id"]: r["text"] for r in refs})
+    assert ref == {"/r/a.flac": "the cat sat down", "/r/b.flac": "hello"}
+    hyp = recording_texts(segs, {"a_1": "the", "a_2": "cat sat down"})  # a sentence cut in two costs nothing
+    assert recording_wer(ref, hyp) == 1 / 5                              # b.flac missing: one deletion
