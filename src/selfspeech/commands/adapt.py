@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 
 from selfspeech.commands.common import (DEVICE_HELP, PRECISION_HELP, check_model, console, fail, load_config,
-                                       need_device, need_files, refusing, save_run_config)
+                                       need_device, need_files, out_console, refusing, save_run_config)
 
 
 def adapt(
@@ -41,7 +41,7 @@ def adapt(
         out = out or Path("runs") / r.name
         save_run_config(r.resolved(), out)
         result = run_pseudo2real(r, out, log=lambda m: console.print(m, highlight=False, markup=False))
-    console.print(f"[green]done[/]: {result['report']}")
+    out_console.print(f"[green]done[/]: {result['report']}")
 
 
 def export(
@@ -63,7 +63,7 @@ def export(
         export_ctranslate2(model_dir, out, quantization)
     except ExportError as e:
         fail(str(e))
-    console.print(f"wrote {out}")
+    out_console.print(f"wrote {out}")
 
 
 def finetune_whisper(
@@ -97,4 +97,4 @@ def finetune_whisper(
     save_run_config(cfg, out)
     with refusing(ValueError, TypeError, FileNotFoundError, OSError):
         best = finetune(train, dev, init, out, cfg)
-    console.print(f"best model: {best}")
+    out_console.print(f"best model: {best}")

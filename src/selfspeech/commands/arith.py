@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from selfspeech.commands.common import console, fail
+from selfspeech.commands.common import fail, out_console
 
 app = typer.Typer(no_args_is_help=True, help="Task arithmetic: tau = A - B; new = BASE + lambda * tau.")
 
@@ -29,7 +29,7 @@ def diff(
     except TaskVectorError as e:
         fail(str(e))
     tau.save(out, {"a": str(a), "b": str(b), "include": include or "", "exclude": exclude or ""})
-    console.print(f"wrote {out}: {len(tau)} tensors, {tau.numel() / 1e6:.2f}M values, L2 norm {tau.norm():.4f}")
+    out_console.print(f"wrote {out}: {len(tau)} tensors, {tau.numel() / 1e6:.2f}M values, L2 norm {tau.norm():.4f}")
 
 
 @app.command("apply")
@@ -51,4 +51,4 @@ def apply(
         apply_to_dir(base, TaskVector.load(tau), lam, out)
     except TaskVectorError as e:
         fail(str(e))
-    console.print(f"wrote {out} = {base} + {lam} * {tau}")
+    out_console.print(f"wrote {out} = {base} + {lam} * {tau}")

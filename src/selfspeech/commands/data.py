@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from selfspeech.commands.common import JSON_HELP, console, emit, fail, need_fields
+from selfspeech.commands.common import JSON_HELP, emit, fail, need_fields, out_console
 from selfspeech.data.kaldi import KaldiError, iter_kaldi_dir
 from selfspeech.data.manifest import ManifestError, read_manifest, write_manifest
 from selfspeech.data.select import parse_parts, parse_rule, select, split_by_speaker
@@ -34,7 +34,7 @@ def import_kaldi(
         n = write_manifest(out, iter_kaldi_dir(data_dir))
     except (KaldiError, OSError) as e:
         fail(str(e))
-    console.print(f"wrote {n} utterances to {out}")
+    out_console.print(f"wrote {n} utterances to {out}")
 
 
 @app.command("export-kaldi")
@@ -53,7 +53,7 @@ def export_kaldi(
         write_kaldi_dir(read_manifest(manifest), out)
     except (ManifestError, ValueError, OSError) as e:
         fail(str(e))
-    console.print(f"wrote {out}")
+    out_console.print(f"wrote {out}")
 
 
 @app.command("export-lhotse")
@@ -71,7 +71,7 @@ def export_lhotse(
         write_lhotse(read_manifest(manifest), out)
     except (ManifestError, ValueError, ImportError, OSError) as e:
         fail(str(e))
-    console.print(f"wrote {out}")
+    out_console.print(f"wrote {out}")
 
 
 @app.command("import-lhotse")
@@ -89,7 +89,7 @@ def import_lhotse(
         n = write_manifest(out, read_lhotse(cuts))
     except (ValueError, ImportError, OSError) as e:
         fail(str(e))
-    console.print(f"wrote {n} utterances to {out}")
+    out_console.print(f"wrote {n} utterances to {out}")
 
 
 @app.command("select")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from selfspeech.commands.common import console, fail
+from selfspeech.commands.common import console, fail, out_console
 
 
 def demo(
@@ -40,4 +40,4 @@ def demo(
     cfg = DemoConfig(speakers_per_accent=speakers_per_accent, utts_per_speaker=utts_per_speaker,
                      teacher=teacher, seed=seed, adapt=adapt, adapt_steps=adapt_steps, device=device)
     report = run_demo(out, cfg, log=lambda m: console.print(m, highlight=False, markup=False))
-    console.print(f"[green]done[/]: {report}")
+    out_console.print(f"[green]done[/]: {report}")

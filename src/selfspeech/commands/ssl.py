@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from selfspeech.commands.common import (DEVICE_HELP, JSON_HELP, OVERRIDES_HELP, PRECISION_HELP, console, emit, fail,
-                                       fail_if_all_failed, load_config, need_device, need_files, refusing,
-                                       save_run_config)
+from selfspeech.commands.common import (DEVICE_HELP, JSON_HELP, OVERRIDES_HELP, PRECISION_HELP, emit, fail,
+                                       fail_if_all_failed, load_config, need_device, need_files, out_console,
+                                       refusing, save_run_config)
 
 
 def pretrain(
@@ -44,7 +44,7 @@ def pretrain(
     save_run_config(cfg, out)
     with refusing(ValueError, TypeError):
         summary = run(manifest, out, cfg)
-    console.print_json(json.dumps({k: v for k, v in summary.items() if k != "skipped"} |
+    out_console.print_json(json.dumps({k: v for k, v in summary.items() if k != "skipped"} |
                                   {"skipped": len(summary["skipped"])}))
 
 
@@ -80,7 +80,7 @@ def finetune_ctc(
     save_run_config(cfg, out)
     with refusing(ValueError, TypeError, FileNotFoundError):
         summary = run(train, dev, out, cfg, init=init)
-    console.print_json(json.dumps(summary))
+    out_console.print_json(json.dumps(summary))
 
 
 def decode_ctc(
@@ -138,7 +138,7 @@ def export_ctc(
         export_wav2vec2_ctc(model, out)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    console.print(f"[green]wrote[/] {out}")
+    out_console.print(f"[green]wrote[/] {out}")
 
 
 def units(
@@ -160,4 +160,4 @@ def units(
         res = write_unit_report(unit_usage(task, items, by), out)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    console.print_json(json.dumps({k: res[k] for k in ("groups", "codewords_used", "frames")}))
+    out_console.print_json(json.dumps({k: res[k] for k in ("groups", "codewords_used", "frames")}))

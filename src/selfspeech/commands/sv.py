@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from selfspeech.commands.common import (DEVICE_HELP, JSON_HELP, OVERRIDES_HELP, PRECISION_HELP, console, emit, fail,
-                                       fail_if_all_failed, load_config, need_device, need_files, read_mapping,
-                                       refusing, save_run_config, split_overrides)
+from selfspeech.commands.common import (DEVICE_HELP, JSON_HELP, OVERRIDES_HELP, PRECISION_HELP, emit, fail,
+                                       fail_if_all_failed, load_config, need_device, need_files, out_console,
+                                       read_mapping, refusing, save_run_config, split_overrides)
 
 app = typer.Typer(no_args_is_help=True, help="Self-supervised speaker verification: ECAPA-TDNN trained with "
                   "SimCLR or DINO (optionally SSPS) on unlabelled audio; embeddings; EER/minDCF scoring.")
@@ -58,7 +58,7 @@ def train(
     save_run_config(cfg, out)
     with refusing(ValueError, TypeError, FileNotFoundError):
         summary = train_speaker(manifest, out, cfg, fork_from=fork_from)
-    console.print_json(json.dumps(summary))
+    out_console.print_json(json.dumps(summary))
 
 
 @app.command("embed")
@@ -218,4 +218,4 @@ def score(
                                    f"({int(labels.sum())} target), {skipped} trial line(s) skipped.\n\n"
                                    f"{metrics_table(rows)}\n\n![DET](det.png)\n\n{versions_line(metrics['versions'])}\n")
     for k, m in rows.items():
-        console.print(f"{k}: EER {100 * m.eer:.2f}%  minDCF {m.mindcf:.4f}  ({len(tr)} trials)")
+        out_console.print(f"{k}: EER {100 * m.eer:.2f}%  minDCF {m.mindcf:.4f}  ({len(tr)} trials)")
