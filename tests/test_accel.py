@@ -139,3 +139,11 @@ def test_stage_and_run_identity_ignore_where_they_compute():
     c = {**b, "finetune": {**b["finetune"], "lr": 2e-5}}
     assert config_hash(a) != config_hash(c) and list(config_diff(a, c)) == ["finetune.lr"]
     assert config_hash({"x": (1, 2)}) == config_hash({"x": [1, 2]})  # as JSON writes it
+
+
+def test_model_loaders_take_auto(tmp_path, tiny_whisper_dir):
+    """The inference loaders resolve device specs themselves: a recipe's or demo's ``auto`` reaches them."""
+    from selfspeech.models.whisper import load_for_inference
+
+    model = load_for_inference(tiny_whisper_dir, "auto")
+    assert next(model.parameters()).device.type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from selfspeech.accel import module_device, to_device
+from selfspeech.accel import module_device, resolve_device, to_device
 from selfspeech.data.audio_dataset import collate_arrays
 from selfspeech.models.ssl import EncoderConfig, SpeechEncoder, load_state, read_config
 from selfspeech.text.phones import Vocabulary
@@ -126,4 +126,4 @@ def load_ctc(model_dir: str | Path, device: torch.device | str = "cpu") -> tuple
     vocab = Vocabulary(meta["vocab"]["kind"], tuple(meta["vocab"]["symbols"]))
     model = CTCModel(EncoderConfig(**meta["config"]), vocab.size)
     model.load_state_dict(load_state(model_dir))
-    return model.to(device).eval(), vocab
+    return model.to(resolve_device(device)).eval(), vocab  # auto|cpu|cuda|cuda:N or a torch.device

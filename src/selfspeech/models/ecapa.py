@@ -227,7 +227,9 @@ class SpeakerEncoder:
         meta = read_config(path, KIND)
         model = ECAPATDNN(ECAPAConfig(**meta["config"]))
         model.load_state_dict(load_file(str(path / "model.safetensors")))
-        return cls(model.to(device))
+        from selfspeech.accel import resolve_device
+
+        return cls(model.to(resolve_device(device)))  # auto|cpu|cuda|cuda:N or a torch.device
 
     def features(self, wav: np.ndarray) -> np.ndarray:
         """(T,) 16-kHz float32 -> (frames, n_mels) log-mel."""

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from selfspeech.accel import module_device
+from selfspeech.accel import module_device, resolve_device
 
 SAMPLE_RATE = 16_000
 MAX_FRAMES = 3000  # Whisper's 30-s window at 100 frames/s
@@ -72,7 +72,7 @@ def load_for_inference(model_dir: str | Path, device: torch.device | str = "cpu"
     from transformers import WhisperForConditionalGeneration
 
     return WhisperForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True,
-                                                           attn_implementation="sdpa").to(device).eval()
+                                                           attn_implementation="sdpa").to(resolve_device(device)).eval()
 
 
 def load_processor(model_dir: str | Path, language: str = "en"):
