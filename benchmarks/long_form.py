@@ -15,7 +15,11 @@ would, on the folder of recordings alone:
 
 and is scored against where the utterances really are:
 
-- ``speech_coverage``: the share of reference speech seconds inside a segment;
+- ``speech_coverage``: the share of reference speech seconds inside a segment,
+  an utterance's speech running from its first to its last frame within 35 dB
+  of its loudest (``eval.longform.speech_span``: the sentence recordings carry
+  leading and trailing silence, which a segmenter rightly leaves out);
+  ``utterance_coverage``: the same over the whole utterance files;
 - ``segments_per_utterance``: segments over reference utterances;
 - ``wer_long_form``: the teacher's corpus WER per recording (segment labels
   joined in time order against the utterances' transcripts joined in order);
@@ -49,7 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, SO762, machine, write_result  # noqa: E402
 
-from selfspeech.eval.longform import recording_texts, recording_wer, speech_coverage  # noqa: E402
+from selfspeech.eval.longform import recording_texts, recording_wer, speech_coverage, speech_span  # noqa: E402
 
 GOALS = {"speech_coverage": 0.98, "wer_long_form_within_relative": 0.10}
 CONDITIONS = {"clean": None, "noise_10db": 10.0}
@@ -102,7 +106,8 @@ def run_condition(name: str, snr: float | None, utts: list[dict], out: Path, tea
                                                            round(max(float(r["duration"]) for r in recs) / 60, 2)],
             "reference_utterances": len(refs), "segments": len(segs),
             "speech_minutes": round(sum(float(r["duration"]) for r in refs) / 60, 1),
-            "speech_coverage": speech_coverage(refs, segs),
+            "speech_coverage": speech_coverage([speech_span(r) for r in refs], segs),
+            "utterance_coverage": speech_coverage(refs, segs),
             "segments_per_utterance": len(segs) / len(refs),
             "wer_long_form": recording_wer(ref_text, recording_texts(segs, labels_of(d / "labels.jsonl"))),
             "seconds": round(time.perf_counter() - t0, 1)}

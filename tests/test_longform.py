@@ -74,3 +74,15 @@ def test_speech_coverage_and_recording_wer():
     assert ref == {"/r/a.flac": "the cat sat down", "/r/b.flac": "hello"}
     hyp = recording_texts(segs, {"a_1": "the", "a_2": "cat sat down"})  # a sentence cut in two costs nothing
     assert recording_wer(ref, hyp) == 1 / 5                              # b.flac missing: one deletion
+
+
+def test_speech_span_trims_the_silence_around_a_sentence(tmp_path):
+    from selfspeech.eval.longform import speech_span
+
+    wav = np.zeros(16000 * 3, np.float32)
+    t = np.arange(16000) / 16000
+    wav[16000:32000] = 0.3 * np.sin(2 * np.pi * 220 * t)          # speech from 1 s to 2 s
+    wav += 1e-4 * np.random.default_rng(0).standard_normal(len(wav)).astype(np.float32)
+    sf.write(tmp_path / "u.wav", wav, 16000)
+    sp = speech_span({"id": "u", "audio_filepath": str(tmp_path / "u.wav"), "offset": 0.0, "duration": 3.0})
+    assert abs(sp["offset"] - 1.0) < 0.03 and abs(sp["offset"] + sp["duration"] - 2.0) < 0.03

@@ -41,6 +41,27 @@ def speech_coverage(refs: list[dict], segs: list[dict]) -> float:
     return inside / total if total else 0.0
 
 
+def speech_span(item: dict, floor_db: float = 35.0, frame: float = 0.025, hop: float = 0.01) -> dict:
+    """``item`` with ``offset``/``duration`` narrowed to its speech: from the first to the last 25-ms frame
+    whose energy is within ``floor_db`` of the utterance's loudest (a recorded sentence carries leading and
+    trailing silence that no segmenter should be asked to cover). Independent of any VAD."""
+    import numpy as np
+
+    from selfspeech.audio.io import SAMPLE_RATE, load_item
+
+    wav = load_item(item)
+    win, step = int(frame * SAMPLE_RATE), int(hop * SAMPLE_RATE)
+    if len(wav) < win:
+        return dict(item)
+    n = 1 + (len(wav) - win) // step
+    idx = np.arange(win)[None, :] + step * np.arange(n)[:, None]
+    db = 10 * np.log10(np.mean(wav[idx].astype(np.float64) ** 2, axis=1) + 1e-12)
+    loud = np.flatnonzero(db >= db.max() - floor_db)
+    start, end = loud[0] * step / SAMPLE_RATE, (loud[-1] * step + win) / SAMPLE_RATE
+    o = float(item.get("offset") or 0.0)
+    return {**item, "offset": o + start, "duration": end - start}
+
+
 def recording_texts(items: list[dict], texts: dict[str, str]) -> dict[str, str]:
     """Audio file -> the texts (``texts[item id]``) of its items in time order, joined by spaces."""
     by: dict[str, list[tuple[float, str]]] = {}
