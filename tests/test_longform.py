@@ -86,3 +86,34 @@ def test_speech_span_trims_the_silence_around_a_sentence(tmp_path):
     sf.write(tmp_path / "u.wav", wav, 16000)
     sp = speech_span({"id": "u", "audio_filepath": str(tmp_path / "u.wav"), "offset": 0.0, "duration": 3.0})
     assert abs(sp["offset"] - 1.0) < 0.03 and abs(sp["offset"] + sp["duration"] - 2.0) < 0.03
+
+
+def test_demo_long_form_adapts_to_segments_without_text_or_speakers(tmp_path, tiny_whisper_dir, monkeypatch):
+    """``demo --long-form``'s path on a tiny eSpeak corpus: recordings -> import-dir -> segment -> adapt with
+    neither transcripts nor speakers; the held-out speakers' recordings scored per recording afterwards."""
+    from test_adapt import WordTeacher
+
+    import selfspeech.label.teacher as teacher_mod
+    from selfspeech.adapt.recipe import recipe_from_dict
+    from selfspeech.data.synth import make_accent_corpus
+    from selfspeech.demo import DemoConfig
+    from selfspeech.demo_long import adapt_long_form
+
+    monkeypatch.setattr(teacher_mod, "load_teacher", lambda *a, **k: WordTeacher())
+    m = make_accent_corpus(tmp_path / "corpus", ("us", "scottish"), 6, 3, seed=0, progress=False)
+    recipe = recipe_from_dict({
+        "name": "tiny", "device": "cpu",
+        "data": {"manifest": str(m), "source_rule": "accent==us", "target_rule": "accent==scottish",
+                 "source_parts": {"train": 3, "dev": 1, "sim": 2}, "target_parts": {"adapt": 4, "eval": 2},
+                 "dev_fraction": 0.5},
+        "teacher": {"name": str(tiny_whisper_dir), "drop_flagged": False},
+        "student": {"init": str(tiny_whisper_dir), "max_new_tokens": 6,
+                    "finetune": {"max_steps": 2, "eval_every": 2, "batch_size": 4, "max_new_tokens": 6}},
+        "lambda": {"grid": [0.0, 1.0], "oracle_sweep": False}, "systems": ["pseudo_ft", "p2r"]})
+    md = adapt_long_form(DemoConfig(long_form=True, device="cpu"), recipe, tmp_path / "lf", log=lambda m: None,
+                         progress=False)
+    target = list(read_manifest(tmp_path / "lf" / "target" / "segments.jsonl"))
+    assert target and all("text" not in t and "speaker" not in t and "offset" in t for t in target)
+    assert "neither transcripts nor speakers" in md and "| p2r |" in md and "| teacher |" in md
+    report = (tmp_path / "lf" / "run" / "report.md").read_text()
+    assert "no target WER can be measured" in report

@@ -17,5 +17,5 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("train",),                              # the training loop, checkpoints, distributed helpers
     ("label", "arith", "cluster", "eval"),   # teacher labelling, task vectors, speaker clusters, scoring
     ("adapt",),                              # the Pseudo2Real pipeline
-    ("commands", "cli", "demo"),             # the command line and the demo
+    ("commands", "cli", "demo", "demo_long"),  # the command line and the demo
 )

@@ -40,6 +40,9 @@ class DemoConfig:
     adapt: bool = True                  # then run Pseudo2Real from the first accent to the last
     adapt_steps: int = 24               # optimizer steps per student fine-tune (CPU budget)
     device: str = "auto"                # teacher, students and decoding: auto|cpu|cuda|cuda:N
+    # the target as a user's folder of long recordings: import-dir, segment, adapt without its
+    # transcripts or speakers; its held-out speakers scored per recording afterwards
+    long_form: bool = False
 
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = True, log=print) -> Path:
@@ -82,7 +85,12 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool
     if cfg.adapt:
         t = time.perf_counter()
         log(f"[4/5] Pseudo2Real: {cfg.accents[0]} (labelled source) -> {cfg.accents[-1]} (unlabelled target)")
-        adapt_md = _adapt(cfg, manifest, out / "adapt", log, progress)
+        if cfg.long_form:
+            from selfspeech.demo_long import adapt_long_form
+
+            adapt_md = adapt_long_form(cfg, demo_recipe(cfg, manifest), out / "long_form", log, progress)
+        else:
+            adapt_md = _adapt(cfg, manifest, out / "adapt", log, progress)
         times["pseudo2real"] = time.perf_counter() - t
 
     log(f"[{5 if cfg.adapt else 4}/{5 if cfg.adapt else 4}] writing the report")

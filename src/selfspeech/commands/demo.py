@@ -16,6 +16,9 @@ def demo(
     seed: int = typer.Option(0, help="Seed of the synthetic corpus."),
     adapt: bool = typer.Option(True, help="Then adapt a tiny.en student from the first accent to the second with Pseudo2Real (--no-adapt: labelling and WER only)."),
     adapt_steps: int = typer.Option(24, help="Optimizer steps per student fine-tune in the adaptation."),
+    long_form: bool = typer.Option(False, "--long-form", help="The target accent as long untranscribed "
+                                   "recordings (each speaker's sentences joined with pauses): import-dir, segment, "
+                                   "adapt without transcripts or speakers; held-out speakers scored per recording."),
     device: str = typer.Option("auto", help="Where the teacher, the students and the decoding run: auto (a CUDA "
                                "GPU when present), cpu, cuda or cuda:N. The committed figures are the CPU's."),
 ) -> None:
@@ -38,6 +41,7 @@ def demo(
     except DeviceError as e:
         fail(str(e))
     cfg = DemoConfig(speakers_per_accent=speakers_per_accent, utts_per_speaker=utts_per_speaker,
-                     teacher=teacher, seed=seed, adapt=adapt, adapt_steps=adapt_steps, device=device)
+                     teacher=teacher, seed=seed, adapt=adapt, adapt_steps=adapt_steps, device=device,
+                     long_form=long_form)
     report = run_demo(out, cfg, log=lambda m: console.print(m, highlight=False, markup=False))
     out_console.print(f"[green]done[/]: {report}")
