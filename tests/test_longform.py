@@ -38,6 +38,8 @@ def test_recordings_hold_every_utterance_where_the_reference_says(tmp_path):
     assert sorted(r["id"] for r in mixed) == sorted(i["id"] for i in items)
     assert len({r["recording"] for r in mixed}) < len({r["recording"] for r in refs})
     assert any(len({m["speaker"] for m in mixed if m["recording"] == rec}) == 2 for rec in {m["recording"] for m in mixed})
+    lengths = [r["duration"] for r in read_manifest(tmp_path / "mix" / "recordings.jsonl")]
+    assert all(8.0 <= d <= 12.0 + 1.6 for d in lengths[:-1]), lengths  # the real length, pauses included
     by_id = {i["id"]: i for i in items}
     for r in refs:  # the reference's offset cuts out exactly the original utterance
         assert np.allclose(load_item(r), load_item(by_id[r["id"]]), atol=1e-4), r["id"]

@@ -62,7 +62,7 @@ class ImportReport:
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
     def lines(self, max_show: int = 20) -> list[str]:
-        out = [f"{self.written} utterances"]
+        out = [f"{self.written} manifest lines (one per audio file or table row)"]
         if self.no_text:
             out.append(f"{self.no_text} without a transcript (no text field)")
         if self.no_speaker:

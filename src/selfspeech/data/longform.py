@@ -27,7 +27,7 @@ from selfspeech.data.manifest import write_manifest
 @dataclass(frozen=True)
 class LongFormConfig:
     min_seconds: float = 120.0        # a recording ends once it is at least this long ...
-    max_seconds: float = 300.0        # ... and never passes this (a speaker's rest starts a new one)
+    max_seconds: float = 300.0        # ... and stays under this plus one pause (the rest starts a new one)
     pause_seconds: tuple[float, float] = (0.3, 1.5)   # uniform pause between utterances
     snr_db: float | None = None       # white noise over the whole recording at this SNR (speech power)
     # True: one speaker per recording; False: speakers follow one another (a classroom, a meeting),
@@ -41,15 +41,42 @@ def _noise(wav: np.ndarray, speech: np.ndarray, snr_db: float, rng: np.random.Ge
     return wav + rng.standard_normal(len(wav)).astype(np.float32) * np.sqrt(p / 10 ** (snr_db / 10))
 
 
+def _plan(utts: list[dict], cfg: LongFormConfig, rng: random.Random) -> list[list[tuple[dict, np.ndarray, int]]]:
+    """The recordings of one group as lists of (item, samples, pause after it in samples).
+
+    A recording closes once its real length (speech and the pauses drawn) reaches
+    ``min_seconds``, or before the next utterance would pass ``max_seconds``. A
+    short remainder joins the recording before it when both fit in ``max_seconds``."""
+    recs: list[list[tuple[dict, np.ndarray, int]]] = []
+    cur: list[tuple[dict, np.ndarray, int]] = []
+    for it in utts:
+        wav = load_item(it)
+        gap = int(rng.uniform(*cfg.pause_seconds) * SAMPLE_RATE)
+        length = sum(len(w) + g for _, w, g in cur) / SAMPLE_RATE
+        if cur and (length >= cfg.min_seconds or length + (len(wav) + gap) / SAMPLE_RATE > cfg.max_seconds):
+            recs.append(cur)
+            cur = []
+        cur.append((it, wav, gap))
+    if cur:
+        recs.append(cur)
+
+    def seconds(r):
+        return sum(len(w) + g for _, w, g in r) / SAMPLE_RATE
+
+    if len(recs) > 1 and seconds(recs[-1]) < cfg.min_seconds and seconds(recs[-2]) + seconds(recs[-1]) <= cfg.max_seconds:
+        last = recs.pop()
+        recs[-1] += last
+    return recs
+
+
 def join_recordings(items: list[dict], out_dir: str | Path, cfg: LongFormConfig = LongFormConfig()
                     ) -> tuple[Path, Path]:
     """Join each speaker's ``items`` into long recordings; returns (recordings manifest, reference manifest).
 
     A speaker's utterances are shuffled (seeded) and laid end to end with
-    pauses; a recording is closed once it reaches ``min_seconds``, or before
-    an utterance would push it past ``max_seconds``. The last recording of a
-    speaker (``per_speaker``) or of all (otherwise) may be shorter than
-    ``min_seconds``: all speech is kept."""
+    pauses, speaker after speaker unless ``per_speaker`` (:func:`_plan`). The
+    last recording of a speaker (``per_speaker``) or of all (otherwise) may stay
+    shorter than ``min_seconds``: all speech is kept."""
     out = Path(out_dir)
     (out / "audio").mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
@@ -62,43 +89,32 @@ def join_recordings(items: list[dict], out_dir: str | Path, cfg: LongFormConfig 
         rng.shuffle(by[spk])
     groups = {s: by[s] for s in sorted(by)} if cfg.per_speaker else {"all": [u for s in sorted(by) for u in by[s]]}
     recordings, refs = [], []
-    for spk, utts in groups.items():
-        pieces: list[tuple[dict, np.ndarray]] = []
-        for it in utts + [None]:  # None: flush the speaker's last recording
-            wav = load_item(it) if it is not None else None
-            length = sum(len(w) for _, w in pieces) / SAMPLE_RATE + cfg.pause_seconds[1] * len(pieces)
-            full = it is None or length >= cfg.min_seconds or (
-                length + len(wav) / SAMPLE_RATE + cfg.pause_seconds[1] > cfg.max_seconds)
-            if full and pieces:
-                rec = f"{spk}_rec{sum(r['group'] == spk for r in recordings):03d}"
-                line, placed = _write(out, rec, pieces, cfg, rng, nrng)
-                recordings.append({**line, "group": spk})
-                refs += placed
-                pieces = []
-            if it is not None:
-                pieces.append((it, wav))
+    for name, utts in groups.items():
+        for n, pieces in enumerate(_plan(utts, cfg, rng)):
+            line, placed = _write(out, f"{name}_rec{n:03d}", pieces, cfg, rng, nrng)
+            recordings.append(line)
+            refs += placed
     # the recordings manifest is what a user's folder gives: audio only
-    write_manifest(out / "recordings.jsonl", [{k: v for k, v in r.items() if k != "group"} for r in recordings])
+    write_manifest(out / "recordings.jsonl", recordings)
     write_manifest(out / "reference.jsonl", refs)
     return out / "recordings.jsonl", out / "reference.jsonl"
 
 
-def _write(out: Path, rec: str, pieces: list[tuple[dict, np.ndarray]], cfg: LongFormConfig, rng: random.Random,
-           nrng: np.random.Generator) -> tuple[dict, list[dict]]:
-    chunks, placed, t = [], [], 0
+def _write(out: Path, rec: str, pieces: list[tuple[dict, np.ndarray, int]], cfg: LongFormConfig,
+           rng: random.Random, nrng: np.random.Generator) -> tuple[dict, list[dict]]:
+    chunks, placed = [], []
     lead = int(rng.uniform(*cfg.pause_seconds) * SAMPLE_RATE)
     chunks.append(np.zeros(lead, np.float32))
     t = lead
-    for it, wav in pieces:
+    for it, wav, gap in pieces:
         placed.append({"id": it["id"], "recording": rec, "audio_filepath": str(out / "audio" / f"{rec}.flac"),
                        "offset": round(t / SAMPLE_RATE, 7), "duration": round(len(wav) / SAMPLE_RATE, 7),
                        "text": it.get("text", ""), "speaker": it.get("speaker")})
-        gap = int(rng.uniform(*cfg.pause_seconds) * SAMPLE_RATE)
         chunks += [wav.astype(np.float32), np.zeros(gap, np.float32)]
         t += len(wav) + gap
     wav = np.concatenate(chunks)
     if cfg.snr_db is not None:
-        wav = _noise(wav, np.concatenate([w for _, w in pieces]), cfg.snr_db, nrng)
+        wav = _noise(wav, np.concatenate([w for _, w, _ in pieces]), cfg.snr_db, nrng)
     peak = float(np.max(np.abs(wav))) if len(wav) else 0.0
     if peak > 0.99:  # noise can clip: scale the whole recording (and so the references' audio) together
         wav = wav * (0.99 / peak)
