@@ -1,6 +1,8 @@
 """Long recordings joined from utterances: lengths, pauses and the references' offsets."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import soundfile as sf
 
@@ -119,3 +121,11 @@ def test_demo_long_form_adapts_to_segments_without_text_or_speakers(tmp_path, ti
     assert "neither transcripts nor speakers" in md and "| p2r |" in md and "| teacher |" in md
     report = (tmp_path / "lf" / "run" / "report.md").read_text()
     assert "no target WER can be measured" in report
+
+
+def test_recordings_from_a_relative_folder_are_found_again(tmp_path, monkeypatch):
+    items = _utts(tmp_path, speakers=1, per=2)
+    monkeypatch.chdir(tmp_path)
+    recs, refs = join_recordings(items, "rel", LongFormConfig(min_seconds=1.0, max_seconds=10.0))
+    for r in list(read_manifest(recs)) + list(read_manifest(refs)):
+        assert Path(r["audio_filepath"]).is_absolute() and Path(r["audio_filepath"]).is_file()

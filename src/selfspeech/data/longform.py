@@ -77,7 +77,7 @@ def join_recordings(items: list[dict], out_dir: str | Path, cfg: LongFormConfig 
     pauses, speaker after speaker unless ``per_speaker`` (:func:`_plan`). The
     last recording of a speaker (``per_speaker``) or of all (otherwise) may stay
     shorter than ``min_seconds``: all speech is kept."""
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # the manifests name absolute paths: they are read from anywhere
     (out / "audio").mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
     nrng = np.random.default_rng(cfg.seed)
