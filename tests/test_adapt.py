@@ -321,7 +321,7 @@ def test_unlabelled_speakerless_target_from_its_own_manifest(tmp_path, tiny_whis
     assert "curve_target_oracle" not in res["lambda"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "no target WER can be measured" in report and "one pseudo-speaker per recording" in report
-    assert "WER against the teacher" in report
+    assert "WER against the teacher" in report and "disagreement with the teacher, not accuracy" in report
 
 
 def test_target_speakers_and_labels_are_checked_up_front(tmp_path):
