@@ -240,9 +240,9 @@ def segment_cmd(
     out: Path = typer.Argument(..., help="Manifest of segments to write (JSONL; rerun to resume)."),
     min_seconds: float = typer.Option(1.0, help="Speech regions shorter than this are joined to a neighbour within 2 s when the result fits, else dropped and counted."),
     max_seconds: float = typer.Option(30.0, help="Longest segment, padding included (at most 30: Whisper's window); longer speech is split at its quietest 10-ms frame."),
-    pad_seconds: float = typer.Option(0.2, help="Padding on each side of a region, clipped to the file and to half the gap to the next one."),
+    pad_seconds: float = typer.Option(0.4, help="Padding on each side of a region, clipped to the file and to half the gap to the next one."),
     merge_gap: float = typer.Option(0.5, help="Regions closer than this (seconds of silence) are joined while they fit in --max-seconds."),
-    threshold: float = typer.Option(0.5, help="Silero VAD speech probability above which a 32-ms frame is speech."),
+    threshold: float = typer.Option(0.25, help="Silero VAD speech probability above which a 32-ms frame is speech."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Cut long recordings (lectures, calls) into utterances with Silero VAD (as faster-whisper ships it).

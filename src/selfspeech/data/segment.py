@@ -63,9 +63,12 @@ class SegmentConfig:
 
     min_seconds: float = 1.0
     max_seconds: float = WHISPER_SECONDS
-    pad_seconds: float = 0.2
+    # threshold and padding chosen on long recordings of speechocean762's adult speakers (the
+    # highest speech coverage at <= 1.25 s of audio per second of speech; benchmarks/long_form_vad.py):
+    # Silero's usual 0.5 and a 0.2-s pad cut the soft onsets and endings of words
+    pad_seconds: float = 0.4
     merge_gap: float = 0.5
-    threshold: float = 0.5
+    threshold: float = 0.25
     join_gap: float = 2.0  # a short region joins a neighbour at most this far away
     untouched_up_to: float = 0.0  # items at most this long pass through without the VAD (0: every item is cut)
 
