@@ -199,7 +199,7 @@ class _Run:
 
     def __init__(self, module, loss_fn, sampler, collate, cfg: LoopConfig, out: Path, write_model, run_config,
                  evaluate, warnings, progress, desc, on_step, after_update, load_model, info):
-        self.module, self.loss_fn, self.sampler, self.collate, self.cfg = module, loss_fn, sampler, collate, cfg
+        self.module, self.sampler, self.cfg = module, sampler, cfg  # loss_fn: the update's; collate: the loader's
         self.out, self.write_model, self.run_config = out, write_model, run_config
         self.evaluate, self.warnings, self.on_step, self.after_update = evaluate, warnings, on_step, after_update
         self.load_model, self.info, self.progress, self.desc = load_model, info, progress, desc
