@@ -19,11 +19,12 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 install: $(VENV)/.installed
 
 # The lock names torch==2.13.0 without the +cpu label, which matches the CPU build installed above
-# and keeps the file usable where only PyPI's build exists.
+# and keeps the file usable where only PyPI's build exists. Where the CPU wheel is on disk it is resolved
+# with its own metadata (PyPI's build would add the CUDA packages to the lock).
 lock:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q uv==0.13.9
-	printf 'torch==2.13.0\n' | $(VENV)/bin/uv pip compile pyproject.toml - --extra dev --python-version 3.11 \
+	printf '$(if $(wildcard /opt/wheels),torch==2.13.0+cpu,torch==2.13.0)\n' | $(VENV)/bin/uv pip compile pyproject.toml - --extra dev --python-version 3.11 \
 	    $(if $(wildcard /opt/wheels),--find-links /opt/wheels) --exclude-newer $(LOCK_DATE) \
 	    --custom-compile-command 'make lock' -q -o $(LOCK)
 	sed -i 's/^torch==\([^+]*\)+cpu$$/torch==\1/' $(LOCK)
