@@ -124,6 +124,15 @@ def long_form_target(name: str, items: list[dict], out: Path, threads: int) -> P
     return d
 
 
+def segment_defaults() -> dict:
+    """The settings `selfspeech data segment` cuts with here (its defaults)."""
+    from dataclasses import asdict
+
+    from selfspeech.data.segment import SegmentConfig
+
+    return asdict(SegmentConfig())
+
+
 def adapt_long_form(out: Path, threads: int) -> dict:
     """Pseudo2Real with the target-adapt speakers as unlabelled, speakerless recordings; the eval speakers'
     recordings scored afterwards by the baseline and Pseudo2Real students."""
@@ -159,6 +168,7 @@ def adapt_long_form(out: Path, threads: int) -> dict:
         hyp = transcribe_whisper(model, evald / "segments.jsonl", evald / f"{system}.hyp.jsonl")
         wers[system] = recording_wer(ref_text, recording_texts(segs, labels_of(Path(hyp))))
     return {"wer": wers, "p2r_relative_reduction": 1 - wers["p2r"] / wers["pseudo_ft"],
+            "segment_config": segment_defaults(),
             "target_recordings": len(list(read_manifest(target / "recordings.jsonl"))),
             "target_segments": len(list(read_manifest(target / "segments.jsonl"))),
             "eval_recordings": len(ref_text), "eval_segments": len(segs),
@@ -172,6 +182,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--adapt", action="store_true", help="also adapt to the long-form target (hours on a CPU)")
     a = ap.parse_args()
+    a.out = a.out.resolve()  # the adaptation's recipe names its manifests by absolute path
     if not SO762.is_dir():
         sys.exit(f"{SO762} not found: this benchmark needs ../shared/data (see ../shared/data/README.md)")
     from selfspeech.data.manifest import write_manifest
@@ -179,6 +190,9 @@ def main() -> None:
     if a.adapt:  # the second part: added to the figures of the first
         adapt = adapt_long_form(a.out, a.threads)
         payload = json.loads((RESULTS / "long_form.json").read_text())
+        if payload.get("segment_config") != adapt["segment_config"]:  # the first part is stale: say so
+            payload["first_part_note"] = ("the coverage and WER figures were measured with other segmenter "
+                                          "settings (segment_config); rerun benchmarks/long_form.py")
         payload["command_first_part"] = payload.get("command")
         payload["adapt"] = adapt
         payload["p2r_relative_reduction"] = payload["adapt"]["p2r_relative_reduction"]
@@ -194,16 +208,23 @@ def main() -> None:
     w_utt = utterance_wer(utts, lab)
     conds = {n: run_condition(n, snr, utts, a.out, a.teacher, a.threads) for n, snr in CONDITIONS.items()}
     clean = conds["clean"]
+    # either part may run first: an adaptation measured with the same segmenter settings is kept
+    old = json.loads((RESULTS / "long_form.json").read_text()) if (RESULTS / "long_form.json").is_file() else {}
+    adapt = old.get("adapt") if (old.get("adapt") or {}).get("segment_config") == segment_defaults() else None
     payload = {"speech_coverage": clean["speech_coverage"], "wer_long_form": clean["wer_long_form"],
-               "wer_utterances": w_utt, "p2r_relative_reduction": None,
+               "wer_utterances": w_utt, "p2r_relative_reduction": adapt and adapt["p2r_relative_reduction"],
+               "segment_config": segment_defaults(),
                "wer_long_form_relative_to_utterances": clean["wer_long_form"] / w_utt - 1,
                "conditions": conds, "teacher": a.teacher, "speakers": len({u["speaker"] for u in utts}),
                "utterances": len(utts), "goals": GOALS,
                "goals_met": {"speech_coverage": clean["speech_coverage"] >= GOALS["speech_coverage"],
                              "wer_long_form": abs(clean["wer_long_form"] / w_utt - 1)
                              <= GOALS["wer_long_form_within_relative"]},
-               "p2r_note": "the long-form adaptation (benchmarks/long_form.py --adapt) has not been run",
                "machine": machine()}
+    if adapt:
+        payload["adapt"] = adapt
+    else:
+        payload["p2r_note"] = "the long-form adaptation (benchmarks/long_form.py --adapt) has not been run"
     print(write_result("long_form", payload))
 
 

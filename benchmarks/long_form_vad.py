@@ -24,7 +24,7 @@ from long_form import labels_of, selfspeech, utterance_wer  # noqa: E402
 
 from selfspeech.eval.longform import recording_texts, recording_wer, speech_coverage, speech_span  # noqa: E402
 
-GRID = {"threshold": (0.5, 0.35, 0.25), "pad_seconds": (0.2, 0.4)}
+GRID = {"threshold": (0.5, 0.35, 0.25, 0.15), "pad_seconds": (0.2, 0.4, 0.6, 0.8)}
 MAX_AUDIO_PER_SPEECH = 1.25
 
 
@@ -70,15 +70,15 @@ def main() -> None:
     c = grid[chosen]
     # the children: their clean recordings of benchmarks/long_form.py, cut with the adults' choice
     kids = a.children.resolve()
-    segs_path = out / "children.segments.jsonl"
+    segs_path = out / f"children.{chosen}.segments.jsonl"  # one file per setting: a changed grid may choose anew
     selfspeech("data", "segment", str(kids / "recordings.jsonl"), str(segs_path), "--threshold", str(c["threshold"]),
                "--pad-seconds", str(c["pad_seconds"]), threads=a.threads)
-    selfspeech("label", "--teacher", a.teacher, "--in", str(segs_path), "--out", str(out / "children.labels.jsonl"),
+    selfspeech("label", "--teacher", a.teacher, "--in", str(segs_path), "--out", str(out / f"children.{chosen}.labels.jsonl"),
                threads=a.threads)
     refs = list(read_manifest(kids / "reference.jsonl"))
     segs = list(read_manifest(segs_path))
     ref_text = recording_texts(refs, {r["id"]: r["text"] for r in refs})
-    w_long = recording_wer(ref_text, recording_texts(segs, labels_of(out / "children.labels.jsonl")))
+    w_long = recording_wer(ref_text, recording_texts(segs, labels_of(out / f"children.{chosen}.labels.jsonl")))
     w_utt = utterance_wer(refs, labels_of(kids.parent / "utterances.labels.jsonl"))
     children = {**score(refs, [speech_span(r) for r in refs], segs), "wer_long_form": w_long,
                 "wer_utterances": w_utt, "wer_long_form_relative_to_utterances": w_long / w_utt - 1}

@@ -10,6 +10,7 @@ from rich.table import Table
 from selfspeech.commands.common import JSON_HELP, emit, fail, need_fields, out_console
 from selfspeech.data.kaldi import KaldiError, iter_kaldi_dir
 from selfspeech.data.manifest import ManifestError, read_manifest, write_manifest
+from selfspeech.data.segment import SegmentConfig
 from selfspeech.data.select import parse_parts, parse_rule, select, split_by_speaker
 from selfspeech.data.validate import validate_manifest
 
@@ -234,15 +235,18 @@ def stats_cmd(
     emit({"manifest": str(manifest), "by": key, "groups": rows}, as_json, t)
 
 
+_SEG = SegmentConfig()  # the option defaults are the library's (chosen by benchmarks/long_form_vad.py)
+
+
 @app.command("segment")
 def segment_cmd(
     manifest: Path = typer.Argument(..., help="Manifest of long recordings (JSONL)."),
     out: Path = typer.Argument(..., help="Manifest of segments to write (JSONL; rerun to resume)."),
-    min_seconds: float = typer.Option(1.0, help="Speech regions shorter than this are joined to a neighbour within 2 s when the result fits, else dropped and counted."),
+    min_seconds: float = typer.Option(_SEG.min_seconds, help="Speech regions shorter than this are joined to a neighbour within 2 s when the result fits, else dropped and counted."),
     max_seconds: float = typer.Option(30.0, help="Longest segment, padding included (at most 30: Whisper's window); longer speech is split at its quietest 10-ms frame."),
-    pad_seconds: float = typer.Option(0.4, help="Padding on each side of a region, clipped to the file and to half the gap to the next one."),
-    merge_gap: float = typer.Option(0.5, help="Regions closer than this (seconds of silence) are joined while they fit in --max-seconds."),
-    threshold: float = typer.Option(0.25, help="Silero VAD speech probability above which a 32-ms frame is speech."),
+    pad_seconds: float = typer.Option(_SEG.pad_seconds, help="Padding on each side of a region, clipped to the file and to half the gap to the next one."),
+    merge_gap: float = typer.Option(_SEG.merge_gap, help="Regions closer than this (seconds of silence) are joined while they fit in --max-seconds."),
+    threshold: float = typer.Option(_SEG.threshold, help="Silero VAD speech probability above which a 32-ms frame is speech."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Cut long recordings (lectures, calls) into utterances with Silero VAD (as faster-whisper ships it).
@@ -259,7 +263,7 @@ def segment_cmd(
     Example: selfspeech data segment lectures.jsonl lectures.segments.jsonl --max-seconds 20
     """
     from selfspeech.commands.common import emit, fail_if_all_failed
-    from selfspeech.data.segment import SegmentConfig, segment_manifest, side_paths
+    from selfspeech.data.segment import segment_manifest, side_paths
 
     if not manifest.is_file():
         fail(f"{manifest}: manifest not found")

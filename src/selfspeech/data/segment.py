@@ -65,10 +65,11 @@ class SegmentConfig:
     max_seconds: float = WHISPER_SECONDS
     # threshold and padding chosen on long recordings of speechocean762's adult speakers (the
     # highest speech coverage at <= 1.25 s of audio per second of speech; benchmarks/long_form_vad.py):
-    # Silero's usual 0.5 and a 0.2-s pad cut the soft onsets and endings of words
-    pad_seconds: float = 0.4
+    # Silero's usual 0.5 and a 0.2-s pad cut the soft onsets and endings of words; the pad is
+    # clipped to half the gap to the next region, so a wide one never makes segments overlap
+    pad_seconds: float = 0.8
     merge_gap: float = 0.5
-    threshold: float = 0.25
+    threshold: float = 0.35
     join_gap: float = 2.0  # a short region joins a neighbour at most this far away
     untouched_up_to: float = 0.0  # items at most this long pass through without the VAD (0: every item is cut)
 
