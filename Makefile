@@ -8,11 +8,14 @@ LOCK := requirements/lock.txt
 # newest releases up to this date; move it forward to take newer ones, then rerun the demo
 LOCK_DATE := 2026-11-22T07:00:00Z
 
-$(VENV)/.installed: pyproject.toml $(LOCK)
+$(VENV)/.installed: pyproject.toml $(LOCK) requirements/parity.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c $(LOCK) -e '.[dev]'
+# reference implementations of the parity tests, without their declared dependencies:
+# speechbrain's torchaudio would replace the torch above, pyctcdecode's numpy<2 is stale
+	$(PY) -m pip install -q --no-deps -r requirements/parity.txt
 	touch $@
 
 .PHONY: install demo test lock

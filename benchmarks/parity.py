@@ -1,0 +1,81 @@
+"""Parity with reference implementations: one figure per component, checked against its goal.
+
+Each row builds a small random configuration, runs our implementation and the
+reference on the same weights and inputs, and reports one number:
+
+- ``ecapa_embedding_max_diff``: SpeechBrain's ``ECAPA_TDNN`` vs our ECAPA-TDNN
+  (Desplanques et al. 2020) loaded from its state dict, max |embedding difference|;
+- ``bestrq_label_agreement``: SpeechBrain's BEST-RQ random-projection quantiser vs
+  ours (Chiu et al. 2022) with the same projection and codebook, fraction of equal labels;
+- ``whisper_logmel_max_diff``: our Whisper log-mel vs transformers' ``WhisperFeatureExtractor``
+  and faster-whisper's ``FeatureExtractor`` where their conventions agree, max |difference|;
+- ``ctc_beam_agreement``: our CTC prefix beam search vs ``pyctcdecode`` without a language
+  model, fraction of utterances with the same best path.
+
+The figures come from :mod:`selfspeech.eval.parity` (the tests assert the same
+goals on smaller draws). Runs in well under a minute on a CPU.
+
+Usage: python benchmarks/parity.py [--seed 0]
+Writes benchmarks/results/parity.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, write_result  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "src"))
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    measure: Callable[[int], dict]   # seed -> {"value": float, ...details}
+    op: str                          # "<=" (a difference) or ">=" (an agreement)
+    goal: float
+
+    def met(self, value: float) -> bool:
+        return value <= self.goal if self.op == "<=" else value >= self.goal
+
+
+def rows() -> list[Row]:
+    from selfspeech.eval import parity as P
+
+    return [
+        Row("ecapa_embedding_max_diff", P.ecapa_parity, "<=", 1e-4),
+        Row("bestrq_label_agreement", P.bestrq_parity, ">=", 0.999),
+        Row("whisper_logmel_max_diff", P.whisper_logmel_parity, "<=", 1e-3),
+        Row("ctc_beam_agreement", P.ctc_beam_parity, ">=", 0.999),
+    ]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from selfspeech.eval.parity import reference_versions
+
+    out: dict = {}
+    tolerances, details = {}, {}
+    for row in rows():
+        t0 = time.perf_counter()
+        res = row.measure(args.seed)
+        value = float(res.pop("value"))
+        out[row.key] = value
+        tolerances[row.key] = {"goal": f"{row.op} {row.goal:g}", "met": row.met(value)}
+        details[row.key] = {**res, "seconds": round(time.perf_counter() - t0, 2)}
+        print(f"{row.key}: {value:.3g} (goal {row.op} {row.goal:g}, {'met' if row.met(value) else 'MISSED'})")
+    payload = {**out, "tolerances": tolerances, "details": details, "library_versions": reference_versions(),
+               "seed": args.seed}
+    write_result("parity", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
