@@ -10,7 +10,12 @@ reference on the same weights and inputs, and reports one number:
 - ``whisper_logmel_max_diff``: our Whisper log-mel vs transformers' ``WhisperFeatureExtractor``
   and faster-whisper's ``FeatureExtractor`` where their conventions agree, max |difference|;
 - ``ctc_beam_agreement``: our CTC prefix beam search vs ``pyctcdecode`` without a language
-  model, fraction of utterances with the same best path.
+  model, fraction of utterances with the same best path;
+- ``wav2vec2_loss_rel_diff``: transformers' ``Wav2Vec2ForPreTraining`` vs our wav2vec 2.0 task
+  (Baevski et al. 2020) with the same weights, masks, distractors and Gumbel noise, exported and
+  imported, large (XLSR) and base layouts: worst relative difference of the contrastive,
+  diversity and total losses (ours are means over masked frames, multiplied by their count to
+  compare with transformers' sums; :mod:`selfspeech.objectives.w2v2_hf`).
 
 The figures come from :mod:`selfspeech.eval.parity` (the tests assert the same
 goals on smaller draws). Runs in well under a minute on a CPU.
@@ -46,12 +51,14 @@ class Row:
 
 def rows() -> list[Row]:
     from selfspeech.eval import parity as P
+    from selfspeech.objectives import w2v2_hf as W
 
     return [
         Row("ecapa_embedding_max_diff", P.ecapa_parity, "<=", 1e-4),
         Row("bestrq_label_agreement", P.bestrq_parity, ">=", 0.999),
         Row("whisper_logmel_max_diff", P.whisper_logmel_parity, "<=", 1e-3),
         Row("ctc_beam_agreement", P.ctc_beam_parity, ">=", 0.999),
+        Row("wav2vec2_loss_rel_diff", W.wav2vec2_parity_row, "<=", 1e-4),
     ]
 
 

@@ -17,6 +17,7 @@ def pretrain(
     manifest: Path = typer.Option(..., "--manifest", help="Unlabelled audio (JSONL manifest; text is ignored)."),
     out: Path = typer.Option(..., help="Output folder: best/ (whole task), encoder/ (for finetune-ctc), log.jsonl. Rerun to resume."),
     objective: str = typer.Option(None, help="wav2vec2 | bestrq | birq (overrides the config)."),
+    init: Path = typer.Option(None, help="wav2vec2 only: start from a transformers wav2vec 2.0 / XLSR checkpoint folder (config.json with model_type wav2vec2) or OUT/best of an earlier wav2vec2 pretrain; it brings the encoder and quantizer, the config the training settings."),
     steps: int = typer.Option(None, help="Maximum optimizer steps (overrides loop.max_steps)."),
     budget_seconds: float = typer.Option(None, help="Stop after this much training time instead (same CPU budget for every method)."),
     device: str = typer.Option(None, help=DEVICE_HELP),
@@ -29,6 +30,8 @@ def pretrain(
     bestrq: masked prediction of random-projection labels of log-mel frames.
     birq: BEST-RQ plus self-labels from the encoder's own layer at ~70% depth.
     Utterances too short for the encoder are skipped and listed in summary.json.
+    --init continues the pretraining of a checkpoint on your unlabelled audio, e.g. a
+    transformers XLSR folder saved with save_pretrained (or downloaded beforehand).
 
     Example: selfspeech pretrain recipes/speechocean762/ssl/bestrq.yaml --manifest all.jsonl --out runs/bestrq --device cuda
     """
@@ -41,9 +44,11 @@ def pretrain(
                                                               "loop.device": device, "loop.precision": precision})
         need_device(cfg.loop.device, cfg.loop.precision, "loop.")
         need_files(manifest=manifest)
+        if init is not None and not init.is_dir():
+            fail(f"--init: {str(init)!r} is not a folder; give a transformers wav2vec 2.0 folder or OUT/best of pretrain")
     save_run_config(cfg, out)
-    with refusing(ValueError, TypeError):
-        summary = run(manifest, out, cfg)
+    with refusing(ValueError, TypeError, FileNotFoundError):
+        summary = run(manifest, out, cfg, init=init)
     out_console.print_json(json.dumps({k: v for k, v in summary.items() if k != "skipped"} |
                                   {"skipped": len(summary["skipped"])}))
 
@@ -54,7 +59,7 @@ def finetune_ctc(
     train: Path = typer.Option(..., help="Labelled training manifest."),
     dev: Path = typer.Option(..., help="Labelled dev manifest (early stopping on its PER/WER)."),
     out: Path = typer.Option(..., help="Output folder: best/ (the CTC model), log.jsonl, summary.json. Rerun to resume."),
-    init: Path = typer.Option(None, help="A pretrained encoder folder (OUT/encoder of `selfspeech pretrain`); none = from scratch."),
+    init: Path = typer.Option(None, help="A pretrained encoder folder (OUT/encoder of `selfspeech pretrain`) or a transformers wav2vec 2.0 / XLSR checkpoint folder (config.json with model_type wav2vec2); none = from scratch."),
     lexicon: Path = typer.Option(None, help="Pronunciation lexicon WORD<TAB>PHONES (phone targets)."),
     device: str = typer.Option(None, help=DEVICE_HELP),
     precision: str = typer.Option(None, help=PRECISION_HELP),
@@ -76,7 +81,7 @@ def finetune_ctc(
         need_files(train=train, dev=dev)
         need_files("lexicon (WORD<TAB>PHONES)", lexicon_key=cfg.lexicon)
         if init is not None and not init.is_dir():
-            fail(f"--init: {str(init)!r} is not a folder; give OUT/encoder of `selfspeech pretrain`")
+            fail(f"--init: {str(init)!r} is not a folder; give OUT/encoder of `selfspeech pretrain` or a transformers wav2vec 2.0 folder")
     save_run_config(cfg, out)
     with refusing(ValueError, TypeError, FileNotFoundError):
         summary = run(train, dev, out, cfg, init=init)

@@ -8,10 +8,12 @@ Two front-ends feed one Transformer stack:
 - ``wave``: the wav2vec 2.0 feature encoder (Baevski et al. 2020, sec. 2): seven
   temporal convolutions, strides 5,2,2,2,2,2,2 and kernels 10,3,3,3,3,2,2 =
   320x subsampling (20 ms frames, 400-sample receptive field), group norm after
-  the first layer, GELU.
+  the first layer (base) or a LayerNorm after each (large / XLSR), GELU.
 
 Both add a convolutional positional embedding (wav2vec 2.0: kernel 128, 16
-groups) and run pre-LN Transformer layers. Every module takes ``(B, T, ...)``
+groups) and run pre-LN (large / XLSR) or post-LN (base) Transformer layers;
+:mod:`selfspeech.models.hf_wav2vec2` maps the wav2vec 2.0 layouts to and from
+transformers' ``Wav2Vec2Config``. Every module takes ``(B, T, ...)``
 tensors with absolute int64 ``lengths`` and returns the output lengths.
 """
 from __future__ import annotations
@@ -46,6 +48,18 @@ class EncoderConfig:
     # False = wav2vec 2.0 large / transformers' "stable layer norm" encoder, which has none there:
     # only that layout exports exactly to Wav2Vec2ForCTC (selfspeech.train.hf_export)
     pos_norm: bool = True
+    # Options added later default to None (= off, what older configs and run folders mean).
+    # wave front-end: conv biases, and the norm of its convs: off = one group norm (a group per
+    # channel) on the first conv (wav2vec 2.0 base); conv_layer_norm = a LayerNorm over the channels
+    # after every conv (wav2vec 2.0 large / XLSR, Baevski et al. 2020 sec. 4.2, with conv biases;
+    # transformers' feat_extract_norm "layer", conv_bias true)
+    conv_bias: bool | None = None
+    conv_layer_norm: bool | None = None
+    # Transformer layers: off = pre-LN (LayerNorm before attention and feed-forward, and a final
+    # LayerNorm: wav2vec 2.0 large / XLSR, transformers' do_stable_layer_norm); post_ln = post-LN as
+    # wav2vec 2.0 base, which has no final LayerNorm (the last layer's output is already normalised)
+    # and goes with pos_norm true (transformers' Wav2Vec2Encoder)
+    post_ln: bool | None = None
 
     def __post_init__(self):
         if self.frontend not in ("mel", "wave"):
@@ -131,8 +145,10 @@ class WaveFrontend(nn.Module):
         super().__init__()
         c, layers, cin = cfg.conv_channels, [], 1
         for i, (k, s) in enumerate(WAVE_CONV):
-            layers += [nn.Conv1d(cin, c, k, s, bias=False)]
-            if i == 0:  # wav2vec 2.0 base: group norm (one group per channel) on the first layer only
+            layers += [nn.Conv1d(cin, c, k, s, bias=bool(cfg.conv_bias))]
+            if cfg.conv_layer_norm:  # wav2vec 2.0 large: LayerNorm over channels after every conv
+                layers += [ChannelLayerNorm(c)]
+            elif i == 0:  # wav2vec 2.0 base: group norm (one group per channel) on the first layer only
                 layers += [nn.GroupNorm(c, c, affine=True)]
             layers += [nn.GELU()]
             cin = c
@@ -145,6 +161,13 @@ class WaveFrontend(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x.unsqueeze(1)).transpose(1, 2)
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, T) conv output (wav2vec 2.0 large's feature encoder)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
 
 class ConvPositional(nn.Module):
@@ -196,9 +219,9 @@ class SpeechEncoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(cfg.d_model, cfg.n_heads, cfg.ff_dim, cfg.dropout, activation="gelu",
-                                       batch_first=True, norm_first=True)
+                                       batch_first=True, norm_first=not cfg.post_ln)
             for _ in range(cfg.n_layers))
-        self.out_norm = nn.LayerNorm(cfg.d_model)
+        self.out_norm = nn.Identity() if cfg.post_ln else nn.LayerNorm(cfg.d_model)
 
     def features(self, x: torch.Tensor, lengths: torch.Tensor,
                  with_raw: bool = False) -> tuple[torch.Tensor, ...]:

@@ -25,7 +25,24 @@ def perplexity(probs: torch.Tensor) -> torch.Tensor:
     if probs.dim() == 2:
         probs = probs[:, None]
     avg = probs.float().mean(0)                               # (G, V)
-    return torch.exp(-(avg * torch.log(avg + 1e-7)).sum(-1)).sum()
+    # Exact entropy p log p. fairseq's log(p + 1e-7) biases the perplexity by ~V * 1e-7 relative, a
+    # 1e-3 relative error on the diversity loss at initialisation, where that loss is near 0;
+    # transformers' xlogy(p, p) is exact but its gradient is NaN where a code's mean probability
+    # underflows to 0. Clamping the log's argument at the smallest normal float is exact for every
+    # p > 0 and keeps the gradient finite (0 log 0 = 0).
+    tiny = torch.finfo(avg.dtype).tiny
+    return torch.exp(-(avg * torch.log(avg.clamp(min=tiny))).sum(-1)).sum()
+
+
+def hard_gumbel(logits: torch.Tensor, tau: float, noise: torch.Tensor) -> torch.Tensor:
+    """Straight-through hard Gumbel-softmax (Jang et al. 2017) with given Gumbel noise.
+
+    logits, noise: (..., V) -> one-hot (..., V) in the forward pass, softmax((logits + noise) / tau)
+    gradients; the same arithmetic as ``F.gumbel_softmax(hard=True)``, whose noise is drawn inside.
+    """
+    soft = ((logits + noise) / tau).softmax(-1)
+    hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0)
+    return hard - soft.detach() + soft
 
 
 class GumbelQuantizer(nn.Module):
@@ -41,11 +58,15 @@ class GumbelQuantizer(nn.Module):
         nn.init.zeros_(self.logits.bias)
         self.codebook = nn.Parameter(torch.empty(groups, entries, out_dim // groups).uniform_())
 
-    def forward(self, x: torch.Tensor, tau: float) -> dict:
+    def forward(self, x: torch.Tensor, tau: float, noise: torch.Tensor | None = None) -> dict:
+        """x (N, in_dim) -> ``q`` (N, out_dim), ``soft_probs`` (N, G, V), ``codes`` (N, G) and the
+        perplexities. ``noise`` (N, G, V): Gumbel noise to use in training (None: drawn from torch's RNG)."""
         N = x.shape[0]
         logits = self.logits(x).float().view(N, self.groups, self.entries)
         soft = logits.softmax(-1)                                   # for the diversity penalty (eq. 4)
-        if self.training:
+        if self.training and noise is not None:
+            onehot = hard_gumbel(logits, tau, noise.to(logits))
+        elif self.training:
             onehot = F.gumbel_softmax(logits, tau=tau, hard=True)   # straight-through
         else:
             onehot = F.one_hot(logits.argmax(-1), self.entries).float()

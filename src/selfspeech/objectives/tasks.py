@@ -117,16 +117,29 @@ class Wav2Vec2Task(SSLTask):
         return max(c.tau_max * c.tau_decay ** step, c.tau_min)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, step: int = 0,
-                generator: torch.Generator | None = None) -> dict:
+                generator: torch.Generator | None = None, *, mask: torch.Tensor | None = None,
+                negatives: torch.Tensor | None = None, gumbel: torch.Tensor | None = None,
+                tap: dict | None = None) -> dict:
+        """x (B, T) waveforms, lengths (B,) -> the terms (means over the N masked frames) and monitors.
+
+        Explicit draws replace the generator's (to compare with a reference implementation):
+        ``mask`` (B, T') bool, ``negatives`` (N, K) indices into the masked frames in row-major
+        order of ``mask``, ``gumbel`` (N, G, V) Gumbel noise. ``tap``: a dict that receives
+        ``hidden`` (B, T', D), the encoder's output, and ``mask``.
+        """
         c = self.cfg
         feats, flen, raw = self.encoder.features(x, lengths, with_raw=True)
-        mask = span_mask(flen, feats.shape[1], c.mask_prob, c.mask_span, min_spans=2, generator=generator)
-        context = self.final_proj(self.encoder.encode(feats, flen, mask)[-1][mask])   # (N, final_dim)
-        qd = self.quantizer(feats[mask], self.tau(step))
+        if mask is None:
+            mask = span_mask(flen, feats.shape[1], c.mask_prob, c.mask_span, min_spans=2, generator=generator)
+        hidden = self.encoder.encode(feats, flen, mask)[-1]
+        context = self.final_proj(hidden[mask])                                         # (N, final_dim)
+        qd = self.quantizer(feats[mask], self.tau(step), noise=gumbel)
         targets = self.project_q(qd["q"])
         groups = torch.arange(x.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
-        neg = L.sample_negatives(groups, c.negatives, generator)
+        neg = L.sample_negatives(groups, c.negatives, generator) if negatives is None else negatives
         con = L.contrastive_loss(context, targets, neg, c.logit_temp)
+        if tap is not None:
+            tap.update(hidden=hidden, mask=mask)
         return {"contrastive": con["loss"],
                 "diversity": L.diversity_loss(qd["prob_perplexity"], c.groups, c.entries),
                 "features": L.feature_penalty(raw[~padding_mask(flen, raw.shape[1])]),

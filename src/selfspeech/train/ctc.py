@@ -20,6 +20,7 @@ from selfspeech.config import checked, from_mapping, invalid, resolve_sub_config
 from selfspeech.data.audio_dataset import AudioDataset, check_lengths
 from selfspeech.data.manifest import read_manifest, unique_ids, write_manifest
 from selfspeech.models.ctc import CTCModel, top_layer_state, transcribe_arrays
+from selfspeech.models.hf_wav2vec2 import is_hf_dir, load_checked, read_hf_dir
 from selfspeech.models.ssl import EncoderConfig, load_state, read_config, save_encoder
 from selfspeech.objectives.ctc import CTCTask
 from selfspeech.text.phones import Lexicon, Vocabulary
@@ -112,7 +113,11 @@ def prepare_items(manifest, vocab: Vocabulary, lexicon: Lexicon | None, enc: Enc
 def _model_and_vocab(cfg: CTCConfig, init: str | Path | None) -> tuple[CTCModel, EncoderConfig, Vocabulary, Lexicon | None]:
     lexicon = Lexicon.read(cfg.lexicon) if cfg.targets == "phone" else None
     vocab = Vocabulary.for_phones(lexicon) if cfg.targets == "phone" else Vocabulary.for_chars()
-    if init is not None:
+    hf = init is not None and is_hf_dir(init)   # a transformers wav2vec 2.0 / XLSR folder
+    if hf:
+        ckpt = read_hf_dir(init)
+        enc = ckpt.encoder
+    elif init is not None:
         meta = read_config(init, "ssl_encoder")
         enc = EncoderConfig(**meta["config"])
     else:
@@ -120,7 +125,11 @@ def _model_and_vocab(cfg: CTCConfig, init: str | Path | None) -> tuple[CTCModel,
     model = CTCModel(enc, vocab.size, cfg.head_init)
     if init is not None:
         fresh = top_layer_state(model.encoder, cfg.reinit_top or 0)
-        model.encoder.load_state_dict(load_state(init))
+        if hf:   # a checkpoint without a mask embedding keeps the fresh one
+            state = {k[len("encoder."):]: v for k, v in ckpt.state.items() if k.startswith("encoder.")}
+            load_checked(model.encoder, state, init, optional=("mask_emb",))
+        else:
+            model.encoder.load_state_dict(load_state(init))
         model.encoder.load_state_dict(fresh, strict=False)
     elif cfg.reinit_top:
         raise ValueError("reinit_top re-initialises layers of a pretrained encoder: give `init`, or set it to 0")
@@ -129,7 +138,8 @@ def _model_and_vocab(cfg: CTCConfig, init: str | Path | None) -> tuple[CTCModel,
 
 def finetune_ctc(train_manifest, dev_manifest, out_dir, cfg: CTCConfig, init: str | Path | None = None,
                  progress: bool = True) -> dict:
-    """Fine-tune ``init`` (an ``ssl_encoder`` directory, or None for scratch) with CTC; best model in ``out_dir/best``."""
+    """Fine-tune ``init`` with CTC; best model in ``out_dir/best``. ``init``: an ``ssl_encoder`` directory
+    (OUT/encoder of pretrain), a transformers wav2vec 2.0 / XLSR folder (its encoder), or None (scratch)."""
     out = Path(out_dir)
     env = D.init_from_env(cfg.loop.device)  # torchrun: data parallel over its processes
     loop_cfg = cfg.loop

@@ -1,13 +1,13 @@
 """Export a wav2vec 2.0 CTC model to a transformers ``Wav2Vec2ForCTC`` directory.
 
-The export is exact (same logits up to float rounding) for the encoder layout
-transformers calls "stable layer norm" (``do_stable_layer_norm=True``, as
-wav2vec 2.0 large / XLSR): the waveform front-end (``frontend: wave``, group
-norm on the first conv, no conv bias) and no LayerNorm after the positional conv
-(``pos_norm: false``). Our pre-LN Transformer layers, final LayerNorm, GELU
-(erf), eps 1e-5 and 1/sqrt(head_dim) attention scaling are the same as theirs.
+The export is exact (same logits up to float rounding) for the two wav2vec 2.0
+layouts transformers has (:mod:`selfspeech.models.hf_wav2vec2`): "stable layer
+norm" (``do_stable_layer_norm=True``, wav2vec 2.0 large / XLSR: ``pos_norm: false``,
+pre-LN layers) and base (``post_ln: true``, ``pos_norm: true``), with the
+waveform front-end (``frontend: wave``, group or layer norm, with or without conv
+bias). GELU (erf), eps 1e-5 and 1/sqrt(head_dim) attention scaling are the same.
 
-Module mapping (ours -> ``Wav2Vec2ForCTC``)::
+Module mapping (ours -> ``Wav2Vec2ForCTC``, large layout; see models.hf_wav2vec2)::
 
     encoder.frontend.conv.{0,3,5,..}  -> wav2vec2.feature_extractor.conv_layers.{0..6}.conv
     encoder.frontend.conv.1 (group)   -> wav2vec2.feature_extractor.conv_layers.0.layer_norm
@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from selfspeech.models.ssl import WAVE_CONV, EncoderConfig, read_config
+from selfspeech.models.hf_wav2vec2 import check_representable, encoder_to_hf, hf_fields
+from selfspeech.models.ssl import EncoderConfig, read_config
 from selfspeech.text.phones import WORD_SEP, Vocabulary
 from selfspeech.train.checkpoint import write_dir
 from selfspeech.models.ctc import load_ctc
@@ -49,13 +50,7 @@ PAD = "<pad>"   # transformers' name for the CTC blank (pad_token_id, id 0 like 
 
 def check_exportable(cfg: EncoderConfig) -> None:
     """ValueError naming the config field when ``cfg`` has no exact ``Wav2Vec2ForCTC`` equivalent."""
-    where = "set it in the `encoder` config of `selfspeech pretrain` (or of finetune-ctc from scratch)"
-    if cfg.frontend != "wave":
-        raise ValueError(f"encoder frontend {cfg.frontend!r} cannot be exported to Wav2Vec2ForCTC, which reads "
-                         f"waveforms: needs `frontend: wave`; {where}")
-    if cfg.pos_norm:
-        raise ValueError("encoder pos_norm=True (a LayerNorm after the positional conv) has no counterpart in "
-                         f"Wav2Vec2ForCTC's stable-layer-norm encoder: needs `pos_norm: false`; {where}")
+    check_representable(cfg)
 
 
 def hf_config(cfg: EncoderConfig, vocab_size: int, ctc: dict | None = None):
@@ -65,69 +60,20 @@ def hf_config(cfg: EncoderConfig, vocab_size: int, ctc: dict | None = None):
     ctc = ctc or {}
     mask_p = float(ctc.get("mask_time_prob", 0.05))
     return Wav2Vec2Config(
-        vocab_size=vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads, intermediate_size=cfg.ff_dim, hidden_act="gelu",
-        # nn.TransformerEncoderLayer uses one dropout for attention, FF activation and residuals;
-        # we have none on the feature projection or before the head
-        hidden_dropout=cfg.dropout, activation_dropout=cfg.dropout, attention_dropout=cfg.dropout,
-        feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0, layer_norm_eps=1e-5,
-        feat_extract_norm="group", feat_extract_activation="gelu", conv_bias=False,
-        conv_dim=[cfg.conv_channels] * len(WAVE_CONV), conv_kernel=[k for k, _ in WAVE_CONV],
-        conv_stride=[s for _, s in WAVE_CONV], num_conv_pos_embeddings=cfg.pos_kernel,
-        num_conv_pos_embedding_groups=cfg.pos_groups, do_stable_layer_norm=True,
+        **hf_fields(cfg), vocab_size=vocab_size, final_dropout=0.0,   # no dropout before our head
         # our fine-tuning: span masks with the learned embedding, no minimum count; our channel masks
         # act on the front-end features, theirs after the projection, so those are not carried over
         apply_spec_augment=mask_p > 0, mask_time_prob=mask_p, mask_time_length=int(ctc.get("mask_time_span", 5)),
         mask_time_min_masks=0, mask_feature_prob=0.0,
         ctc_loss_reduction="mean", ctc_zero_infinity=True,   # F.ctc_loss(reduction="mean", zero_infinity=True)
-        pad_token_id=0, bos_token_id=None, eos_token_id=None, add_adapter=False)
-
-
-def _kernel_norms(w: torch.Tensor) -> torch.Tensor:
-    """(D, D/groups, K) -> (1, 1, K) L2 norms per tap, from the fused kernel weight_norm runs (on CPU):
-    norm_except_dim sums in another order and can differ by an ulp, so the weight would too."""
-    try:
-        return torch._weight_norm_interface(w, torch.ones(1, 1, w.shape[2], dtype=w.dtype), 2)[1].reshape(1, 1, -1)
-    except (AttributeError, RuntimeError):   # private API gone: equal to ~1e-7 relative
-        return torch.norm_except_dim(w, 2, 2)
+        pad_token_id=0, bos_token_id=None, eos_token_id=None)
 
 
 def map_state(model, with_mask_emb: bool) -> dict[str, torch.Tensor]:
     """Our ``CTCModel.state_dict()`` under ``Wav2Vec2ForCTC`` parameter names."""
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    out: dict[str, torch.Tensor] = {}
-    w2v = "wav2vec2."
-    convs = [i for i, m in enumerate(model.encoder.frontend.conv) if isinstance(m, torch.nn.Conv1d)]
-    for j, i in enumerate(convs):   # Sequential(conv, group norm, GELU, conv, GELU, ...)
-        out[f"{w2v}feature_extractor.conv_layers.{j}.conv.weight"] = sd[f"encoder.frontend.conv.{i}.weight"]
-    for p in ("weight", "bias"):
-        out[f"{w2v}feature_extractor.conv_layers.0.layer_norm.{p}"] = sd[f"encoder.frontend.conv.1.{p}"]
-        out[f"{w2v}feature_projection.layer_norm.{p}"] = sd[f"encoder.feat_norm.{p}"]
-        out[f"{w2v}feature_projection.projection.{p}"] = sd[f"encoder.proj.{p}"]
-        out[f"{w2v}encoder.layer_norm.{p}"] = sd[f"encoder.out_norm.{p}"]
-        out[f"lm_head.{p}"] = sd[f"head.{p}"]
-    if with_mask_emb:
-        out[f"{w2v}masked_spec_embed"] = sd["encoder.mask_emb"]
-    # weight norm over dim 2: weight = v * (g / ||v||), norms over (out, in) per kernel tap. v = w and
-    # g = ||w|| as the recombining kernel computes it gives back w bit for bit (g / ||v|| == 1.0)
-    w = sd["encoder.pos.conv.weight"]                                   # (D, D/groups, K)
-    g = _kernel_norms(w)                                                # (1, 1, K)
-    v = torch.where(g == 0, torch.ones_like(w), w)                      # an all-zero tap: g = 0 keeps it 0
-    pos = f"{w2v}encoder.pos_conv_embed.conv."
-    out[pos + "parametrizations.weight.original0"], out[pos + "parametrizations.weight.original1"] = g, v
-    out[pos + "bias"] = sd["encoder.pos.conv.bias"]
-    D = model.encoder.cfg.d_model
-    for i in range(model.encoder.cfg.n_layers):
-        src, dst = f"encoder.layers.{i}.", f"{w2v}encoder.layers.{i}."
-        qkv_w, qkv_b = sd[src + "self_attn.in_proj_weight"], sd[src + "self_attn.in_proj_bias"]   # (3D, D), (3D,)
-        for n, name in enumerate("qkv"):
-            out[f"{dst}attention.{name}_proj.weight"] = qkv_w[n * D:(n + 1) * D].clone()
-            out[f"{dst}attention.{name}_proj.bias"] = qkv_b[n * D:(n + 1) * D].clone()
-        for ours, theirs in (("self_attn.out_proj", "attention.out_proj"), ("norm1", "layer_norm"),
-                             ("norm2", "final_layer_norm"), ("linear1", "feed_forward.intermediate_dense"),
-                             ("linear2", "feed_forward.output_dense")):
-            for p in ("weight", "bias"):
-                out[f"{dst}{theirs}.{p}"] = sd[f"{src}{ours}.{p}"]
+    enc = {k: v for k, v in model.encoder.state_dict().items() if with_mask_emb or k != "mask_emb"}
+    out = {f"wav2vec2.{k}": v for k, v in encoder_to_hf(enc, model.encoder.cfg).items()}
+    out.update({f"lm_head.{p}": model.head.state_dict()[p].detach().cpu() for p in ("weight", "bias")})
     return out
 
 

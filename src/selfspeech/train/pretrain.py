@@ -23,7 +23,7 @@ import torch
 from selfspeech.config import checked, from_mapping, resolve_sub_config, sub_config, to_mapping, typed_fields
 from selfspeech.data.audio_dataset import AudioDataset, Skipped, check_lengths
 from selfspeech.data.manifest import read_manifest, unique_ids
-from selfspeech.models.ssl import EncoderConfig, save_encoder
+from selfspeech.models.ssl import EncoderConfig, load_state, read_config, save_encoder
 from selfspeech.objectives.tasks import TASKS, BestRQConfig, Wav2Vec2Config
 from selfspeech.train import distributed as D
 from selfspeech.train.loop import LoopConfig, train_loop
@@ -75,13 +75,41 @@ def min_seconds(enc: EncoderConfig, task) -> float:
     return units / (16_000 if enc.frontend == "wave" else 100)
 
 
+def initial_task(cfg: PretrainConfig, init: str | Path | None) -> tuple[PretrainConfig, torch.nn.Module]:
+    """The task to train and ``cfg`` with the encoder and quantizer ``init`` brings.
+
+    ``init``: None (fresh weights), a transformers wav2vec 2.0 / XLSR folder (config.json with
+    model_type wav2vec2: continued pretraining of e.g. facebook/wav2vec2-xls-r-300m on the user's
+    audio) or OUT/best of an earlier ``pretrain --objective wav2vec2``. The checkpoint fixes the
+    architecture and the quantizer (groups, entries, final_dim); masking, distractors, temperatures
+    and loss weights stay those of ``cfg.task``."""
+    if init is None:
+        return cfg, TASKS[cfg.objective][0](cfg.encoder_config(), cfg.task)
+    if cfg.objective != "wav2vec2":
+        raise ValueError(f"init {str(init)!r}: a wav2vec 2.0 checkpoint continues objective wav2vec2, not "
+                         f"{cfg.objective!r}; set objective: wav2vec2 (--objective wav2vec2)")
+    from selfspeech.models.hf_wav2vec2 import is_hf_dir, load_checked
+    from selfspeech.objectives.w2v2_hf import task_config_for, task_from_hf
+
+    if is_hf_dir(init):
+        task, _ = task_from_hf(init, cfg.task)
+    else:
+        meta = read_config(init, "ssl_task:wav2vec2")
+        saved = meta.get("pretrain", {}).get("task", {})
+        quant = {k: saved[k] for k in ("groups", "entries", "final_dim") if k in saved}
+        task = TASKS["wav2vec2"][0](EncoderConfig(**meta["config"]), task_config_for(cfg.task, quant))
+        load_checked(task, load_state(init), init)
+    return dataclasses.replace(cfg, encoder=task.enc_cfg, task=task.cfg), task
+
+
 def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = PretrainConfig(),
-             progress: bool = True) -> dict:
+             progress: bool = True, init: str | Path | None = None) -> dict:
+    """Train ``cfg.objective`` on ``manifest``; ``init``: the starting weights (:func:`initial_task`)."""
     out = Path(out_dir)
     env = D.init_from_env(cfg.loop.device)  # torchrun: data parallel over its processes
+    torch.manual_seed(cfg.loop.seed)  # the same initial weights on every (re)start
+    cfg, task = initial_task(cfg, init)
     enc_cfg, loop_cfg = cfg.encoder_config(), cfg.loop_config()
-    torch.manual_seed(loop_cfg.seed)  # the same initial weights on every (re)start
-    task = TASKS[cfg.objective][0](enc_cfg, cfg.task)
     items, dup = unique_ids(read_manifest(manifest))
     items, skipped = check_lengths(items, min_seconds(enc_cfg, task))
     skipped += [Skipped(u, "duplicate id: only its first line is used") for u in dup]
@@ -115,7 +143,8 @@ def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
         return task.warnings(rec, rec)
 
     state = train_loop(task, task.loss, sampler, data.collate, loop_cfg, out, write_model,
-                       {"pretrain": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items)},
+                       {"pretrain": cfg.to_dict(), "manifest": str(manifest), "n_items": len(items),
+                        **({"init": str(init)} if init else {})},
                        warnings=warn, progress=progress, desc=f"pretrain {cfg.objective}")
     if not env.main:
         return {}
@@ -123,6 +152,7 @@ def pretrain(manifest: str | Path, out_dir: str | Path, cfg: PretrainConfig = Pr
                  extra={"objective": cfg.objective, "steps": state["step"]})
     summary = {"objective": cfg.objective, "steps": state["step"], "train_seconds": round(state["seconds"], 1),
                "n_train": len(items), "skipped": [dataclasses.asdict(s) for s in skipped],
+               "init": str(init) if init else None,
                "encoder": dataclasses.asdict(enc_cfg), "params": sum(p.numel() for p in task.encoder.parameters()),
                "groups": getattr(sampler, "probs", None)}
     write_summary(out, summary)
