@@ -200,8 +200,11 @@ def pseudo_manifest(ref_path: str, labels: dict[str, dict], out_path: Path, drop
     return {"kept": len(kept), **dropped}
 
 
-def concat(paths: list[str], out_path: Path) -> str:
-    write_manifest(out_path, (it for p in paths for it in read_manifest(p)))
+def concat(paths: list[str], out_path: Path, id_suffixes: tuple[str, ...] | None = None) -> str:
+    """The manifests one after another; ``id_suffixes`` (one per path) keep ids unique when a part repeats."""
+    sfx = id_suffixes or ("",) * len(paths)
+    write_manifest(out_path, ({**it, "id": it["id"] + x} for p, x in zip(paths, sfx, strict=True)
+                              for it in read_manifest(p)))
     return str(out_path)
 
 

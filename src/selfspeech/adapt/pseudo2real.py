@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from selfspeech.adapt import prepare as P
+from selfspeech.adapt import variants as V
 from selfspeech.adapt.recipe import Recipe, RecipeError, check_recipe  # noqa: F401 (re-exported)
 from selfspeech.adapt.stages import MARKER, Stage, StageRunner, folder_bytes
 from selfspeech.adapt.student import (Output, Student, corrected_decode_stage, corrected_model_stage, decode_stage,
@@ -183,12 +184,19 @@ def choose_lambda(S: StageRunner, st: Student, parts: dict, ps: dict, tau: Outpu
     # source_sim: the target's situation rehearsed on held-out source speakers
     theta_simp = produce(S, finetune_stage(st, "sim_pseudo", ps["source_sim_fit"]["path"],
                                            ps["source_sim_stop"]["path"]))
-    cand = []
-    for i, sc in enumerate(scopes):
-        curve = choice[_curve_key("source_sim", sc)] = sweep(S, st, "sim", theta_simp, tau, sc, parts["source_sim"])
+    return choice | rehearse(S, st, parts, tau, theta_simp, "sim", "source_sim")
+
+
+def rehearse(S: StageRunner, st: Student, parts: dict, tau: Output, theta_sim: Output, tag: str, kind: str) -> dict:
+    """(lambda, tau scope) with the lowest WER of ``theta_sim + lambda * tau[scope]`` on the sim speakers' real
+    labels, and the curves it read (``curve_<kind>[_<scope>]``); ties go to the smaller correction, then the
+    first scope."""
+    res, cand = {}, []
+    for i, sc in enumerate(st.recipe.lam.scopes):
+        curve = res[_curve_key(kind, sc)] = sweep(S, st, tag, theta_sim, tau, sc, parts["source_sim"])
         cand += [(w, abs(lam), i, lam, sc) for lam, w in curve.items()]
-    _, _, _, lam, scope = min(cand)  # lowest held-out source WER; ties: the smaller correction, then the first scope
-    return choice | {"lambda": lam, "scope": scope}
+    _, _, _, lam, scope = min(cand)
+    return res | {"lambda": lam, "scope": scope}
 
 
 def decode_systems(S: StageRunner, st: Student, parts: dict, ps: dict, theta_sr: Output, theta_tp: Output,
@@ -206,10 +214,9 @@ def decode_systems(S: StageRunner, st: Student, parts: dict, ps: dict, theta_sr:
     if "source_real_ft" in systems:
         hyps["source_real_ft"] = S(decode_stage(st, "source_real_ft", theta_sr, evalm))
     if "source_real_plus_target_pseudo" in systems:
-        tr = P.concat([parts["source_train"], ps["target_adapt_fit"]["path"]], S.root / "pseudo" / "union_train.jsonl")
-        dv = P.concat([parts["source_dev"], ps["target_adapt_stop"]["path"]], S.root / "pseudo" / "union_dev.jsonl")
-        union = produce(S, finetune_stage(st, "source_real_plus_target_pseudo", tr, dv))
-        hyps["source_real_plus_target_pseudo"] = S(decode_stage(st, "union", union, evalm))
+        hyps["source_real_plus_target_pseudo"] = S(decode_stage(st, "union", V.union_student(S, st, parts, ps),
+                                                                evalm))
+    hyps.update(variant_systems(S, st, parts, ps, tau, evalm, systems, choice))
     if "oracle" in systems:  # measurement only: real target labels
         oracle = produce(S, finetune_stage(st, "oracle", parts["target_adapt_fit"], parts["target_adapt_stop"],
                                            inputs=("data",)))
@@ -217,6 +224,22 @@ def decode_systems(S: StageRunner, st: Student, parts: dict, ps: dict, theta_sr:
     if r.lam.oracle_sweep and labelled:
         for sc in r.lam.scopes:
             choice[_curve_key("target_oracle", sc)] = sweep(S, st, "target_oracle", theta_tp, tau, sc, evalm)
+    return hyps
+
+
+def variant_systems(S: StageRunner, st: Student, parts: dict, ps: dict, tau: Output, evalm: str, systems: set,
+                    choice: dict) -> dict[str, str]:
+    """The correction on the union student and the public code's protocol (:mod:`selfspeech.adapt.variants`);
+    their lambda choices go into ``choice["variants"]``."""
+    hyps: dict[str, str] = {}
+    rule = partial(rehearse, S, st, parts)
+    if "p2r_union" in systems:
+        hyps["p2r_union"], choice.setdefault("variants", {})["p2r_union"] = V.p2r_union(
+            S, st, parts, ps, tau, evalm, rule)
+    if {"pseudo_ft_mixed", "p2r_mixed"} & systems:
+        mixed_hyps, choice.setdefault("variants", {})["p2r_mixed"] = V.p2r_mixed(
+            S, st, parts, ps, evalm, systems, rule)
+        hyps.update(mixed_hyps)
     return hyps
 
 

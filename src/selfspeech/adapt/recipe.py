@@ -24,7 +24,7 @@ from selfspeech.train.whisper_ft import FinetuneConfig
 Scope = Literal[tuple(SCOPES)]
 Normalizer = Literal[NORMALIZERS]
 System = Literal["teacher", "zero_shot", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random", "source_real_ft",
-                 "source_real_plus_target_pseudo", "oracle"]
+                 "source_real_plus_target_pseudo", "oracle", "p2r_union", "pseudo_ft_mixed", "p2r_mixed"]
 SOURCE_PARTS, TARGET_PARTS = ("train", "dev", "sim"), ("adapt", "eval")
 
 
@@ -94,6 +94,9 @@ class StudentSpec:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     decode_batch_size: int = checked(16, ge=1)
     max_new_tokens: int = checked(128, ge=1)
+    # systems p2r_mixed / pseudo_ft_mixed: fine-tunes that continue from the source "mixed" model run at
+    # this times finetune.lr (the Pseudo2Real authors' scripts continue at lr / 10)
+    continue_lr_scale: float = checked(0.1, gt=0, le=1)
 
 
 @dataclass(frozen=True)

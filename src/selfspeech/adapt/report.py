@@ -14,7 +14,15 @@ LABELS = {
     "p2r": "Pseudo2Real", "p2r_sc": "Pseudo2Real-SC", "p2r_sc_random": "Pseudo2Real-SC, random clusters",
     "source_real_ft": "student FT on source real", "source_real_plus_target_pseudo": "source real + target pseudo",
     "oracle": "oracle: FT on target real (measurement only)",
+    "p2r_union": "Pseudo2Real on source real + target pseudo",
+    "pseudo_ft_mixed": "student FT on target pseudo, continued from the source mixed model",
+    "p2r_mixed": "Pseudo2Real, continued from the source mixed model",
 }
+# (baseline, system): the paired bootstraps a run reports when both were decoded
+PAIRS = (("pseudo_ft", "p2r"), ("pseudo_ft", "p2r_sc"), ("p2r", "p2r_sc"), ("p2r_sc_random", "p2r_sc"),
+         ("teacher", "p2r"), ("source_real_ft", "p2r"), ("source_real_plus_target_pseudo", "p2r"),
+         ("pseudo_ft", "p2r_union"), ("source_real_plus_target_pseudo", "p2r_union"),
+         ("pseudo_ft_mixed", "p2r_mixed"), ("pseudo_ft", "p2r_mixed"), ("source_real_plus_target_pseudo", "p2r_mixed"))
 
 
 def score_systems(eval_manifest: str, hyps: dict[str, str], normalizer: str, seed: int = 0,
@@ -29,8 +37,7 @@ def score_systems(eval_manifest: str, hyps: dict[str, str], normalizer: str, see
         out["systems"][name] = {"wer": g["wer"], "wer_ci95": g["wer_ci"], "cer": g["cer"], "cer_ci95": g["cer_ci"],
                                 "utterances": g["utterances"], "speakers": g["speakers"],
                                 "missing": r["system"]["missing"]["count"]}
-    for a, b in (("pseudo_ft", "p2r"), ("pseudo_ft", "p2r_sc"), ("p2r", "p2r_sc"), ("p2r_sc_random", "p2r_sc"),
-                 ("teacher", "p2r"), ("source_real_ft", "p2r"), ("source_real_plus_target_pseudo", "p2r")):
+    for a, b in PAIRS:
         if a in hyp and b in hyp:
             r = build_results(refs, hyp[a], compare=hyp[b], normalizer=normalizer, seed=seed, n_resamples=n_resamples)
             t = r["compare"]["paired"][0]
@@ -116,6 +123,18 @@ def _target_lines(result: dict) -> list[str]:
                     "are under Data."]
 
 
+def _variant_lines(lam: dict) -> list[str]:
+    """The lambda each variant's own rehearsal chose, with its held-out source curves."""
+    lines = []
+    for name, v in lam.get("variants", {}).items():
+        curves = "; ".join(f"{k.removeprefix('curve_')}: "
+                           + ", ".join(f"{float(x):g}: {_pct(w)}%" for x, w in c.items())
+                           for k, c in v.items() if k.startswith("curve_"))
+        lines.append(f"- {LABELS.get(name, name)}: lambda = {v['lambda']:g}, tau scope `{v['scope']}`"
+                     + (f" (its own rehearsal on the held-out source speakers: {curves})" if curves else "") + ".")
+    return ["", *lines] if lines else []
+
+
 def write_report(out: Path, result: dict, scores: dict, title: str) -> Path:
     out = Path(out)
     write_json(out / "scores.json", scores)
@@ -137,7 +156,7 @@ def write_report(out: Path, result: dict, scores: dict, title: str) -> Path:
     metric = "WER" if labelled else "WER against the teacher"
     lines = [f"# {title}", "", *_target_lines(result), "",
              f"lambda = {lam['lambda']:g}, tau scope `{lam.get('scope', 'all')}`, chosen by rule `{lam['rule']}` "
-             "(no target transcript used).", "", _disk_line(result.get("disk") or {}), "",
+             "(no target transcript used).", *_variant_lines(lam), "", _disk_line(result.get("disk") or {}), "",
              versions_line(scores.get("versions")), "",
              "![WER per system](wer_systems.png)", "",
              f"| system | {metric} % [95% CI] | CER % | utterances | speakers |",
