@@ -367,7 +367,7 @@ def test_valid_configs_run_with_overrides_and_save_the_resolved_config(cli, open
     from selfspeech.config import from_mapping
 
     got = {}
-    monkeypatch.setattr(pt, "pretrain", lambda m, o, cfg: got.setdefault("pretrain", cfg) and {"skipped": []})
+    monkeypatch.setattr(pt, "pretrain", lambda m, o, cfg, init=None: got.setdefault("pretrain", cfg) and {"skipped": []})
     monkeypatch.setattr(ctc, "finetune_ctc", lambda t, d, o, cfg, init=None: got.setdefault("ctc", cfg) and {})
     monkeypatch.setattr(spk, "train_speaker", lambda m, o, cfg, fork_from=None: got.setdefault("sv", cfg) and {})
     monkeypatch.setattr(wft, "finetune", lambda t, d, i, o, cfg: got.setdefault("ft", cfg) and o)
