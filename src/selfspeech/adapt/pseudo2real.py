@@ -82,7 +82,7 @@ def run_stages(recipe: Recipe, S: StageRunner, progress: bool = True) -> dict:
     parts = S(Stage("data", partial(P.make_parts, recipe), {"data": recipe.to_dict()["data"]}))
     # int8 labels of a CPU and float16 labels of a GPU differ: the resolved type keys the stage
     lab = S(Stage("label", partial(_label, recipe, parts["all"], progress),
-                  {"teacher": recipe.to_dict()["teacher"], "compute_type": teacher_compute_type(recipe)}, ("data",)))
+                  {"teacher": _teacher_key(recipe), "compute_type": teacher_compute_type(recipe)}, ("data",)))
     info = parts.get("info", {"target_labelled": True, "target_speakers": "field"})
     labelled = info["target_labelled"]
     ps = S(Stage("pseudo", partial(_pseudo, recipe, parts, lab["labels"]),
@@ -109,6 +109,16 @@ def run_stages(recipe: Recipe, S: StageRunner, progress: bool = True) -> dict:
             "parts": json.loads((S.root / "data" / "parts.json").read_text())}
 
 
+def _teacher_key(recipe: Recipe) -> dict:
+    """The teacher section that keys the label stage; English transcription, the default, is left out
+    (label stages cached without a language or task stay valid)."""
+    t = recipe.to_dict()["teacher"]
+    for k, default in (("language", "en"), ("task", "transcribe")):
+        if t.get(k) == default:
+            t.pop(k)
+    return t
+
+
 def teacher_compute_type(recipe: Recipe) -> str:
     """The type the teacher decodes in on the recipe's device (``auto`` resolved)."""
     from selfspeech.accel import resolve_device
@@ -127,7 +137,8 @@ def _label(recipe: Recipe, manifest: str, progress: bool, d: Path) -> dict:
 
     t = load_teacher(recipe.teacher.name, "faster-whisper", cpu_threads=torch.get_num_threads(),
                      options=DecodeOptions(max_new_tokens=recipe.teacher.max_new_tokens,
-                                           window_s=recipe.teacher.window_s),
+                                           window_s=recipe.teacher.window_s, language=recipe.teacher.language,
+                                           task=recipe.teacher.task),
                      device=recipe.device, compute_type=recipe.teacher.compute_type)
     st = label_manifest(manifest, d / "labels.jsonl", t, recipe.teacher.name, recipe.teacher.batch_size,
                         progress=progress)

@@ -85,6 +85,8 @@ class TeacherSpec:
     max_new_tokens: int = checked(128, ge=1)
     window_s: float = checked(15.0, gt=0, le=30)  # encoder window, see label.teacher.DecodeOptions
     compute_type: str = "auto"         # faster-whisper's: auto = int8 on a CPU, float16 on a GPU
+    language: str = checked("en", nonempty=True)  # of the audio, a code or name; .en teachers take en only
+    task: Literal["transcribe", "translate"] = "transcribe"  # translate: into English (multilingual teachers)
 
 
 @dataclass(frozen=True)
@@ -234,8 +236,10 @@ def check_recipe(recipe: Recipe) -> None:
         raise RecipeError(str(e)) from None
     ft = recipe.student.finetune
     check_device(ft.device, ft.precision, f"{where}: student.finetune.")
-    for key, name in (("teacher.name", recipe.teacher.name), ("student.init", recipe.student.init)):
-        check_model_name(name, f"{where}: {key}")
+    t = recipe.teacher
+    check_model_name(t.name, f"{where}: teacher.name", t.language, t.task, f"{where}: teacher.language")
+    check_model_name(recipe.student.init, f"{where}: student.init", ft.language, ft.task,
+                     f"{where}: student.finetune.language")
     if recipe.clusters.enabled and {"p2r_sc", "p2r_sc_random"} & set(recipe.systems):
         _check_extractor(where, recipe.clusters.extractor)
     # a Kaldi directory's audio headers are read only when a rule selects by duration
@@ -244,22 +248,30 @@ def check_recipe(recipe: Recipe) -> None:
     P.split_parts(recipe, domains)  # every part and early-stopping split gets speakers
 
 
-def check_model_name(name: str, key: str) -> None:
-    """A zoo name or a local Whisper folder; neither pulls nor opens a model. ``key`` leads the message."""
+def check_model_name(name: str, key: str, language: str = "en", task: str = "transcribe",
+                     language_key: str | None = None) -> None:
+    """A model name (built-in or registered), a local Whisper folder, or a hub id (online, or downloaded
+    before) that can decode ``language`` and ``task``; neither pulls nor opens a model. ``key`` leads
+    the message about the model, ``language_key`` the one about its language."""
     import difflib
 
-    from selfspeech.models.zoo import REGISTRY
+    from selfspeech.models.sources import ModelError, check_language, is_hub_id
+    from selfspeech.models.zoo import known_names, model_languages
 
-    p = Path(name).expanduser()
-    if name in REGISTRY or (p / "config.json").is_file() or (p / "model.bin").is_file():
-        return
-    if p.is_dir():
-        raise RecipeError(f"{key}: {name!r} is a folder without a model; give a transformers "
-                          "(config.json) or CTranslate2 (model.bin) Whisper folder")
-    close = difflib.get_close_matches(name, list(REGISTRY), n=1)
-    raise RecipeError(f"{key}: {name!r} is neither a known model nor a folder; "
-                      f"{f'did you mean {close[0]!r}? ' if close else ''}choose one of "
-                      f"{', '.join(sorted(REGISTRY))} (`selfspeech models list`) or give a model folder")
+    try:
+        multilingual = model_languages(name)
+    except ModelError as e:
+        if Path(name).expanduser().is_dir() or is_hub_id(name):
+            raise RecipeError(f"{key}: {e}") from None
+        close = difflib.get_close_matches(name, known_names(), n=1)
+        raise RecipeError(f"{key}: {name!r} is neither a known model nor a folder; "
+                          f"{f'did you mean {close[0]!r}? ' if close else ''}choose one of "
+                          f"{', '.join(known_names())} (`selfspeech models list`), give a model folder, "
+                          "or a hub id such as openai/whisper-large-v3 (online)") from None
+    try:
+        check_language(name, multilingual, language, task)
+    except ModelError as e:
+        raise RecipeError(f"{language_key or key}: {e}") from None
 
 
 def _check_extractor(where: str, name: str) -> None:

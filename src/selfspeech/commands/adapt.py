@@ -72,7 +72,7 @@ def finetune_whisper(
     overrides: list[str] = typer.Argument(None, help="Dotted overrides of config keys, e.g. lr=3e-5 max_steps=200."),
     train: Path = typer.Option(..., help="Training manifest (real or pseudo-labels in `text`)."),
     dev: Path = typer.Option(None, help="Dev manifest: greedy WER every eval_every steps, early stopping, best/."),
-    init: str = typer.Option("whisper-tiny.en", help="Zoo name or a transformers Whisper folder (safetensors)."),
+    init: str = typer.Option("whisper-tiny.en", help="A model name (`selfspeech models list`), a transformers or CTranslate2 Whisper folder, or a hub id (online)."),
     out: Path = typer.Option(..., help="Output folder: best/ (save_pretrained), log.jsonl, summary.json; "
                                        "last/ while training (kept with keep_last=true). Rerun to resume."),
     device: str = typer.Option(None, help=DEVICE_HELP),
@@ -85,6 +85,9 @@ def finetune_whisper(
 
     torchrun --nproc_per_node 2 -m selfspeech.cli finetune-whisper cfg.yaml --train t.jsonl --dev d.jsonl --out runs/ft
 
+    A multilingual student learns in the config's language and task (language=de
+    task=transcribe); an English-only (.en) init takes language en only.
+
     Example: selfspeech finetune-whisper --train children.labels.jsonl --dev dev.labels.jsonl --out runs/student --device cuda
     """
     from selfspeech.train.whisper_ft import FinetuneConfig, finetune
@@ -93,7 +96,7 @@ def finetune_whisper(
         cfg = load_config(FinetuneConfig, config, overrides, {"device": device, "precision": precision})
         need_device(cfg.device, cfg.precision)
         need_files(train=train, dev=dev)
-        check_model(init, "--init")
+        check_model(init, "--init", cfg.language, cfg.task)
     save_run_config(cfg, out)
     with refusing(ValueError, TypeError, FileNotFoundError, OSError):
         best = finetune(train, dev, init, out, cfg)

@@ -148,11 +148,12 @@ def need_fields(manifest: Path, wanted: dict[str, str], hint: str = "") -> None:
             fail(f"{option} {field!r}: no line of {manifest} has this field; {have}" + (f"; {hint}" if hint else ""))
 
 
-def check_model(name: str, option: str) -> None:
-    """A Whisper zoo name or model folder given on the command line; nothing is pulled or opened."""
+def check_model(name: str, option: str, language: str = "en", task: str = "transcribe") -> None:
+    """A Whisper model source given on the command line, able to decode ``language`` and ``task``;
+    nothing is pulled or opened."""
     from selfspeech.adapt.recipe import check_model_name
 
-    check_model_name(name, option)
+    check_model_name(name, option, language, task, "language")
 
 
 def save_run_config(cfg: Any, out: Path, name: str = RESOLVED) -> Path:

@@ -12,7 +12,7 @@ from selfspeech.label.filters import FilterConfig
 
 
 def label(
-    teacher: str = typer.Option("whisper-base", help="Zoo name (whisper-base, whisper-tiny.en; see `selfspeech models list`) or a model directory."),
+    teacher: str = typer.Option("whisper-base", help="A model name (whisper-base, whisper-tiny.en, or one added with `selfspeech models add`; see `selfspeech models list`), a transformers or CTranslate2 model folder, or a hub id such as openai/whisper-large-v3 (online)."),
     in_path: Path = typer.Option(..., "--in", help="Manifest of the audio to label (JSONL)."),
     out_path: Path = typer.Option(..., "--out", help="Labels (JSONL, append-only; rerun to resume)."),
     backend: str = typer.Option("faster-whisper", help="faster-whisper (CTranslate2, batched) or transformers (any Whisper checkpoint)."),
@@ -21,7 +21,8 @@ def label(
     window: float = typer.Option(15.0, help="faster-whisper encoder window in seconds: a batch is padded to its longest utterance + 0.5 s, at least this, at most 30 (30 = Whisper's standard window; below ~10 s Whisper breaks, see benchmarks/RESULTS.md)."),
     compute_type: str = typer.Option("auto", help="auto: faster-whisper int8 on a CPU, float16 on a GPU; transformers float32 on a CPU, bfloat16 on a GPU. faster-whisper also takes int8_float16, float16 (GPU), int8_float32, float32; transformers float32, bfloat16, float16 (GPU)."),
     beam_size: int = typer.Option(1, help="1 = greedy."),
-    language: str = typer.Option("en", help="Language of the audio (multilingual teachers)."),
+    language: str = typer.Option("en", help="Language of the audio, a code or name (en, de, german); multilingual teachers only: .en models take en."),
+    task: str = typer.Option("transcribe", help="transcribe, or translate (into English; multilingual teachers)."),
     max_compression_ratio: float = typer.Option(2.4, help="Flag labels above this gzip ratio (repetition loops)."),
     min_avg_logprob: float = typer.Option(-1.0, help="Flag labels whose mean token log-prob is below this."),
     max_no_speech_prob: float = typer.Option(0.6, help="Flag labels whose no-speech probability is above this."),
@@ -47,6 +48,9 @@ def label(
     option is refused (OUT.teacher.json records them). Exit 1 when every
     utterance of the run failed; failures of some are counted in the summary.
 
+    A multilingual teacher decodes --language with --task; an English-only
+    (.en) one is refused any other language before it loads.
+
     Example: selfspeech label --teacher whisper-base --in children.jsonl --out children.labels.jsonl
     """
     from selfspeech.accel import resolve_device
@@ -54,7 +58,7 @@ def label(
     from selfspeech.label.resume import ResumeError, check_resume, labelling_spec, record_spec
     from selfspeech.label.run import label_manifest
     from selfspeech.label.teacher import DecodeOptions, load_teacher, resolve_compute_type
-    from selfspeech.models.zoo import ModelError
+    from selfspeech.models.zoo import ModelError, check_source
 
     with refusing(ValueError):  # device and compute type first: before any model file is opened
         dev = resolve_device(device, key="--device")
@@ -63,7 +67,11 @@ def label(
         compute_type = resolve_compute_type(compute_type, dev, backend, key="--compute-type")
     if not in_path.is_file():
         fail(f"{in_path}: manifest not found")
-    options = DecodeOptions(language=language, beam_size=beam_size, window_s=window)
+    if (language, task) != ("en", "transcribe"):  # every Whisper transcribes English; others are checked now
+        with refusing(ModelError):
+            check_source(teacher, language, task)
+    with refusing(ValueError):
+        options = DecodeOptions(language=language, beam_size=beam_size, window_s=window, task=task)
     filters = FilterConfig(max_compression_ratio, min_avg_logprob, max_no_speech_prob)
     spec = labelling_spec(teacher, backend, compute_type, options)
     with refusing(ResumeError):  # before any model is opened: a resumed file keeps one teacher

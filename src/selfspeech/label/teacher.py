@@ -22,6 +22,7 @@ filters in :mod:`selfspeech.label.filters`, not silently re-sampled.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 from dataclasses import dataclass
@@ -67,16 +68,23 @@ class DecodeOptions:
     utterances, whisper-base WER 34% at 30 s, 34% at 10 s, 95% at 5 s; tiny.en 40%,
     44%, 71%); 15 s kept both models' WER at the 30-s level while encoding half the
     frames, hence the default (see benchmarks/RESULTS.md, "encoder window").
+
+    ``language`` and ``task`` (transcribe, or translate into English) go into the
+    decoder prompt of multilingual models; English-only (``.en``) models take only
+    English transcription (:func:`selfspeech.models.sources.check_language`).
     """
 
     language: str = "en"
     beam_size: int = 1
     max_new_tokens: int = 128
     window_s: float = 15.0
+    task: str = "transcribe"
 
     def __post_init__(self):
         if not 1.0 <= self.window_s <= 30.0:
             raise ValueError(f"window_s={self.window_s}: the encoder window must be within 1..30 s")
+        if self.task not in ("transcribe", "translate"):
+            raise ValueError(f"task {self.task!r}: choose transcribe or translate (translate: into English)")
 
 
 CT2_COMPUTE_TYPES = ("auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16",
@@ -144,6 +152,7 @@ class FasterWhisperTeacher:
     def __init__(self, ct2_dir: str | Path, compute_type: str = "auto", cpu_threads: int = 0,
                  options: DecodeOptions = DecodeOptions(), device: str | torch.device = "cpu"):
         from faster_whisper import BatchedInferencePipeline, WhisperModel
+        from faster_whisper.feature_extractor import FeatureExtractor
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import TranscriptionOptions, get_suppressed_tokens
 
@@ -151,9 +160,12 @@ class FasterWhisperTeacher:
         self.compute_type = resolve_compute_type(compute_type, self.device, self.backend)
         self.model = WhisperModel(str(ct2_dir), device=self.device.type, device_index=self.device.index or 0,
                                   compute_type=self.compute_type, cpu_threads=cpu_threads)
+        n_mels = self.model.model.n_mels  # a CTranslate2 folder without preprocessor_config.json gets 80 bins
+        if self.model.feature_extractor.mel_filters.shape[0] != n_mels:
+            self.model.feature_extractor = FeatureExtractor(feature_size=n_mels)
         self.pipeline = BatchedInferencePipeline(self.model)
         multilingual = self.model.model.is_multilingual
-        self.tokenizer = Tokenizer(self.model.hf_tokenizer, multilingual, task="transcribe",
+        self.tokenizer = Tokenizer(self.model.hf_tokenizer, multilingual, task=options.task,
                                    language=options.language if multilingual else "en")
         # The same values WhisperModel.transcribe uses, at one temperature (no fallback).
         self.options = TranscriptionOptions(
@@ -194,7 +206,8 @@ class FasterWhisperTeacher:
 
     def transcribe_sequential(self, wav: np.ndarray) -> str:
         """One utterance through WhisperModel.transcribe (the one-at-a-time baseline of the benchmark)."""
-        segs, _ = self.model.transcribe(wav, language="en", beam_size=self.decode_options.beam_size,
+        segs, _ = self.model.transcribe(wav, language=self.tokenizer.language_code,
+                                        task=self.decode_options.task, beam_size=self.decode_options.beam_size,
                                         temperature=0.0, without_timestamps=True,
                                         condition_on_previous_text=False, vad_filter=False)
         return " ".join(s.text.strip() for s in segs).strip()
@@ -212,14 +225,12 @@ class TransformersTeacher:
 
     def __init__(self, hf_dir: str | Path, options: DecodeOptions = DecodeOptions(), dtype: str = "auto",
                  device: str | torch.device = "cpu"):
-        from transformers import WhisperProcessor
-
-        from selfspeech.models.whisper import load_for_inference
+        from selfspeech.models.whisper import load_for_inference, load_processor
 
         self.device = resolve_device(device)
         self.compute_type = resolve_compute_type(dtype, self.device, self.backend)
         self.dtype = getattr(torch, self.compute_type)
-        self.processor = WhisperProcessor.from_pretrained(str(hf_dir))
+        self.processor = load_processor(hf_dir, options.language, options.task)  # the model's mel bins
         self.model = load_for_inference(hf_dir, self.device, self.dtype)
         self.options = options
         tok = self.processor.tokenizer
@@ -233,7 +244,7 @@ class TransformersTeacher:
         t0 = time.perf_counter()
         feats = self.processor.feature_extractor(wavs, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
         feats = feats.to(self.device, self.dtype)
-        kw = dict(language=self.options.language, task="transcribe") if self.multilingual else {}
+        kw = dict(language=self.options.language, task=self.options.task) if self.multilingual else {}
         with torch.inference_mode():
             enc = self.model.get_encoder()(feats)
             out = self.model.generate(encoder_outputs=enc, num_beams=self.options.beam_size, do_sample=False,
@@ -262,15 +273,21 @@ def load_teacher(name_or_path: str, backend: str = "faster-whisper", compute_typ
 
     ``faster-whisper`` needs a CTranslate2 directory (zoo names have one);
     ``transformers`` takes any Whisper checkpoint directory. The device and the
-    compute type are checked before the model is looked up.
+    compute type are checked before the model is looked up; the language and task
+    against the model before its weights are loaded.
     """
-    from selfspeech.models.zoo import resolve_model
+    from selfspeech.models.sources import check_language, inspect_dir
+    from selfspeech.models.zoo import check_source, resolve_model
 
     if backend not in CPU_COMPUTE_TYPES:
         raise ValueError(f"unknown backend {backend!r}; choose faster-whisper or transformers")
     device = resolve_device(device)
     compute_type = resolve_compute_type(compute_type, device, backend)
+    check_source(name_or_path, options.language, options.task)  # before any download
     paths = resolve_model(name_or_path)
+    code = check_language(name_or_path, inspect_dir(paths.hf_dir, name_or_path).multilingual, options.language,
+                          options.task)
+    options = dataclasses.replace(options, language=code)  # faster-whisper takes codes only: German -> de
     if backend == "faster-whisper":
         if paths.ct2_dir is None:
             raise ValueError(f"{name_or_path}: no CTranslate2 directory; use --backend transformers, or "

@@ -75,13 +75,30 @@ def load_for_inference(model_dir: str | Path, device: torch.device | str = "cpu"
                                                            attn_implementation="sdpa").to(resolve_device(device)).eval()
 
 
-def load_processor(model_dir: str | Path, language: str = "en"):
-    """WhisperProcessor whose tokenizer prefix is ``<|startoftranscript|>[<|lang|><|transcribe|>]<|notimestamps|>``."""
-    from transformers import WhisperConfig, WhisperProcessor
+def load_processor(model_dir: str | Path, language: str = "en", task: str = "transcribe"):
+    """WhisperProcessor whose tokenizer prefix is ``<|startoftranscript|>[<|lang|><|task|>]<|notimestamps|>``.
 
-    processor = WhisperProcessor.from_pretrained(str(model_dir))
-    if WhisperConfig.from_pretrained(str(model_dir)).vocab_size >= 51865:  # multilingual, as openai/whisper decides
-        processor.tokenizer.set_prefix_tokens(language=language, task="transcribe", predict_timestamps=False)
+    Its feature extractor computes the model's own number of mel bins (``num_mel_bins``:
+    80, or 128 for large-v3), also for a folder without ``preprocessor_config.json`` or
+    with one copied from another model. An English-only model with another language
+    or ``translate`` is refused (ModelError, one line) before any weight is read.
+    """
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizerFast
+
+    from selfspeech.models.sources import check_language, inspect_dir
+
+    d = Path(model_dir)
+    info = inspect_dir(d, need_weights=False)
+    code = check_language(str(d), info.multilingual, language, task)
+    n_mels = WhisperConfig.from_pretrained(str(d)).num_mel_bins
+    if (d / "preprocessor_config.json").is_file():
+        processor = WhisperProcessor.from_pretrained(str(d))
+    else:
+        processor = WhisperProcessor(WhisperFeatureExtractor(feature_size=n_mels), WhisperTokenizerFast.from_pretrained(str(d)))
+    if processor.feature_extractor.feature_size != n_mels:  # 80-bin features would not fit large-v3's conv1
+        processor.feature_extractor = WhisperFeatureExtractor(feature_size=n_mels)
+    if info.multilingual:
+        processor.tokenizer.set_prefix_tokens(language=code, task=task, predict_timestamps=False)
     return processor
 
 

