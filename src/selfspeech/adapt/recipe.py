@@ -275,9 +275,12 @@ def check_model_name(name: str, key: str, language: str = "en", task: str = "tra
 
 
 def _check_extractor(where: str, name: str) -> None:
+    from selfspeech.models.ecapa_sb import find_speechbrain_checkpoint
+
     p = Path(name).expanduser()
-    if name == "melstats" or any((d / "config.json").is_file() and (d / "model.safetensors").is_file()
-                                 for d in (p, p / "encoder")):
+    if name == "melstats" or find_speechbrain_checkpoint(p) is not None or any(
+            (d / "config.json").is_file() and (d / "model.safetensors").is_file() for d in (p, p / "encoder")):
         return
-    raise RecipeError(f"{where}: clusters.extractor: {name!r} is not a speaker extractor; use melstats or the "
-                      "folder written by `selfspeech sv train` (its encoder/ subfolder)")
+    raise RecipeError(f"{where}: clusters.extractor: {name!r} is not a speaker extractor; use melstats, the "
+                      "folder written by `selfspeech sv train` (its encoder/ subfolder) or a SpeechBrain ECAPA "
+                      "embedding_model.ckpt (or its folder)")

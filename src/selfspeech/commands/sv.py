@@ -63,7 +63,7 @@ def train(
 
 @app.command("embed")
 def embed(
-    model: Path = typer.Argument(..., help="A `sv train` output folder (or its encoder/ subfolder); or 'melstats' for the baseline."),
+    model: Path = typer.Argument(..., help="A `sv train` output folder (or its encoder/ subfolder), a SpeechBrain ECAPA-TDNN checkpoint (embedding_model.ckpt or its folder), or 'melstats' for the baseline."),
     manifest: Path = typer.Argument(..., help="Utterances to embed (JSONL manifest)."),
     out: Path = typer.Option(..., help="Folder for utterances.npz, speakers.npz (ids + emb, no pickle) and summary.json."),
     on_error: str = typer.Option("skip", help="An unreadable or non-finite utterance: skip (counted, listed in summary.json) or raise."),

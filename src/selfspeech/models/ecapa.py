@@ -42,10 +42,20 @@ class ECAPAConfig:
     attention_channels: int = 128
     dilations: tuple = (2, 3, 4)   # one SE-Res2Block per dilation
     mfa_channels: int | None = None  # None: 3 * C (1536 for C=512, as in the paper)
+    # The fields below default to our own models; an imported SpeechBrain checkpoint sets them to
+    # SpeechBrain's choices (models/ecapa_sb.py), so it computes what SpeechBrain computes.
+    features: str = "whisper"      # the front end: Whisper's log-mel, or "fbank" (SpeechBrain's Fbank)
+    input_norm: str = "meanstd"    # per-utterance normalisation: "meanstd", "mean" (SpeechBrain's recipes), "none"
+    padding: str = "zeros"         # time convolutions' 'same' padding: "zeros", or "reflect" (SpeechBrain's)
+    pool_eps: float = 1e-5         # variance floor of the pooled std (SpeechBrain: 1e-12)
 
     def __post_init__(self):
         if self.channels % self.scale:
             raise ValueError(f"channels ({self.channels}) must be divisible by scale ({self.scale})")
+        for name, allowed in (("features", ("whisper", "fbank")), ("input_norm", ("meanstd", "mean", "none")),
+                              ("padding", ("zeros", "reflect"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ECAPA {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         object.__setattr__(self, "dilations", tuple(self.dilations))
 
     @property
@@ -73,27 +83,48 @@ def masked_mean_std(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> tupl
     return mean, var.clamp(min=eps).sqrt()
 
 
-class TDNN(nn.Sequential):
-    """Conv1d -> ReLU -> BatchNorm, 'same' padding (the paper's TDNN layer)."""
+def reflect_pad(x: torch.Tensor, p: int, mask: torch.Tensor) -> torch.Tensor:
+    """(B, C, T) -> (B, C, T + 2p), each row mirrored at its own ends (``mask`` (B, 1, T) gives its length),
+    as padding the utterance alone would; positions past a row's end are masked downstream."""
+    T = x.shape[-1]
+    n = mask[:, 0].sum(-1).long().clamp(min=1)[:, None]                       # (B, 1) frames
+    idx = (torch.arange(-p, T + p, device=x.device)[None, :]).abs()
+    idx = torch.where(idx >= n, 2 * (n - 1) - idx, idx).clamp(0, T - 1)      # (B, T + 2p)
+    return x.gather(2, idx[:, None, :].expand(-1, x.shape[1], -1))
 
-    def __init__(self, cin: int, cout: int, k: int = 1, dilation: int = 1):
-        super().__init__(nn.Conv1d(cin, cout, k, dilation=dilation, padding=dilation * (k - 1) // 2),
+
+class TDNN(nn.Sequential):
+    """Conv1d -> ReLU -> BatchNorm, 'same' padding (the paper's TDNN layer).
+
+    ``padding="reflect"`` mirrors the frames at the utterance's ends instead of adding zeros,
+    as SpeechBrain's ``Conv1d`` does; the weights are the same either way."""
+
+    def __init__(self, cin: int, cout: int, k: int = 1, dilation: int = 1, padding: str = "zeros"):
+        self.pad = dilation * (k - 1) // 2
+        self.reflect = padding == "reflect" and self.pad > 0
+        super().__init__(nn.Conv1d(cin, cout, k, dilation=dilation, padding=0 if self.reflect else self.pad),
                          nn.ReLU(), nn.BatchNorm1d(cout))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.reflect:
+            x = reflect_pad(x, self.pad, mask if mask is not None else x.new_ones(x.shape[0], 1, x.shape[-1]))
+        return super().forward(x)
 
 
 class Res2Conv(nn.Module):
     """Res2Net hierarchical convolution (Gao et al. 2019): y1 = x1, y2 = K2(x2), yi = Ki(xi + y(i-1))."""
 
-    def __init__(self, channels: int, scale: int, k: int, dilation: int):
+    def __init__(self, channels: int, scale: int, k: int, dilation: int, padding: str = "zeros"):
         super().__init__()
         self.scale = scale
-        self.convs = nn.ModuleList(TDNN(channels // scale, channels // scale, k, dilation) for _ in range(scale - 1))
+        self.convs = nn.ModuleList(TDNN(channels // scale, channels // scale, k, dilation, padding)
+                                   for _ in range(scale - 1))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         parts = x.chunk(self.scale, dim=1)
         out, prev = [parts[0]], None
         for conv, p in zip(self.convs, parts[1:]):
-            prev = conv(p if prev is None else p + prev) * mask
+            prev = conv(p if prev is None else p + prev, mask) * mask
             out.append(prev)
         return torch.cat(out, dim=1)
 
@@ -112,10 +143,10 @@ class SEBlock(nn.Module):
 
 
 class SERes2Block(nn.Module):
-    def __init__(self, channels: int, scale: int, dilation: int, se_channels: int):
+    def __init__(self, channels: int, scale: int, dilation: int, se_channels: int, padding: str = "zeros"):
         super().__init__()
         self.pre = TDNN(channels, channels, 1)
-        self.res2 = Res2Conv(channels, scale, 3, dilation)
+        self.res2 = Res2Conv(channels, scale, 3, dilation, padding)
         self.post = TDNN(channels, channels, 1)
         self.se = SEBlock(channels, se_channels)
 
@@ -133,18 +164,19 @@ class AttentiveStatsPool(nn.Module):
     std, so it can weigh frames relative to the whole recording.
     """
 
-    def __init__(self, channels: int, attention: int):
+    def __init__(self, channels: int, attention: int, eps: float = 1e-5):
         super().__init__()
+        self.eps = eps
         self.att = nn.Sequential(TDNN(3 * channels, attention, 1), nn.Tanh(), nn.Conv1d(attention, channels, 1))
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """h: (B, C, T), mask: (B, 1, T) -> (B, 2C) weighted mean and std."""
         T = h.shape[-1]
         w = mask / mask.sum(-1, keepdim=True).clamp(min=1)
-        mean, std = masked_mean_std(h, w)
+        mean, std = masked_mean_std(h, w, self.eps)
         ctx = torch.cat([h, mean.unsqueeze(-1).expand(-1, -1, T), std.unsqueeze(-1).expand(-1, -1, T)], 1)
         logits = self.att(ctx).masked_fill(mask == 0, float("-inf"))
-        mean, std = masked_mean_std(h, torch.softmax(logits, dim=-1))
+        mean, std = masked_mean_std(h, torch.softmax(logits, dim=-1), self.eps)
         return torch.cat([mean, std], dim=1)
 
 
@@ -167,10 +199,10 @@ class ECAPATDNN(nn.Module):
         super().__init__()
         self.cfg = cfg
         C = cfg.channels
-        self.stem = TDNN(cfg.n_mels, C, 5)
-        self.blocks = nn.ModuleList(SERes2Block(C, cfg.scale, d, cfg.se_channels) for d in cfg.dilations)
+        self.stem = TDNN(cfg.n_mels, C, 5, padding=cfg.padding)
+        self.blocks = nn.ModuleList(SERes2Block(C, cfg.scale, d, cfg.se_channels, cfg.padding) for d in cfg.dilations)
         self.mfa = TDNN(C * len(cfg.dilations), cfg.mfa, 1)
-        self.pool = AttentiveStatsPool(cfg.mfa, cfg.attention_channels)
+        self.pool = AttentiveStatsPool(cfg.mfa, cfg.attention_channels, cfg.pool_eps)
         self.pool_norm = nn.BatchNorm1d(2 * cfg.mfa)
         self.fc = nn.Linear(2 * cfg.mfa, cfg.embed_dim)
 
@@ -182,10 +214,13 @@ class ECAPATDNN(nn.Module):
         mask = frame_mask(lengths, T)
         x = x.transpose(1, 2)
         # instance normalisation of the features over the utterance (sslsv / ECAPA front-ends):
-        # removes the channel's spectral tilt and level, which a speaker model must not rely on
-        mean, std = masked_mean_std(x, mask / mask.sum(-1, keepdim=True).clamp(min=1))
-        x = (x - mean.unsqueeze(-1)) / std.unsqueeze(-1) * mask
-        h = self.stem(x) * mask
+        # removes the channel's spectral tilt and level, which a speaker model must not rely on.
+        # SpeechBrain's recipes subtract the mean only, outside the model ("mean")
+        if self.cfg.input_norm != "none":
+            mean, std = masked_mean_std(x, mask / mask.sum(-1, keepdim=True).clamp(min=1))
+            x = x - mean.unsqueeze(-1)
+            x = (x / std.unsqueeze(-1) if self.cfg.input_norm == "meanstd" else x) * mask
+        h = self.stem(x, mask) * mask
         outs = []
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
@@ -222,17 +257,35 @@ class SpeakerEncoder:
         from safetensors.torch import load_file
 
         path = Path(path)
+        from selfspeech.models.ecapa_sb import find_speechbrain_checkpoint, load_speechbrain_ecapa
+
+        sb = find_speechbrain_checkpoint(path)
+        if sb is not None:  # a SpeechBrain ECAPA state dict, or the folder holding one
+            from selfspeech.accel import resolve_device
+
+            return cls(load_speechbrain_ecapa(sb).to(resolve_device(device)), name="speechbrain-ecapa")
         if (path / "encoder" / "config.json").exists() and not (path / "config.json").exists():
             path = path / "encoder"  # the run directory of `selfspeech sv train` was given
         meta = read_config(path, KIND)
         model = ECAPATDNN(ECAPAConfig(**meta["config"]))
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        state, want = load_file(str(path / "model.safetensors")), model.state_dict()
+        bad = next((f"unexpected key {k!r}" for k in state if k not in want), None) or next(
+            (f"missing key {k!r}" for k in want if k not in state), None) or next(
+            (f"key {k!r} has shape {tuple(state[k].shape)}, its config.json needs {tuple(want[k].shape)}"
+             for k in want if tuple(state[k].shape) != tuple(want[k].shape)), None)
+        if bad:
+            raise ValueError(f"{path / 'model.safetensors'}: {bad}: the weights are of another architecture or size")
+        model.load_state_dict(state)
         from selfspeech.accel import resolve_device
 
         return cls(model.to(resolve_device(device)))  # auto|cpu|cuda|cuda:N or a torch.device
 
     def features(self, wav: np.ndarray) -> np.ndarray:
-        """(T,) 16-kHz float32 -> (frames, n_mels) log-mel."""
+        """(T,) 16-kHz float32 -> (frames, n_mels) log-mel (Whisper's, or SpeechBrain's Fbank for its checkpoints)."""
+        if self.model.cfg.features == "fbank":
+            from selfspeech.audio.fbank import speechbrain_fbank
+
+            return speechbrain_fbank(wav, self.model.cfg.n_mels)
         from selfspeech.audio.features import log_mel
 
         return log_mel(wav, self.model.cfg.n_mels).T

@@ -8,6 +8,15 @@ of at least ``span`` frames gets at least ``min_spans`` spans.
 
 ``generator`` is one ``torch.Generator`` for the batch, or a list with one per
 row (per-item randomness: the same masks whatever batch an item is in).
+
+``layout="aligned"`` draws the same number of spans from the ``n // span``
+non-overlapping slots at multiples of ``span`` instead, as SpeechBrain's BEST-RQ
+masking (``speechbrain.lobes.models.BESTRQ.compute_mask``) does: the masked
+fraction is then ``mask_prob`` itself and every run of masked frames a multiple
+of ``span``. SpeechBrain also draws one mask for the whole batch, from its
+shortest utterance, so longer ones are masked less; ours draws per utterance.
+The default stays the papers' overlapping spans (wav2vec 2.0; BEST-RQ, Chiu et
+al. 2022, sec. 2.1: every frame may start a span).
 """
 from __future__ import annotations
 
@@ -32,7 +41,7 @@ def draw_rows(fn, shape: tuple, generator, device: torch.device | None = None) -
 
 
 def span_mask(lengths: torch.Tensor, T: int, mask_prob: float, span: int, min_spans: int = 1,
-              generator=None) -> torch.Tensor:
+              generator=None, layout: str = "overlap") -> torch.Tensor:
     """(B,) int64 lengths -> (B, T) bool mask, True on masked frames (never on padding).
 
     Raises ValueError if an utterance is shorter than ``span`` frames: nothing
@@ -43,6 +52,8 @@ def span_mask(lengths: torch.Tensor, T: int, mask_prob: float, span: int, min_sp
     device, lengths = lengths.device, lengths.cpu()
     if not 0.0 < mask_prob <= 1.0 or span < 1:
         raise ValueError(f"mask_prob must be in (0, 1] and span >= 1, got {mask_prob}, {span}")
+    if layout not in ("overlap", "aligned"):
+        raise ValueError(f"mask layout {layout!r}: choose overlap or aligned")
     short = (lengths < span).nonzero().flatten().tolist()
     if short:
         raise ValueError(f"utterance(s) at batch index {short} have fewer frames ({lengths[short].tolist()}) "
@@ -54,8 +65,9 @@ def span_mask(lengths: torch.Tensor, T: int, mask_prob: float, span: int, min_sp
         expected = mask_prob * n / span
         g = row_generator(generator, b)
         k = int(expected) + int(torch.rand((), generator=g) < expected - int(expected))
-        k = min(max(k, min_spans), n - span + 1)
-        starts = torch.randperm(n - span + 1, generator=g)[:k]
+        slots = n - span + 1 if layout == "overlap" else n // span
+        k = min(max(k, min_spans), slots)
+        starts = torch.randperm(slots, generator=g)[:k] * (1 if layout == "overlap" else span)
         idx = (starts[:, None] + torch.arange(span)[None, :]).flatten()
         mask[b, idx] = True
     return mask.to(device)
