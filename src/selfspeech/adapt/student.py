@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 
 from selfspeech.adapt.recipe import Recipe
 from selfspeech.adapt.stages import Stage, StageRunner
-from selfspeech.arith.task_vector import TaskVector, apply_to_dir, diff_dirs
+from selfspeech.arith.lowrank import load_any
+from selfspeech.arith.task_vector import apply_to_dir, diff_dirs
 
 
 class Output(NamedTuple):
@@ -80,7 +81,8 @@ def corrected_model_stage(name: str, base: Output, tau: Output, lam: float, scop
 
 
 def _corrected(base: str, tau: str, lam: float, scope: str, d: Path) -> str:
-    return str(apply_to_dir(base, TaskVector.load(tau).scope(scope), lam, d / "model"))
+    # tau dense or low-rank (arith.lowrank); base a full student or a LoRA adapter folder (merged first)
+    return str(apply_to_dir(base, load_any(tau).scope(scope), lam, d / "model"))
 
 
 def decode_stage(st: Student, name: str, model: Output, manifest: str, trim: bool | None = None) -> Stage:

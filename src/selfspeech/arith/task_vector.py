@@ -199,10 +199,15 @@ class TaskVector:
 # ----------------------------------------------------------------------------- checkpoint directories
 
 def load_state(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a ``save_pretrained`` directory (safetensors only, sharded or not; no pickle)."""
+    """All tensors of a ``save_pretrained`` directory (safetensors only, sharded or not; no pickle);
+    of a LoRA adapter folder, its base's weights with the adapter merged in (:mod:`.adapters`)."""
     from safetensors.torch import load_file
 
     d = Path(model_dir)
+    if (d / "adapter_config.json").is_file():
+        from selfspeech.arith.adapters import merged_state
+
+        return merged_state(d)
     index = d / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -218,13 +223,24 @@ def load_state(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def diff_dirs(a_dir: str | os.PathLike, b_dir: str | os.PathLike, include: str | None = None,
               exclude: str | None = None) -> TaskVector:
-    """tau = theta(a_dir) - theta(b_dir) for two checkpoints fine-tuned from one init."""
+    """tau = theta(a_dir) - theta(b_dir) for two checkpoints fine-tuned from one init.
+
+    Two LoRA adapter folders give delta(a) - delta(b) over their adapted matrices
+    (merged deltas, :func:`selfspeech.arith.adapters.diff_adapters`); an adapter and a
+    full model, or adapters of different bases or ranks, are refused in one line."""
+    from selfspeech.arith.adapters import check_pair, diff_adapters
+
+    check_pair(a_dir, b_dir)
+    if (Path(a_dir) / "adapter_config.json").is_file():
+        return diff_adapters(a_dir, b_dir, include, exclude)
     return TaskVector.between(load_state(a_dir), load_state(b_dir), include, exclude, (str(a_dir), str(b_dir)))
 
 
 def apply_to_dir(base_dir: str | os.PathLike, tau: TaskVector, lam: float, out_dir: str | os.PathLike) -> Path:
     """Write ``base + lam * tau`` as a new checkpoint directory (configs and tokenizer copied).
 
+    ``base_dir`` may be a LoRA adapter folder: tau is added to its merged weights and
+    the result is a full model folder (the base's configs, the adapter's processor files).
     The whole directory is built beside ``out_dir`` and renamed into place
     (:func:`selfspeech.data.atomic.write_dir`): a kill never leaves a
     half-written model, and never loses the one ``out_dir`` held before.
@@ -233,13 +249,15 @@ def apply_to_dir(base_dir: str | os.PathLike, tau: TaskVector, lam: float, out_d
 
     from safetensors.torch import save_file
 
+    from selfspeech.arith.adapters import companion_files
+
     base = Path(base_dir)
-    new = tau.apply(load_state(base), lam)
+    new = tau.apply(load_state(base), lam)  # an adapter that does not fit its base stops before any tensor
+    files = companion_files(base)
 
     def write(tmp: Path) -> None:
-        for f in base.iterdir():
-            if f.is_file() and not f.name.startswith("model.safetensors") and not f.name.startswith("model-"):
-                shutil.copy2(f, tmp / f.name)
+        for f in files:
+            shutil.copy2(f, tmp / f.name)
         save_file({k: v.contiguous() for k, v in new.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "task_arithmetic.json").write_text(json.dumps({"base": str(base), "lambda": lam,

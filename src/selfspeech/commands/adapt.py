@@ -77,6 +77,13 @@ def finetune_whisper(
                                        "last/ while training (kept with keep_last=true). Rerun to resume."),
     device: str = typer.Option(None, help=DEVICE_HELP),
     precision: str = typer.Option(None, help=PRECISION_HELP),
+    lora_rank: int = typer.Option(None, min=1, help="Train a LoRA student of this rank (only its adapters; best/ "
+                                  "is a peft adapter folder); the config's lora.rank."),
+    lora_alpha: float = typer.Option(None, help="LoRA scale alpha (the update is alpha/rank * B@A; default 16)."),
+    lora_dropout: float = typer.Option(None, help="Dropout on the LoRA input (default 0.05)."),
+    lora_targets: str = typer.Option(None, help="Comma-separated linear layers to adapt in every block "
+                                     "(default q_proj,k_proj,v_proj,out_proj,fc1,fc2)."),
+    lora_where: str = typer.Option(None, help="Blocks to adapt: encoder, decoder or both (default)."),
 ) -> None:
     """Fine-tune a Whisper student on one manifest (the stage `adapt` runs for each student).
 
@@ -89,11 +96,15 @@ def finetune_whisper(
     task=transcribe); an English-only (.en) init takes language en only.
 
     Example: selfspeech finetune-whisper --train children.labels.jsonl --dev dev.labels.jsonl --out runs/student --device cuda
+
+    LoRA student: selfspeech finetune-whisper --train t.jsonl --dev d.jsonl --out runs/lora8 --lora-rank 8 lr=1e-3
     """
     from selfspeech.train.whisper_ft import FinetuneConfig, finetune
 
+    lora = {"lora.rank": lora_rank, "lora.alpha": lora_alpha, "lora.dropout": lora_dropout,
+            "lora.target_modules": lora_targets.split(",") if lora_targets else None, "lora.where": lora_where}
     with refusing():
-        cfg = load_config(FinetuneConfig, config, overrides, {"device": device, "precision": precision})
+        cfg = load_config(FinetuneConfig, config, overrides, {"device": device, "precision": precision, **lora})
         need_device(cfg.device, cfg.precision)
         need_files(train=train, dev=dev)
         check_model(init, "--init", cfg.language, cfg.task)

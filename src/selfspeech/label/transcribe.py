@@ -74,12 +74,14 @@ def transcribe_whisper(model_dir: str | Path, manifest: str | Path, out_jsonl: s
     standard way. Text is Whisper's raw output (``selfspeech eval`` normalises);
     audio beyond 30 s is not seen (Whisper's window).
     """
+    from selfspeech.models.lora import config_folder
     from selfspeech.train.whisper_ft import CONFIG_NAME
 
     cfg_file = Path(model_dir) / CONFIG_NAME
     saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     trim = saved.get("trim_input", False) if trim_input is None else trim_input
-    processor = load_processor(model_dir, saved.get("language", "en"))
+    # a LoRA student's folder holds only its adapter: the tokenizer and config are its base model's
+    processor = load_processor(config_folder(model_dir), saved.get("language", "en"))
     model = load_for_inference(model_dir, device)
     tok = processor.tokenizer
     items = list(read_manifest(manifest))

@@ -68,11 +68,21 @@ def pad_features(feats: list[torch.Tensor], trim: bool = True) -> tuple[torch.Te
 
 def load_for_inference(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """A Whisper checkpoint in eval mode on ``device``, attention through PyTorch's
-    ``scaled_dot_product_attention`` (fused flash/memory-efficient kernels on GPUs)."""
+    ``scaled_dot_product_attention`` (fused flash/memory-efficient kernels on GPUs).
+
+    A LoRA adapter folder (:mod:`selfspeech.models.lora`) is merged into its base:
+    decoding then costs what the full model's does."""
     from transformers import WhisperForConditionalGeneration
 
-    return WhisperForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True,
-                                                           attn_implementation="sdpa").to(resolve_device(device)).eval()
+    from selfspeech.models.lora import config_folder, is_adapter_dir, merge_into
+
+    lora = is_adapter_dir(model_dir)
+    model = WhisperForConditionalGeneration.from_pretrained(
+        str(config_folder(model_dir)), dtype=torch.float32 if lora else dtype, use_safetensors=True,
+        attn_implementation="sdpa")
+    if lora:
+        model = merge_into(model, model_dir).to(dtype)  # W + (alpha / r) B A in fp32, then the asked dtype
+    return model.to(resolve_device(device)).eval()
 
 
 def load_processor(model_dir: str | Path, language: str = "en", task: str = "transcribe"):

@@ -39,7 +39,9 @@ from selfspeech.data.manifest import read_manifest
 from selfspeech.models.whisper import (MAX_FRAMES, encode, greedy_decode, load_processor, log_mel,  # noqa: F401
                                        pad_features)
 from selfspeech.text.normalize import NORMALIZERS, get_normalizer
-from selfspeech.config import checked, from_mapping, invalid, to_mapping
+from selfspeech.config import checked, from_mapping, invalid, to_mapping, typed_fields
+from selfspeech.models.lora import LoraConfig, load_adapter_weights, trainable_parameters
+from selfspeech.models.lora import wrap as wrap_lora
 from selfspeech.objectives.seq2seq import WhisperSeq2Seq
 from selfspeech.train import distributed as D
 from selfspeech.train.loop import LoopConfig, finished_state, total_steps, train_loop
@@ -79,9 +81,15 @@ class FinetuneConfig(LoopConfig):
     max_duration: float = checked(30.0, gt=0, le=30.0)  # longer utterances are skipped (Whisper sees 30 s at most)
     num_buckets: int = checked(10, ge=1)
     cache_features: bool = True      # log-mels in RAM: 80 x 100 x 4 B = 32 kB per second of audio
+    # a LoRA student (models.lora): only the adapters train, best/ is an adapter folder; None: full fine-tuning
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         super().__post_init__()
+        typed_fields(self)  # lora given as a mapping: a LoraConfig, checked like a file's
+        if self.lora is not None and self.freeze_encoder:
+            raise invalid("freeze_encoder", True, "set with lora (LoRA freezes every base weight already)",
+                          "set lora.where: decoder to adapt the decoder only")
         if self.batch_size is None and self.max_batch_seconds is None:
             raise invalid("batch_size", None, "unset and so is max_batch_seconds", "give one or both")
         if self.normalizer not in NORMALIZERS:
@@ -93,6 +101,8 @@ class FinetuneConfig(LoopConfig):
         d = to_mapping(self)
         if d.get("task") == "transcribe":  # the default task: the mapping (and stage caches) of configs without one
             d.pop("task")
+        if d.get("lora") is None:  # full fine-tuning: the mapping (and so stage caches) of configs without lora
+            d.pop("lora", None)
         return d
 
     @classmethod
@@ -225,10 +235,9 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
     resumes from ``last`` and ends with the weights an uninterrupted run gets;
     rerunning a finished run returns at once. ``on_step(record)`` is called after
     every update (and after any checkpoint of that step). Writes
-    ``out_dir/log.jsonl`` and ``out_dir/summary.json``.
+    ``out_dir/log.jsonl`` and ``out_dir/summary.json``. With ``cfg.lora`` a LoRA student
+    trains (only its adapters) and ``best`` is a peft adapter folder on ``init_dir``.
     """
-    from transformers import WhisperForConditionalGeneration
-
     env = D.init_from_env(cfg.device)  # torchrun: data parallel over its processes (rank 0 logs and checkpoints)
     init_dir = student_init_dir(init_dir)
     out_dir = Path(out_dir)
@@ -238,10 +247,7 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
     if finished_state(out_dir, run_config) is not None:
         return out_dir / "best"  # a finished run: nothing to load, nothing to do
     processor = load_processor(init_dir, cfg.language, cfg.task)  # refuses e.g. German for a .en model
-    model = WhisperForConditionalGeneration.from_pretrained(  # fp32 master weights; never unpickle
-        str(init_dir), dtype=torch.float32, use_safetensors=True, attn_implementation="sdpa")
-    if cfg.freeze_encoder:
-        model.get_encoder().requires_grad_(False)
+    model = student_model(init_dir, cfg)
     data, skipped = {}, {}
     for split, manifest in (("train", train_manifest), ("dev", dev_manifest)):
         if manifest is not None:
@@ -252,12 +258,15 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
     sampler = D.shard(BucketBatchSampler([it["duration"] for it in train.items], cfg.batch_size,
                                          cfg.max_batch_seconds, seed=cfg.seed, num_buckets=cfg.num_buckets))
 
-    def write_model(d: Path) -> None:  # a save_pretrained dir that WhisperProcessor also loads
+    def write_model(d: Path) -> None:  # a save_pretrained dir (LoRA: an adapter folder) with the processor files
         model.save_pretrained(d)
         for name in PROCESSOR_FILES:
             if (init_dir / name).is_file():
                 shutil.copy2(init_dir / name, d / name)
         (d / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    def load_model(d: Path) -> None:
+        load_adapter_weights(model, d) if cfg.lora is not None else load_whisper_weights(model, d)
 
     def dev_wer() -> dict:
         wer, _ = evaluate(model, dev, cfg)
@@ -265,12 +274,14 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
 
     state = train_loop(model, WhisperSeq2Seq(model), sampler, lambda idx, rng: train(idx), cfg, out_dir,
                        write_model, run_config, evaluate=dev_wer if dev is not None else None, progress=progress,
-                       desc="finetune whisper", on_step=on_step, load_model=lambda d: load_whisper_weights(model, d),
-                       info={"n_train": len(train.items), "n_dev": len(dev.items) if dev else 0, "skipped": skipped})
+                       desc="finetune whisper", on_step=on_step, load_model=load_model,
+                       info={"n_train": len(train.items), "n_dev": len(dev.items) if dev else 0, "skipped": skipped,
+                             "trainable_parameters": trainable_parameters(model)})
     summary = {"best_dir": str(out_dir / "best"), "best_step": state["best_step"], "best_dev_wer": state["best"],
                "steps": state["step"], "total_steps": total_steps(cfg, sampler), "stopped_early": state["stopped_early"],
                "skipped_steps": state["skipped_steps"], "n_train": len(train.items),
                "n_dev": len(dev.items) if dev else 0, "skipped": skipped, "normalizer": cfg.normalizer,
+               "trainable_parameters": trainable_parameters(model), "lora": cfg.to_dict().get("lora"),
                "seconds_this_session": state.get("seconds_this_session", 0.0)}
     if env.main:
         write_summary(out_dir, summary)
@@ -289,6 +300,20 @@ def student_init_dir(init: str | Path) -> Path:
     except ModelError:
         pass  # resolve_model names what the folder lacks
     return resolve_model(init).hf_dir
+
+
+def student_model(init_dir: Path, cfg: FinetuneConfig):
+    """theta0 in fp32 master weights (never unpickled); with ``cfg.lora`` wrapped by peft so that only
+    the LoRA factors train (Hu et al. 2021) - the loop's optimizer gets the trainable parameters only."""
+    from transformers import WhisperForConditionalGeneration
+
+    model = WhisperForConditionalGeneration.from_pretrained(
+        str(init_dir), dtype=torch.float32, use_safetensors=True, attn_implementation="sdpa")
+    if cfg.lora is not None:
+        return wrap_lora(model, cfg.lora, init_dir, cfg.seed)
+    if cfg.freeze_encoder:
+        model.get_encoder().requires_grad_(False)
+    return model
 
 
 def student_data(manifest: str | Path, split: str, cfg: FinetuneConfig, processor,
