@@ -5,7 +5,14 @@ as ``selfspeech adapt`` (cached stages: a rerun only recomputes what changed),
 scores every system on the target-eval speakers with 95% CIs (bootstrap over
 speakers) and paired bootstraps, and writes ``benchmarks/results/pseudo2real.json``.
 
-Usage: python benchmarks/pseudo2real.py [--recipe R.yaml] [--out runs/p2r_so762]
+With ``--seeds 0 1 2`` the recipe runs once per speaker split (``data.seed``;
+split 0 in ``--out``, split n in ``--out``_seed<n>), and the result adds each
+split's figures (``splits``) and the figures pooled over the union of their
+eval speakers (``pooled``, with ``best_label_free``; benchmarks/p2r_pool.py).
+The top-level keys stay those of the first split.
+
+Usage: python benchmarks/pseudo2real.py [--recipe R.yaml] [--out runs/p2r_so762] [--seeds 0 1 2 [--lean-splits]]
+       [--systems p2r_union p2r_mixed ...]   (added to the recipe's systems)
        [--extractor DIR --result-name pseudo2real_sc_ecapa]   (SC with a trained speaker encoder;
        only the SC stages are recomputed)
 """
@@ -17,12 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, write_result  # noqa: E402
+from p2r_pool import pooled, split_summary  # noqa: E402
 
 from selfspeech.adapt.pseudo2real import run_pseudo2real  # noqa: E402
 from selfspeech.adapt.recipe import load_recipe  # noqa: E402
 
 KEYS = ("teacher", "zero_shot", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random", "source_real_ft",
-        "source_real_plus_target_pseudo", "oracle")
+        "source_real_plus_target_pseudo", "oracle", "p2r_union", "pseudo_ft_mixed", "p2r_mixed")
+LEAN_SKIP = ("zero_shot", "p2r_sc", "p2r_sc_random")
 
 
 def main() -> None:
@@ -36,6 +45,11 @@ def main() -> None:
                     help="speaker extractor for Pseudo2Real-SC (melstats or a `selfspeech sv train` folder); "
                          "default: the recipe's")
     ap.add_argument("--result-name", default="pseudo2real")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="speaker splits (data.seed), one run each")
+    ap.add_argument("--systems", nargs="+", default=[], help="systems added to the recipe's")
+    ap.add_argument("--lean-splits", action="store_true",
+                    help="splits after the first skip what the pooled figures do not read (zero-shot, SC, "
+                         "the oracle lambda sweep): hours less on a CPU")
     args = ap.parse_args()
     import dataclasses
 
@@ -45,7 +59,17 @@ def main() -> None:
     recipe = load_recipe(args.recipe)
     if args.extractor:
         recipe = dataclasses.replace(recipe, clusters=dataclasses.replace(recipe.clusters, extractor=args.extractor))
-    result = run_pseudo2real(recipe, args.out)  # scores every system and writes args.out/report.md
+    recipe = dataclasses.replace(recipe, systems=tuple(dict.fromkeys((*recipe.systems, *args.systems))))
+    runs = {}
+    for i, seed in enumerate(args.seeds):
+        r = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, seed=seed))
+        if i and args.lean_splits:
+            r = dataclasses.replace(r, systems=tuple(x for x in r.systems if x not in LEAN_SKIP),
+                                    lam=dataclasses.replace(r.lam, oracle_sweep=False))
+        out = args.out if i == 0 else args.out.with_name(f"{args.out.name}_seed{seed}")
+        runs[seed] = run_pseudo2real(r, out)  # scores every system and writes out/report.md
+        runs[seed]["eval_manifest"] = str(Path(out) / "data" / "target_eval.jsonl")
+    result = runs[args.seeds[0]]
     report = Path(result["report"])
     s, p = result["scores"]["systems"], result["scores"]["paired"]
     rr = p.get("p2r_vs_pseudo_ft", {})
@@ -71,6 +95,11 @@ def main() -> None:
         "pseudo_counts": result["pseudo_counts"],
         "recipe": str(args.recipe.relative_to(ROOT)) if args.recipe.is_relative_to(ROOT) else str(args.recipe),
         "report": str(report.relative_to(ROOT)) if report.is_relative_to(ROOT) else str(report),
+        "lambda_variants": result["lambda"].get("variants", {}),
+        "splits": {seed: {**split_summary(r["scores"]), "lambda": r["lambda"]["lambda"],
+                          "lambda_variants": {k: v["lambda"] for k, v in r["lambda"].get("variants", {}).items()},
+                          "stage_seconds": r["times"]} for seed, r in runs.items()},
+        "pooled": pooled(runs, recipe.normalizer),
     })
 
 
