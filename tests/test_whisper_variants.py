@@ -91,6 +91,28 @@ def test_translate_task_goes_into_the_student_prefix(toys):
     assert tok.prefix_tokens[1:3] == tok.convert_tokens_to_ids(["<|de|>", "<|translate|>"])
 
 
+def test_student_decodes_in_its_own_language_and_task(toys, tmp_path, monkeypatch):
+    """A student fine-tuned to translate German decodes with <|de|><|translate|>, not the defaults."""
+    import shutil
+
+    import selfspeech.label.transcribe as T
+    from selfspeech.train.whisper_ft import CONFIG_NAME
+
+    student = tmp_path / "student"
+    shutil.copytree(toys["base"], student)
+    (student / CONFIG_NAME).write_text(json.dumps({"language": "de", "task": "translate"}))
+    seen = []
+
+    def fake_decode(model, x, prefix, max_new_tokens):
+        seen.append(list(prefix))
+        return [[] for _ in range(x.shape[0])]
+
+    monkeypatch.setattr(T, "greedy_decode", fake_decode)
+    T.transcribe_whisper(student, _manifest(tmp_path), tmp_path / "hyp.jsonl")
+    tok = T.load_processor(toys["base"], "de", "translate").tokenizer
+    assert seen and all(p[1:3] == tok.convert_tokens_to_ids(["<|de|>", "<|translate|>"]) for p in seen)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_transformers_teacher_labels_each_family(toys, family, cache):
     from selfspeech.label.teacher import DecodeOptions, load_teacher

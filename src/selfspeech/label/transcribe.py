@@ -81,7 +81,8 @@ def transcribe_whisper(model_dir: str | Path, manifest: str | Path, out_jsonl: s
     saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     trim = saved.get("trim_input", False) if trim_input is None else trim_input
     # a LoRA student's folder holds only its adapter: the tokenizer and config are its base model's
-    processor = load_processor(config_folder(model_dir), saved.get("language", "en"))
+    # the student decodes in the language and task it was fine-tuned for (its config leaves out the defaults)
+    processor = load_processor(config_folder(model_dir), saved.get("language", "en"), saved.get("task", "transcribe"))
     model = load_for_inference(model_dir, device)
     tok = processor.tokenizer
     items = list(read_manifest(manifest))
