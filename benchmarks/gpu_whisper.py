@@ -147,7 +147,7 @@ def normaliser():
 
     try:
         return "whisper_english", get_normalizer("whisper_english")
-    except ImportError:  # whisper-normalizer is not on the GPU machine
+    except ImportError:  # whisper_english needs transformers' Whisper normaliser module
         return "basic", get_normalizer("basic")
 
 

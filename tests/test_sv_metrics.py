@@ -24,6 +24,20 @@ def brute_force(scores, labels, p_target=0.01, c_miss=1.0, c_fa=1.0):
         pmiss = sum(1 for x, y in zip(s, lab) if y and x < t) / lab.sum()
         pfa = sum(1 for x, y in zip(s, lab) if not y and x >= t) / (~lab).sum()
         pts.append((pmiss, pfa))
+    return metrics_from_points(pts, p_target, c_miss, c_fa)
+
+
+def brute_force_large(scores, labels, p_target=0.01, c_miss=1.0, c_fa=1.0):
+    """``brute_force`` for large sets: the same thresholds, each counted over all scores with numpy."""
+    s, lab = np.asarray(scores, float), np.asarray(labels, bool)
+    tar, non = s[lab], s[~lab]
+    pts = [(np.count_nonzero(tar < t) / tar.size, np.count_nonzero(non >= t) / non.size)
+           for t in [*np.unique(s).tolist(), math.inf]]
+    return metrics_from_points(pts, p_target, c_miss, c_fa)
+
+
+def metrics_from_points(pts, p_target, c_miss, c_fa):
+    """(EER, minDCF) from the (Pmiss, Pfa) operating points in threshold order."""
     costs = [c_miss * p_target * m + c_fa * (1 - p_target) * f for m, f in pts]
     mindcf = min(costs) / min(c_miss * p_target, c_fa * (1 - p_target))
     for (m0, f0), (m1, f1) in zip(pts, pts[1:]):
@@ -146,6 +160,37 @@ def test_chunked_sweep_matches_single_chunk(monkeypatch):
     whole = eer_mindcf(s, lab)
     monkeypatch.setattr(sv, "_CHUNK", 97)  # chunk borders inside runs of equal scores
     assert eer_mindcf(s, lab) == whole
+
+
+def test_chunk_holding_a_single_value(monkeypatch):
+    import selfspeech.eval.sv_metrics as sv
+
+    rng = np.random.default_rng(5)
+    lab = rng.random(400) < 0.4
+    s = np.round(rng.standard_normal(400) + lab, 1)
+    s[rng.permutation(400)[:150]] = 0.3  # runs of 0.3 in both classes, far longer than a chunk
+    monkeypatch.setattr(sv, "_CHUNK", 16)
+    for p in (0.01, 0.5):
+        eer, mindcf = brute_force(s, lab, p)
+        m = eer_mindcf(s, lab, p_target=p)
+        assert m.eer == pytest.approx(eer, abs=1e-12) and m.mindcf == pytest.approx(mindcf, abs=1e-12)
+
+
+@pytest.mark.parametrize("case", ["rounded", "one_value_run"])
+def test_large_tie_heavy_sets_match_brute_force(case):
+    import selfspeech.eval.sv_metrics as sv
+
+    if case == "rounded":  # 200k scores on a 0.01 grid: every threshold is shared by hundreds of trials
+        s, lab = gaussian_trials(200_000, frac=0.3, seed=7, dtype=np.float64, decimals=2)
+    else:  # the default chunk: a run of one non-target value covers a whole chunk
+        s, lab = gaussian_trials(2 * sv._CHUNK + 200_000, frac=0.1, seed=8, dtype=np.float64, decimals=2)
+        s[~lab & (np.arange(s.size) % 20 != 0)] = 0.25
+        assert np.count_nonzero(s[~lab] == 0.25) > 2 * sv._CHUNK
+    for p, cm, cf in [(0.01, 1, 1), (0.5, 2, 1)]:
+        eer, mindcf = brute_force_large(s, lab, p, cm, cf)
+        m = eer_mindcf(s, lab, p_target=p, c_miss=cm, c_fa=cf)
+        assert m.eer == pytest.approx(eer, abs=1e-12)
+        assert m.mindcf == pytest.approx(mindcf, abs=1e-12)
 
 
 def test_input_forms_and_order_do_not_matter():

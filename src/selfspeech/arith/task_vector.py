@@ -8,10 +8,13 @@ dtype, and the result is cast back to it.
 
 Tied weights are counted once. Whisper's ``proj_out.weight`` *is*
 ``model.decoder.embed_tokens.weight``; a state dict taken from a live model
-lists the one tensor under both names, and adding tau once per name adds it
-twice (the bug of the public Pseudo2Real code). Here aliases are detected by
-storage (same data pointer) or declared by the caller, the vector keeps one
-canonical name, and :func:`apply` writes every alias from that one sum.
+lists the one tensor under both names, and adding tau once per name would add
+it twice. (The public Pseudo2Real code avoids that: it walks
+``named_parameters()``, which lists a tied tensor once; its own bug is in its
+precomputed-vector path, which adds ``weight * tau`` and then calls its merge
+on the same model, so the whole vector is applied twice.) Here aliases are
+detected by storage (same data pointer) or declared by the caller, the vector
+keeps one canonical name, and :func:`apply` writes every alias from that one sum.
 """
 from __future__ import annotations
 

@@ -125,6 +125,7 @@ def _sweep(tar: np.ndarray, non: np.ndarray, a: float, b: float):
     sign of Pfa - Pmiss, n_fa*Nt - n_miss*Nn: A is the point with the smallest
     value >= 0, B the one with the largest value < 0. Strict monotonicity makes
     them adjacent, so scanning the two classes' points in any order is enough.
+    A chunk inside a run of equal scores holds no first occurrence, hence no point.
     """
     nt, nn = tar.size, non.size
     best = (a, np.inf, nt, 0)  # reject all: cost c_miss p_target
@@ -132,6 +133,8 @@ def _sweep(tar: np.ndarray, non: np.ndarray, a: float, b: float):
     for own, other, is_tar in ((tar, non, True), (non, tar, False)):
         for lo in range(0, own.size, _CHUNK):
             t, miss, fa = _points(own, other, is_tar, lo, min(lo + _CHUNK, own.size))
+            if t.size == 0:  # the chunk continues a run of one value: its point came with the run's start
+                continue
             cost = miss * (a / nt)
             cost += fa * (b / nn)
             k = int(np.argmin(cost))
