@@ -9,8 +9,11 @@ reference on the same weights and inputs, and reports one number:
   ours (Chiu et al. 2022) with the same projection and codebook, fraction of equal labels;
 - ``whisper_logmel_max_diff``: our Whisper log-mel vs transformers' ``WhisperFeatureExtractor``
   and faster-whisper's ``FeatureExtractor`` where their conventions agree, max |difference|;
-- ``ctc_beam_agreement``: our CTC prefix beam search vs ``pyctcdecode`` without a language
-  model, fraction of utterances with the same best path;
+- ``ctc_beam_agreement``: our CTC prefix beam search with pyctcdecode's ranking of beam entries
+  (``rank="state"``) vs ``pyctcdecode`` without a language model or pruning, fraction of utterances
+  with the same best path, on confident and on flatter posteriors (the share where the beam changes
+  greedy's path is in the details); the details also give our default ranking's agreement, which
+  of the two is more probable where they differ, and how often each equals the exact best labelling;
 - ``wav2vec2_loss_rel_diff``: transformers' ``Wav2Vec2ForPreTraining`` vs our wav2vec 2.0 task
   (Baevski et al. 2020) with the same weights, masks, distractors and Gumbel noise, exported and
   imported, large (XLSR) and base layouts: worst relative difference of the contrastive,
@@ -18,7 +21,7 @@ reference on the same weights and inputs, and reports one number:
   compare with transformers' sums; :mod:`selfspeech.objectives.w2v2_hf`).
 
 The figures come from :mod:`selfspeech.eval.parity` (the tests assert the same
-goals on smaller draws). Runs in well under a minute on a CPU.
+goals on smaller draws). Runs in about a minute on a CPU.
 
 Usage: python benchmarks/parity.py [--seed 0]
 Writes benchmarks/results/parity.json.

@@ -478,3 +478,32 @@ def test_birq_self_labels_nearest_code_by_default_gumbel_optional():
     noisy.load_state_dict(det.state_dict())
     c = noisy.self_labels(xn, lengths, flen, int(flen.max()), torch.Generator().manual_seed(1))
     assert not torch.equal(a, c)                               # Gumbel noise moves labels
+
+
+def test_bestrq_mask_layout_from_the_config():
+    from selfspeech.config import ConfigError
+    from selfspeech.train.pretrain import PretrainConfig
+
+    x, lengths = torch.randn(2, 400, 80), torch.tensor([400, 333])
+    masks = {}
+    for layout in ("aligned", "overlap"):
+        cfg = PretrainConfig(objective="bestrq", encoder={"preset": "tiny"},
+                             task={"codes": 32, "mask_layout": layout, "mask_prob": 0.5})
+        task = build_task("bestrq", cfg.encoder_config(), vars(cfg.task)).eval()
+        _, mask, _, _, flen = task.masked_pass(x, lengths, [torch.Generator().manual_seed(s) for s in (3, 4)])
+        masks[layout] = mask
+        terms = task(x, lengths, generator=[torch.Generator().manual_seed(s) for s in (3, 4)])
+        assert terms["monitor"]["masked_frames"] == int(mask.sum())
+    span = BestRQConfig().mask_span
+    for row, n in zip(masks["aligned"], flen.tolist()):
+        slots = row[: n // span * span].reshape(-1, span)
+        assert (slots.all(1) | ~slots.any(1)).all() and not row[n // span * span:].any()   # whole slots only
+    # 0.5 x 99 frames / 10 = 4.95 spans (5 here): aligned masks 50 frames, overlapping spans fewer
+    assert int(masks["aligned"][0].sum()) == 50 and int(masks["overlap"][0].sum()) < 50
+    lap = masks["overlap"][0][: flen[0] // span * span].reshape(-1, span)
+    assert not (lap.all(1) | ~lap.any(1)).all()                        # overlapping spans start anywhere
+    assert BestRQConfig().mask_layout == "overlap"                    # the papers' layout by default
+    with pytest.raises(ConfigError, match="task.mask_layout"):
+        PretrainConfig(objective="bestrq", encoder={"preset": "tiny"}, task={"mask_layout": "sideways"})
+    with pytest.raises(ValueError, match="mask_layout"):
+        BestRQConfig(mask_layout="sideways")

@@ -15,11 +15,13 @@ methods, so one loop trains them all.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfspeech.config import invalid
 from selfspeech.models.ssl import EncoderConfig, SpeechEncoder, normalise_input, padding_mask
 from selfspeech.objectives import losses as L
 from selfspeech.objectives.masking import draw_rows, span_mask, upsample_mask
@@ -53,6 +55,10 @@ class Wav2Vec2Config:
 class BestRQConfig:
     mask_prob: float = 0.4          # fraction of frames drawn as span starts x span (before overlap)
     mask_span: int = 10             # output frames: 400 ms at 40 ms (BEST-RQ sec. 3.1)
+    # overlap: spans start at any frame and may overlap (BEST-RQ sec. 3.1, as wav2vec 2.0's masking);
+    # aligned: spans fill disjoint slots of mask_span frames, so mask_prob of the frames is masked
+    # (SpeechBrain's BEST-RQ recipe; objectives.masking.span_mask)
+    mask_layout: Literal["overlap", "aligned"] = "overlap"
     noise_std: float = 0.1          # masked input frames become N(0, 0.1^2) (sec. 2.1)
     code_dim: int = 16
     codes: int = 8192
@@ -68,6 +74,10 @@ class BestRQConfig:
     self_logit_scale: float = 1.0   # logits = scale * cosine before the Gumbel noise (when self_tau > 0)
     w_anchor: float = 2.4           # w2: weight of the anchor (input) labels' loss G
     w_self: float = 0.1             # w1: weight of the enhanced (self) labels' loss F
+
+    def __post_init__(self):
+        if self.mask_layout not in ("overlap", "aligned"):
+            raise invalid("mask_layout", self.mask_layout, "not a mask layout", "choose overlap or aligned")
 
 
 def stack_frames(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -186,7 +196,7 @@ class BestRQTask(SSLTask):
         c, k = self.cfg, self.enc_cfg.stride
         labels, xn, flen = self.anchor_labels(x, lengths)
         Tp = labels.shape[1]                                                        # T' frames
-        mask = span_mask(flen, Tp, c.mask_prob, c.mask_span, generator=generator)
+        mask = span_mask(flen, Tp, c.mask_prob, c.mask_span, generator=generator, layout=c.mask_layout)
         up = upsample_mask(mask, k, xn.shape[1])
         noise = draw_rows(torch.randn, xn.shape, generator, xn.device) * c.noise_std
         xm = torch.where(up[..., None], noise, xn)
