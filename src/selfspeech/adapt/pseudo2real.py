@@ -5,6 +5,7 @@
     theta_tp = FT(theta0, target pseudo)
     p2r      = theta_tp + lambda * tau         (eq. 4)
     p2r_sc   = theta_tp + lambda * tau_c(u)    (sec. 3.3: tau per speaker cluster)
+    p2r_groups = theta_tp + sum_g lambda_g * tau_g  (one lambda per module group, adapt.lambda_groups)
 
 lambda is chosen without target transcripts (``LambdaSpec.rule``): the
 ``source_sim`` rule fine-tunes theta0 on pseudo-labels of held-out source
@@ -227,6 +228,10 @@ def decode_systems(S: StageRunner, st: Student, parts: dict, ps: dict, theta_sr:
     if "source_real_plus_target_pseudo" in systems:
         hyps["source_real_plus_target_pseudo"] = S(decode_stage(st, "union", V.union_student(S, st, parts, ps),
                                                                 evalm))
+    if "p2r_groups" in systems:  # one lambda per module group, searched on the sim speakers
+        from selfspeech.adapt.lambda_groups import p2r_groups
+
+        hyps["p2r_groups"], choice["groups"] = p2r_groups(S, st, parts, ps, theta_tp, tau, choice, evalm)
     hyps.update(variant_systems(S, st, parts, ps, tau, evalm, systems, choice))
     if "oracle" in systems:  # measurement only: real target labels
         oracle = produce(S, finetune_stage(st, "oracle", parts["target_adapt_fit"], parts["target_adapt_stop"],

@@ -16,15 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from selfspeech.arith.groups import GROUPS
 from selfspeech.arith.task_vector import SCOPES
 from selfspeech.config import ConfigError, apply_overrides, checked, from_mapping, invalid, to_mapping
 from selfspeech.text.normalize import NORMALIZERS
 from selfspeech.train.whisper_ft import FinetuneConfig
 
 Scope = Literal[tuple(SCOPES)]
+Group = Literal[tuple(GROUPS)]
 Normalizer = Literal[NORMALIZERS]
 System = Literal["teacher", "zero_shot", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random", "source_real_ft",
-                 "source_real_plus_target_pseudo", "oracle", "p2r_union", "pseudo_ft_mixed", "p2r_mixed"]
+                 "source_real_plus_target_pseudo", "oracle", "p2r_union", "pseudo_ft_mixed", "p2r_mixed",
+                 "p2r_groups"]
 SOURCE_PARTS, TARGET_PARTS = ("train", "dev", "sim"), ("adapt", "eval")
 
 
@@ -113,6 +116,13 @@ class LambdaSpec:
     # together with lambda on the same held-out source speakers
     scopes: tuple[Scope, ...] = checked(("all",), nonempty=True)
     oracle_sweep: bool = True          # also sweep on target labels, reported as an oracle only
+    # system p2r_groups (adapt.lambda_groups): one lambda per module group (arith.groups.GROUPS), searched
+    # from the chosen (lambda, scope) one group at a time on group_grid, on the same held-out source speakers;
+    # a change must lower their WER by more than group_min_gain (absolute), ties go to the smaller lambda
+    groups: tuple[Group, ...] = ()
+    group_grid: tuple[float, ...] = checked((0.0, 0.5, 1.0, 1.5), ge=0, nonempty=True)
+    group_min_gain: float = checked(0.002, ge=0)
+    group_passes: int = checked(2, ge=1, le=4)  # passes over the groups (stops once one changes nothing)
 
     def __post_init__(self):
         if self.rule == "fixed" and self.fixed is None:
@@ -157,6 +167,7 @@ class Recipe:
             ft = dataclasses.replace(ft, device=self.device)
         if ft is not self.student.finetune:
             object.__setattr__(self, "student", dataclasses.replace(self.student, finetune=ft))
+        _check_groups(self.lam, self.systems)
 
     def path(self, p: str) -> Path:
         q = Path(p).expanduser()
@@ -174,6 +185,21 @@ class Recipe:
             if d["data"][key]:
                 d["data"][key] = str(self.path(d["data"][key]))
         return d
+
+
+def _check_groups(lam: LambdaSpec, systems: tuple[str, ...]) -> None:
+    """System p2r_groups and lambda.groups go together, and the groups are searched on the sim speakers."""
+    if "p2r_groups" in systems and not lam.groups:
+        raise invalid("systems", systems, "asking for p2r_groups without lambda.groups",
+                      f"set lambda.groups to some of {', '.join(GROUPS)}, or drop p2r_groups")
+    if lam.groups and "p2r_groups" not in systems:
+        raise invalid("lambda.groups", lam.groups, "set but systems lacks p2r_groups",
+                      "add p2r_groups to systems, or remove lambda.groups")
+    if lam.groups and lam.rule != "source_sim":
+        raise invalid("lambda.groups", lam.groups, f"searched on the sim speakers, which rule {lam.rule!r} skips",
+                      "set lambda.rule: source_sim, or remove lambda.groups and p2r_groups")
+    if len(set(lam.groups)) != len(lam.groups):
+        raise invalid("lambda.groups", lam.groups, "naming a group twice", "name each group once")
 
 
 def _refuse_second_normalizer(d: Mapping, where: str) -> None:

@@ -17,11 +17,13 @@ LABELS = {
     "p2r_union": "Pseudo2Real on source real + target pseudo",
     "pseudo_ft_mixed": "student FT on target pseudo, continued from the source mixed model",
     "p2r_mixed": "Pseudo2Real, continued from the source mixed model",
+    "p2r_groups": "Pseudo2Real, one lambda per module group",
 }
 # (baseline, system): the paired bootstraps a run reports when both were decoded
 PAIRS = (("pseudo_ft", "p2r"), ("pseudo_ft", "p2r_sc"), ("p2r", "p2r_sc"), ("p2r_sc_random", "p2r_sc"),
          ("teacher", "p2r"), ("source_real_ft", "p2r"), ("source_real_plus_target_pseudo", "p2r"),
          ("pseudo_ft", "p2r_union"), ("source_real_plus_target_pseudo", "p2r_union"),
+         ("pseudo_ft", "p2r_groups"), ("p2r", "p2r_groups"),
          ("pseudo_ft_mixed", "p2r_mixed"), ("pseudo_ft", "p2r_mixed"), ("source_real_plus_target_pseudo", "p2r_mixed"))
 
 
@@ -177,6 +179,10 @@ def write_report(out: Path, result: dict, scores: dict, title: str) -> Path:
         lines += ["", "## WER against lambda", "", "![WER vs lambda](wer_lambda.png)", ""]
         for name, c in curves.items():
             lines.append(f"- {name}: " + ", ".join(f"{float(k):g}: {_pct(w)}%" for k, w in c.items()))
+    if lam.get("groups"):  # per-group lambdas with every candidate's sim WER (selfspeech.adapt.lambda_groups)
+        from selfspeech.adapt.lambda_groups import report_lines
+
+        lines += report_lines(lam["groups"], out / "wer_lambda_groups.png")
     lines += ["", "## Data", "", "```", json.dumps(result["parts"], indent=1), "```", "",
               f"Teacher labelling: {json.dumps(result['label_stats'])}", "",
               f"Pseudo-labels kept for training: {json.dumps(result['pseudo_counts'])}", ""]
