@@ -223,6 +223,11 @@ def decode_systems(S: StageRunner, st: Student, parts: dict, ps: dict, theta_sr:
     # eq. 4; kept on disk: the model a user exports (`selfspeech export`)
     p2r = produce(S, corrected_model_stage("model_p2r", theta_tp, tau, choice["lambda"], choice["scope"]))
     hyps["p2r"] = S(decode_stage(st, "p2r", p2r, evalm))
+    if "p2r_iter" in systems:  # the corrected student relabels the target, round by round
+        from selfspeech.adapt.iterative import p2r_iter
+
+        hyps["p2r_iter"], choice.setdefault("variants", {})["p2r_iter"] = p2r_iter(S, st, parts, ps, p2r, tau,
+                                                                                   choice, evalm)
     if "source_real_ft" in systems:
         hyps["source_real_ft"] = S(decode_stage(st, "source_real_ft", theta_sr, evalm))
     if "source_real_plus_target_pseudo" in systems:

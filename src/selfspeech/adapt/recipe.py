@@ -27,7 +27,7 @@ Group = Literal[tuple(GROUPS)]
 Normalizer = Literal[NORMALIZERS]
 System = Literal["teacher", "zero_shot", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random", "source_real_ft",
                  "source_real_plus_target_pseudo", "oracle", "p2r_union", "pseudo_ft_mixed", "p2r_mixed",
-                 "p2r_groups"]
+                 "p2r_iter", "p2r_groups"]
 SOURCE_PARTS, TARGET_PARTS = ("train", "dev", "sim"), ("adapt", "eval")
 
 
@@ -141,6 +141,18 @@ class ClusterSpec:
 
 
 @dataclass(frozen=True)
+class IterativeSpec:
+    """System p2r_iter (selfspeech.adapt.iterative): the corrected student relabels the target each round."""
+
+    max_rounds: int = checked(3, ge=1)
+    # agreement: stop once a round changes fewer than min_change of the previous labels' words;
+    # source_sim: the same rounds on the held-out source speakers, stop at their lowest WER
+    stop: Literal["agreement", "source_sim"] = "agreement"
+    min_change: float = checked(0.01, ge=0, le=1)
+    drop_flagged: bool = True          # drop the student's empty and repetitive labels (the teacher's filters)
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = checked("pseudo2real", nonempty=True)
     data: DataSpec = field(default_factory=DataSpec)
@@ -148,6 +160,7 @@ class Recipe:
     student: StudentSpec = field(default_factory=StudentSpec)
     lam: LambdaSpec = checked(default_factory=LambdaSpec, key="lambda")
     clusters: ClusterSpec = field(default_factory=ClusterSpec)
+    iterative: IterativeSpec = field(default_factory=IterativeSpec)
     # the one text normaliser: student fine-tunes (dev WER), the lambda sweeps and the report
     normalizer: Normalizer = "whisper_english"
     systems: tuple[System, ...] = checked(("teacher", "zero_shot", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random",

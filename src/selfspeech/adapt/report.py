@@ -18,13 +18,15 @@ LABELS = {
     "pseudo_ft_mixed": "student FT on target pseudo, continued from the source mixed model",
     "p2r_mixed": "Pseudo2Real, continued from the source mixed model",
     "p2r_groups": "Pseudo2Real, one lambda per module group",
+    "p2r_iter": "Iterative Pseudo2Real (the corrected student relabels the target)",
 }
 # (baseline, system): the paired bootstraps a run reports when both were decoded
 PAIRS = (("pseudo_ft", "p2r"), ("pseudo_ft", "p2r_sc"), ("p2r", "p2r_sc"), ("p2r_sc_random", "p2r_sc"),
          ("teacher", "p2r"), ("source_real_ft", "p2r"), ("source_real_plus_target_pseudo", "p2r"),
          ("pseudo_ft", "p2r_union"), ("source_real_plus_target_pseudo", "p2r_union"),
          ("pseudo_ft", "p2r_groups"), ("p2r", "p2r_groups"),
-         ("pseudo_ft_mixed", "p2r_mixed"), ("pseudo_ft", "p2r_mixed"), ("source_real_plus_target_pseudo", "p2r_mixed"))
+         ("pseudo_ft_mixed", "p2r_mixed"), ("pseudo_ft", "p2r_mixed"), ("source_real_plus_target_pseudo", "p2r_mixed"),
+         ("pseudo_ft", "p2r_iter"), ("source_real_plus_target_pseudo", "p2r_iter"), ("p2r", "p2r_iter"))
 
 
 def score_systems(eval_manifest: str, hyps: dict[str, str], normalizer: str, seed: int = 0,
@@ -129,6 +131,11 @@ def _variant_lines(lam: dict) -> list[str]:
     """The lambda each variant's own rehearsal chose, with its held-out source curves."""
     lines = []
     for name, v in lam.get("variants", {}).items():
+        if "rounds" in v:  # iterative: rounds and the stop rule's curve (selfspeech.adapt.iterative)
+            from selfspeech.adapt.iterative import report_line
+
+            lines.append(report_line(LABELS.get(name, name), v))
+            continue
         curves = "; ".join(f"{k.removeprefix('curve_')}: "
                            + ", ".join(f"{float(x):g}: {_pct(w)}%" for x, w in c.items())
                            for k, c in v.items() if k.startswith("curve_"))
