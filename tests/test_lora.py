@@ -159,3 +159,20 @@ def test_adapter_for_another_base_is_refused_in_one_line(lora_run, tmp_path):
     (moved / "adapter_config.json").write_text(json.dumps({**c, "base_model_name_or_path": "/nowhere"}))
     with pytest.raises(AdapterError, match=r"'/nowhere'.*is not here; give the base model folder"):
         check_adapter(moved)
+
+
+def test_cli_finetune_whisper_lora_options(lora_base, tmp_path):
+    from typer.testing import CliRunner
+
+    from selfspeech.cli import app
+
+    train = corpus(tmp_path, TEXTS)
+    args = ["finetune-whisper", "max_steps=1", "batch_size=4", "--train", str(train), "--init", str(lora_base),
+            "--out", str(tmp_path / "ft"), "--lora-rank", "2", "--lora-targets", "q_proj,v_proj", "--lora-where",
+            "decoder"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    info = read_adapter(tmp_path / "ft" / "best")
+    assert info.rank == 2 and all(".decoder." in n and n.split(".")[-2] in ("q_proj", "v_proj") for n in info.shapes)
+    r = CliRunner().invoke(app, [*args[:-1], "middle"])
+    assert r.exit_code == 2 and "lora.where" in r.output and "encoder, decoder, both" in r.output
