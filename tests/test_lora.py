@@ -176,3 +176,9 @@ def test_cli_finetune_whisper_lora_options(lora_base, tmp_path):
     assert info.rank == 2 and all(".decoder." in n and n.split(".")[-2] in ("q_proj", "v_proj") for n in info.shapes)
     r = CliRunner().invoke(app, [*args[:-1], "middle"])
     assert r.exit_code == 2 and "lora.where" in r.output and "encoder, decoder, both" in r.output
+
+
+def test_an_adapter_folder_is_no_init(lora_run):
+    root, best = lora_run
+    with pytest.raises(ValueError, match="a LoRA adapter folder, not a model to start from; give its base"):
+        finetune(root / "train.jsonl", None, best, root / "again", CFG, progress=False)

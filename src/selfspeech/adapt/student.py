@@ -5,7 +5,8 @@ the config slice that keys its cache, the function); the pipeline hands it to
 its :class:`~selfspeech.adapt.stages.StageRunner`:
 
 - :func:`finetune_stage`   theta = FT(theta0, manifest), early-stopped on a dev manifest;
-- :func:`tau_stage`        tau = theta_real - theta_pseudo (Lin et al. 2025, eq. 3);
+- :func:`tau_stage`        tau = theta_real - theta_pseudo (Lin et al. 2025, eq. 3); for LoRA students
+  the difference of their merged deltas (:mod:`selfspeech.arith.adapters`);
 - :func:`corrected_model_stage`  theta + lambda * tau written as a model folder (eq. 4; exported by users);
 - :func:`decode_stage`     greedy hypotheses of a model folder on a manifest;
 - :func:`corrected_decode_stage` hypotheses of theta + lambda * tau without keeping that model:

@@ -40,7 +40,7 @@ from selfspeech.models.whisper import (MAX_FRAMES, encode, greedy_decode, load_p
                                        pad_features)
 from selfspeech.text.normalize import NORMALIZERS, get_normalizer
 from selfspeech.config import checked, from_mapping, invalid, to_mapping, typed_fields
-from selfspeech.models.lora import LoraConfig, load_adapter_weights, trainable_parameters
+from selfspeech.models.lora import LoraConfig, is_adapter_dir, load_adapter_weights, trainable_parameters
 from selfspeech.models.lora import wrap as wrap_lora
 from selfspeech.objectives.seq2seq import WhisperSeq2Seq
 from selfspeech.train import distributed as D
@@ -239,6 +239,9 @@ def finetune(train_manifest: str | Path, dev_manifest: str | Path | None, init_d
     trains (only its adapters) and ``best`` is a peft adapter folder on ``init_dir``.
     """
     env = D.init_from_env(cfg.device)  # torchrun: data parallel over its processes (rank 0 logs and checkpoints)
+    if is_adapter_dir(init_dir):  # a LoRA student's folder holds factors, not a model to start from
+        raise ValueError(f"init {init_dir}: a LoRA adapter folder, not a model to start from; give its base "
+                         "model (adapter_config.json base_model_name_or_path) or a fully fine-tuned student")
     init_dir = student_init_dir(init_dir)
     out_dir = Path(out_dir)
     run_config = {"finetune": cfg.to_dict(), "init": str(Path(init_dir).resolve()),
