@@ -80,14 +80,15 @@ def run_stages(recipe: Recipe, S: StageRunner, progress: bool = True) -> dict:
     from selfspeech.models.zoo import resolve_model
 
     st = Student(recipe, str(resolve_model(recipe.student.init).hf_dir), _ft_config(recipe), progress)
-    parts = S(Stage("data", partial(P.make_parts, recipe), {"data": recipe.to_dict()["data"]}))
+    parts = S(Stage("data", partial(P.make_parts, recipe), {"data": _data_key(recipe)}))
     # int8 labels of a CPU and float16 labels of a GPU differ: the resolved type keys the stage
     lab = S(Stage("label", partial(_label, recipe, parts["all"], progress),
-                  {"teacher": _teacher_key(recipe), "compute_type": teacher_compute_type(recipe)}, ("data",)))
+                  _label_key(recipe), ("data",)))
     info = parts.get("info", {"target_labelled": True, "target_speakers": "field"})
     labelled = info["target_labelled"]
     ps = S(Stage("pseudo", partial(_pseudo, recipe, parts, lab["labels"]),
-                 {"drop_flagged": recipe.teacher.drop_flagged, "paired_real": True, "labelled": labelled}, ("label",)))
+                 {"drop_flagged": recipe.teacher.drop_flagged, "paired_real": True}
+                 | ({} if labelled else {"labelled": False}), ("label",)))
     theta_sr = produce(S, finetune_stage(st, "source_real", ps["source_train_real"]["path"], parts["source_dev"]))
     theta_sp = produce(S, finetune_stage(st, "source_pseudo", ps["source_train"]["path"], ps["source_dev"]["path"]))
     theta_tp = produce(S, finetune_stage(st, "target_pseudo", ps["target_adapt_fit"]["path"],
@@ -108,6 +109,27 @@ def run_stages(recipe: Recipe, S: StageRunner, progress: bool = True) -> dict:
             "label_stats": lab["stats"], "pseudo_counts": {k: {kk: vv for kk, vv in v.items() if kk != "path"}
                                                             for k, v in ps.items()},
             "parts": json.loads((S.root / "data" / "parts.json").read_text())}
+
+
+def _data_key(recipe: Recipe) -> dict:
+    """The data section that keys the data stage; the two-manifest keys and the target-speaker rule are
+    left out at their defaults (data stages cached before those keys existed stay valid)."""
+    d = recipe.to_dict()["data"]
+    for k, default in (("source_manifest", None), ("target_manifest", None), ("target_speakers", "auto")):
+        if d.get(k) == default:
+            d.pop(k)
+    return d
+
+
+def _label_key(recipe: Recipe) -> dict:
+    """What keys the label stage: the teacher section and the compute type it resolves to. int8 on a CPU,
+    what label stages were made with before the type keyed them, is left out (those stay valid)."""
+    key = {"teacher": _teacher_key(recipe), "compute_type": teacher_compute_type(recipe)}
+    if key["compute_type"] == "cpu:int8":
+        key.pop("compute_type")
+        if key["teacher"].get("compute_type") == "auto":
+            key["teacher"].pop("compute_type")
+    return key
 
 
 def _teacher_key(recipe: Recipe) -> dict:

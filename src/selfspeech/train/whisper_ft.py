@@ -103,6 +103,11 @@ class FinetuneConfig(LoopConfig):
             d.pop("task")
         if d.get("lora") is None:  # full fine-tuning: the mapping (and so stage caches) of configs without lora
             d.pop("lora", None)
+        # the accelerator options at values that compute what a config without them computed: left out, so
+        # stage caches made before they existed stay valid (device, workers, compile never key a cache)
+        for k, default in (("precision", "auto"), ("grad_accum", 1), ("grad_checkpointing", False)):
+            if d.get(k) == default:
+                d.pop(k)
         return d
 
     @classmethod
