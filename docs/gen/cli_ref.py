@@ -101,7 +101,9 @@ def page() -> str:
     out = ["# CLI reference", "",
            "Every command of `selfspeech`, generated from the command-line app when the site is built: the "
            "same text `selfspeech COMMAND --help` (or `-h`) prints. A command prints its summary on stdout and "
-           "its warnings, progress and errors on stderr. Exit codes: 0 when the command did its work (items that "
+           "its warnings, progress and errors on stderr; `--json` (`label`, `eval`, `data validate`, "
+           "`data stats`, `decode-ctc`, `sv embed`, ...) prints the summary as one JSON object instead, for scripts. "
+           "`selfspeech --version` prints the version. Exit codes: 0 when the command did its work (items that "
            "failed are counted in the summary), 1 when every item failed (or `data validate` found an error), "
            "2 when it refused before doing anything, with one line saying what is wrong and how to fix it.", "",
            "| command | what it does |", "| --- | --- |"]
