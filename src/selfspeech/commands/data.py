@@ -29,7 +29,7 @@ def import_kaldi(
     when the directory has them, age, age_group (child <= 12, teen 13-17,
     adult >= 18) and gender.
 
-    Example: selfspeech data import-kaldi ../shared/data/speechocean762-train data/so762.jsonl
+    Example: selfspeech data import-kaldi speechocean762/train data/so762.jsonl
     """
     try:
         n = write_manifest(out, iter_kaldi_dir(data_dir))
