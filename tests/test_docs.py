@@ -56,6 +56,13 @@ def test_field_comments_are_read_from_the_source():
     assert "fork" not in config_ref.field_doc(LoopConfig, f["keep_last"])
 
 
+def test_every_listed_field_says_what_it_is_for():
+    # a shared section's row always carries its "See [...]" link, so that alone counts as empty
+    empty = [f"{cls.__name__}: {key}" for cls in config_ref.all_keys() for key, _, _, doc in config_ref.rows(cls)
+             if not doc.strip() or doc.startswith("See [")]
+    assert not empty, f"config fields without a comment beside them in the source: {', '.join(empty)}"
+
+
 def test_every_result_file_is_on_the_benchmarks_page():
     page = bench.page()
     for name in bench.result_files():

@@ -65,7 +65,7 @@ class DataSpec:
     target_parts: dict[str, int | float] = checked(default_factory=lambda: {"adapt": 0.5, "eval": 0.5}, gt=0)
     dev_fraction: float = checked(0.2, gt=0, lt=1)  # speakers of an adapt/sim set held out for early stopping
     max_utts_per_speaker: int | None = checked(None, ge=1)  # subsample (seeded) to bound compute
-    seed: int = 0
+    seed: int = 0  # seeds the subsampling, the speaker splits, the clusters and the report's bootstraps
 
     def __post_init__(self):
         from selfspeech.data.select import parse_rule
@@ -82,10 +82,12 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class TeacherSpec:
+    # the pseudo-labeller, decoded with faster-whisper: a model name (`selfspeech models list`),
+    # a Whisper folder, or a hub id
     name: str = checked("whisper-base", nonempty=True)
-    batch_size: int = checked(8, ge=1)
+    batch_size: int = checked(8, ge=1)  # utterances decoded together
     drop_flagged: bool = True          # train only on labels that pass the label-free filters
-    max_new_tokens: int = checked(128, ge=1)
+    max_new_tokens: int = checked(128, ge=1)  # most tokens decoded per utterance (a longer label is cut)
     window_s: float = checked(15.0, gt=0, le=30)  # encoder window, see label.teacher.DecodeOptions
     compute_type: str = "auto"         # faster-whisper's: auto = int8 on a CPU, float16 on a GPU
     language: str = checked("en", nonempty=True)  # of the audio, a code or name; .en teachers take en only
@@ -94,11 +96,12 @@ class TeacherSpec:
 
 @dataclass(frozen=True)
 class StudentSpec:
+    # the model every student starts from: a model name (`selfspeech models list`), a Whisper folder, or a hub id
     init: str = checked("whisper-tiny.en", nonempty=True)
     # the fine-tune of every student; its normaliser is the recipe's (Recipe.normalizer)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    decode_batch_size: int = checked(16, ge=1)
-    max_new_tokens: int = checked(128, ge=1)
+    decode_batch_size: int = checked(16, ge=1)  # utterances per batch when a student decodes (greedy)
+    max_new_tokens: int = checked(128, ge=1)  # most tokens a student decodes per utterance
     # systems p2r_mixed / pseudo_ft_mixed: fine-tunes that continue from the source "mixed" model run at
     # this times finetune.lr (the Pseudo2Real authors' scripts continue at lr / 10)
     continue_lr_scale: float = checked(0.1, gt=0, le=1)
@@ -106,6 +109,7 @@ class StudentSpec:
 
 @dataclass(frozen=True)
 class LambdaSpec:
+    # the lambdas tried (the weight of tau): by rule source_sim on the sim speakers, and by the oracle sweep
     grid: tuple[float, ...] = checked((0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5), ge=0, nonempty=True)
     # "source_sim": tau from source-train, lambda picked on held-out source speakers (sim part)
     # fine-tuned on their own pseudo-labels and scored with their real labels: the target's
@@ -120,8 +124,8 @@ class LambdaSpec:
     # from the chosen (lambda, scope) one group at a time on group_grid, on the same held-out source speakers;
     # a change must lower their WER by more than group_min_gain (absolute), ties go to the smaller lambda
     groups: tuple[Group, ...] = ()
-    group_grid: tuple[float, ...] = checked((0.0, 0.5, 1.0, 1.5), ge=0, nonempty=True)
-    group_min_gain: float = checked(0.002, ge=0)
+    group_grid: tuple[float, ...] = checked((0.0, 0.5, 1.0, 1.5), ge=0, nonempty=True)  # lambdas tried per group
+    group_min_gain: float = checked(0.002, ge=0)  # absolute WER a group change must gain (0.002 = 0.2 points)
     group_passes: int = checked(2, ge=1, le=4)  # passes over the groups (stops once one changes nothing)
 
     def __post_init__(self):
@@ -132,37 +136,39 @@ class LambdaSpec:
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    k: int = checked(2, ge=1)
-    level: Literal["speaker", "utterance"] = "speaker"
+    k: int = checked(2, ge=1)  # k-means clusters, one tau each (fewer once small clusters are merged)
+    level: Literal["speaker", "utterance"] = "speaker"  # what is clustered: speakers (mean embedding) or utterances
     extractor: str = checked("melstats", nonempty=True)  # or a speaker-model checkpoint directory
     min_size: int = checked(3, ge=1)   # clusters with fewer source speakers are merged
-    random_control: bool = True
-    enabled: bool = True
+    random_control: bool = True  # also run p2r_sc_random: clusters of the same sizes, members drawn at random
+    enabled: bool = True  # false: no Pseudo2Real-SC (p2r_sc, p2r_sc_random), even when systems lists them
 
 
 @dataclass(frozen=True)
 class IterativeSpec:
     """System p2r_iter (selfspeech.adapt.iterative): the corrected student relabels the target each round."""
 
-    max_rounds: int = checked(3, ge=1)
+    max_rounds: int = checked(3, ge=1)  # most relabelling rounds, under either stop rule
     # agreement: stop once a round changes fewer than min_change of the previous labels' words;
     # source_sim: the same rounds on the held-out source speakers, stop at their lowest WER
     stop: Literal["agreement", "source_sim"] = "agreement"
-    min_change: float = checked(0.01, ge=0, le=1)
+    min_change: float = checked(0.01, ge=0, le=1)  # stop agreement: share of changed words (0..1) that ends it
     drop_flagged: bool = True          # drop the student's empty and repetitive labels (the teacher's filters)
 
 
 @dataclass(frozen=True)
 class Recipe:
-    name: str = checked("pseudo2real", nonempty=True)
-    data: DataSpec = field(default_factory=DataSpec)
-    teacher: TeacherSpec = field(default_factory=TeacherSpec)
-    student: StudentSpec = field(default_factory=StudentSpec)
-    lam: LambdaSpec = checked(default_factory=LambdaSpec, key="lambda")
-    clusters: ClusterSpec = field(default_factory=ClusterSpec)
-    iterative: IterativeSpec = field(default_factory=IterativeSpec)
+    name: str = checked("pseudo2real", nonempty=True)  # the report's title and the default run folder `runs/<name>`
+    data: DataSpec = field(default_factory=DataSpec)  # the data source and its speaker-disjoint parts
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)  # the Whisper model that pseudo-labels every part
+    student: StudentSpec = field(default_factory=StudentSpec)  # the Whisper students: start, fine-tuning, decoding
+    lam: LambdaSpec = checked(default_factory=LambdaSpec, key="lambda")  # how lambda, the weight of tau, is chosen
+    clusters: ClusterSpec = field(default_factory=ClusterSpec)  # speaker clusters of systems p2r_sc, p2r_sc_random
+    iterative: IterativeSpec = field(default_factory=IterativeSpec)  # system p2r_iter
     # the one text normaliser: student fine-tunes (dev WER), the lambda sweeps and the report
     normalizer: Normalizer = "whisper_english"
+    # the systems built, decoded and compared in the report; pseudo_ft and p2r always run, oracle needs
+    # target transcripts
     systems: tuple[System, ...] = checked(("teacher", "zero_shot", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random",
                                            "source_real_ft", "source_real_plus_target_pseudo", "oracle"),
                                           nonempty=True)

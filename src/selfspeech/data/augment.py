@@ -49,21 +49,21 @@ class AugmentConfig:
     Kaldi's speed factors 0.9/1.1 (Ko et al. 2015).
     """
     segment_seconds: float = 2.0          # view length for random_segment
-    p_noise: float = 0.6
-    snr_db: tuple[float, float] = (5.0, 20.0)
-    noise_kinds: tuple[str, ...] = NOISE_KINDS
+    p_noise: float = 0.6                  # probability of adding noise to a view
+    snr_db: tuple[float, float] = (5.0, 20.0)  # (low, high) dB, the SNR drawn uniformly per noisy view
+    noise_kinds: tuple[str, ...] = NOISE_KINDS  # drawn from: white, coloured, babble (other training utterances)
     coloured_beta: tuple[float, float] = (0.0, 2.0)   # power ~ 1/f^beta: 0 white, 1 pink, 2 brown
     babble_speakers: tuple[int, int] = (3, 6)         # inclusive
-    p_reverb: float = 0.4
-    rir_pool: int = 64
+    p_reverb: float = 0.4                 # probability of reverberating a view with an IR from the pool
+    rir_pool: int = 64                    # impulse responses simulated once (random shoebox rooms) and reused
     rir_seconds: float = 0.5              # IRs truncated after the direct path: cost of the convolution
     room_min: tuple[float, float, float] = (3.0, 3.0, 2.4)    # shoebox (x, y, z) metres
-    room_max: tuple[float, float, float] = (10.0, 8.0, 4.0)
+    room_max: tuple[float, float, float] = (10.0, 8.0, 4.0)  # largest room, metres; sides drawn in between
     rt60: tuple[float, float] = (0.2, 0.8)            # seconds, realised via pyroomacoustics.inverse_sabine
     min_distance: float = 0.5             # source-mic metres; also the distance kept from walls
-    p_gain: float = 0.5
-    gain_db: tuple[float, float] = (-6.0, 6.0)
-    p_speed: float = 0.3
+    p_gain: float = 0.5                   # probability of a random volume change
+    gain_db: tuple[float, float] = (-6.0, 6.0)  # (low, high) dB of that change, drawn uniformly
+    p_speed: float = 0.3                  # probability of speed perturbation (tempo and pitch), factor from speeds
     speeds: tuple[float, ...] = (0.9, 1.1)  # discrete choices, Kaldi-style
 
     def __post_init__(self) -> None:

@@ -34,12 +34,12 @@ KIND = "speaker_encoder"
 
 @dataclass(frozen=True)
 class ECAPAConfig:
-    n_mels: int = 80
+    n_mels: int = 80  # mel bands of the input features (Whisper log-mel or fbank)
     channels: int = 512            # C of the paper: 512 (ECAPA-512) or 1024; 256 for CPU budgets
-    embed_dim: int = 192
+    embed_dim: int = 192  # size of the speaker embedding
     scale: int = 8                 # Res2Net scale: C splits into `scale` groups
-    se_channels: int = 128
-    attention_channels: int = 128
+    se_channels: int = 128  # bottleneck of each block's squeeze-excitation
+    attention_channels: int = 128  # hidden channels of the attentive statistics pooling
     dilations: tuple = (2, 3, 4)   # one SE-Res2Block per dilation
     mfa_channels: int | None = None  # None: 3 * C (1536 for C=512, as in the paper)
     # The fields below default to our own models; an imported SpeechBrain checkpoint sets them to

@@ -44,11 +44,11 @@ class AdapterError(ValueError):
 class LoraConfig:
     """One LoRA student: ``rank`` r, scale ``alpha / r``, dropout on the adapter's input, the layers it adapts."""
 
-    rank: int = checked(8, ge=1)
+    rank: int = checked(8, ge=1)  # r, the inner dimension of each adapter's two factors
     alpha: float = checked(16.0, gt=0)       # scale alpha / r: 2 at r=8, as peft's Whisper examples (r=32, alpha=64)
-    dropout: float = checked(0.05, ge=0, lt=1)
+    dropout: float = checked(0.05, ge=0, lt=1)  # probability, on the adapter's input during training
     target_modules: tuple[str, ...] = checked(DEFAULT_TARGETS, nonempty=True)  # linear layer names in a block
-    where: Literal["encoder", "decoder", "both"] = "both"
+    where: Literal["encoder", "decoder", "both"] = "both"  # the layers that get adapters
 
     def __post_init__(self):
         check_ranges(self)

@@ -35,15 +35,15 @@ WAVE_CONV = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))  # (kernel
 @dataclass(frozen=True)
 class EncoderConfig:
     frontend: str = "mel"          # mel | wave
-    n_mels: int = 80
+    n_mels: int = 80  # mel: log-mel bands per 10-ms frame of the input (wave: unused)
     conv_channels: int = 64        # mel: channels of the 2-D subsampling convs; wave: of the 1-D convs
-    d_model: int = 144
-    n_layers: int = 4
-    n_heads: int = 4
-    ff_dim: int = 576
-    dropout: float = 0.1
+    d_model: int = 144  # width of the Transformer (a multiple of n_heads and of pos_groups)
+    n_layers: int = 4  # Transformer layers
+    n_heads: int = 4  # attention heads per layer
+    ff_dim: int = 576  # hidden width of each layer's feed-forward block
+    dropout: float = 0.1  # probability, after the positional conv and inside every Transformer layer
     pos_kernel: int = 33           # wav2vec 2.0 uses 128 at 20 ms; smaller models, shorter kernels
-    pos_groups: int = 16
+    pos_groups: int = 16  # groups of the positional conv (wav2vec 2.0: 16)
     # LayerNorm after the positional conv (our original layout, kept for existing checkpoints).
     # False = wav2vec 2.0 large / transformers' "stable layer norm" encoder, which has none there:
     # only that layout exports exactly to Wav2Vec2ForCTC (selfspeech.train.hf_export)
@@ -54,7 +54,7 @@ class EncoderConfig:
     # after every conv (wav2vec 2.0 large / XLSR, Baevski et al. 2020 sec. 4.2, with conv biases;
     # transformers' feat_extract_norm "layer", conv_bias true)
     conv_bias: bool | None = None
-    conv_layer_norm: bool | None = None
+    conv_layer_norm: bool | None = None  # wave: a LayerNorm after every conv instead of one group norm
     # Transformer layers: off = pre-LN (LayerNorm before attention and feed-forward, and a final
     # LayerNorm: wav2vec 2.0 large / XLSR, transformers' do_stable_layer_norm); post_ln = post-LN as
     # wav2vec 2.0 base, which has no final LayerNorm (the last layer's output is already normalised)

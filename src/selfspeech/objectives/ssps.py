@@ -44,7 +44,7 @@ class SSPSConfig:
     m: int = 0                 # 0: same cluster; >= 1: one of the M nearest other clusters (sslsv)
     queue: int = 4096          # positive-queue length Q' (entries, not utterances)
     ref_seconds: float = 4.0   # un-augmented reference segment fed to the encoder for clustering
-    kmeans_iters: int = 10
+    kmeans_iters: int = 10     # most k-means iterations per re-clustering of the reference queue
     # Diagnostic, NOT self-supervised: the clusters are the manifest's true speakers (k >= speakers),
     # so every pseudo-positive is another utterance of the anchor's speaker. It bounds what better
     # clustering could give SSPS on a corpus; never use it for a reported SSL system.

@@ -30,17 +30,17 @@ from selfspeech.objectives.quantizers import GumbelQuantizer, RandomProjectionQu
 
 @dataclass(frozen=True)
 class Wav2Vec2Config:
-    mask_prob: float = 0.65
-    mask_span: int = 10
+    mask_prob: float = 0.65         # fraction of frames drawn as span starts x span (spans overlap: ~49% masked)
+    mask_span: int = 10             # output frames per masked span
     groups: int = 2                 # G codebooks
     entries: int = 320              # V entries each
     final_dim: int = 128            # wav2vec 2.0 base: 256
-    negatives: int = 100
-    logit_temp: float = 0.1
+    negatives: int = 100            # distractors per masked frame, from the same utterance's masked frames
+    logit_temp: float = 0.1         # temperature of the contrastive loss's cosine logits
     tau_max: float = 2.0            # Gumbel temperature: max(tau_max * decay^step, tau_min)
-    tau_min: float = 0.5
-    tau_decay: float = 0.999995
-    w_diversity: float = 0.1
+    tau_min: float = 0.5            # floor of the Gumbel temperature
+    tau_decay: float = 0.999995     # factor the Gumbel temperature shrinks by per update
+    w_diversity: float = 0.1        # weight of the codebook diversity loss (wav2vec 2.0 eq. 4)
     # Feature L2 penalty. 10 is wav2vec 2.0 BASE's weight (fairseq wav2vec2_base_librispeech.yaml), whose
     # CNN sees the raw waveform. We normalise the waveform per utterance (models.ssl.normalise_input) as
     # wav2vec 2.0 LARGE and XLSR do, and their recipe (wav2vec2_large_librivox.yaml) turns the penalty
@@ -60,9 +60,9 @@ class BestRQConfig:
     # (SpeechBrain's BEST-RQ recipe; objectives.masking.span_mask)
     mask_layout: Literal["overlap", "aligned"] = "overlap"
     noise_std: float = 0.1          # masked input frames become N(0, 0.1^2) (sec. 2.1)
-    code_dim: int = 16
-    codes: int = 8192
-    books: int = 1
+    code_dim: int = 16              # dimension of the frozen random projection the codes live in
+    codes: int = 8192               # entries per codebook: the label vocabulary of each frame
+    books: int = 1                  # codebooks; each gives every masked frame one label to predict
     seed: int = 0                   # of the frozen projection and codebook
     # BiRQ only (arXiv 2509.15430; public details thin, the choices below are ours, see README):
     self_layer_frac: float = 0.7    # intermediate layer giving the self-labels, fraction of depth

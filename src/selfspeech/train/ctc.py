@@ -32,17 +32,17 @@ from selfspeech.train.sampler import BucketBatchSampler
 
 @dataclass(frozen=True)
 class CTCConfig:
-    targets: Literal["phone", "char"] = "phone"
+    targets: Literal["phone", "char"] = "phone"  # output tokens: phones (words looked up in lexicon) or letters
     lexicon: str | None = None          # phone targets: WORD<TAB>PHONES file
     # scratch runs: EncoderConfig fields ("preset" allowed); a pretrained `init` brings its own
     encoder: EncoderConfig = sub_config(dict)
-    loop: LoopConfig = field(default_factory=LoopConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)  # optimiser, schedule, budget, checkpoints, device
     freeze_steps: int = checked(0, ge=0)  # encoder frozen, output layer only
     mask_time_prob: float = checked(0.05, ge=0, le=1)  # wav2vec 2.0 fine-tuning (Table 7, 10-min/1-h: 0.05-0.075)
-    mask_time_span: int = checked(5, ge=1)
-    mask_channel_prob: float = checked(0.1, ge=0, le=1)
-    mask_channel_span: int = checked(8, ge=1)
-    max_batch_seconds: float = checked(60.0, gt=0)
+    mask_time_span: int = checked(5, ge=1)  # output frames per masked time span
+    mask_channel_prob: float = checked(0.1, ge=0, le=1)  # fraction of feature channels zeroed in spans (0: off)
+    mask_channel_span: int = checked(8, ge=1)  # feature channels per masked channel span
+    max_batch_seconds: float = checked(60.0, gt=0)  # padded seconds of audio per training batch (B * longest)
     # Seed of the weight initialisation (the output layer; the whole model from scratch). None: the
     # loop's seed, which also draws batch order and masks; set it to tell apart which of them a
     # run-to-run difference (e.g. a run stuck on CTC's blank plateau) comes from.

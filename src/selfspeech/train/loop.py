@@ -58,7 +58,7 @@ from selfspeech.train.tracking import make_trackers
 
 @dataclass(frozen=True)
 class LoopConfig:
-    lr: float = checked(5e-4, gt=0)
+    lr: float = checked(5e-4, gt=0)  # peak learning rate (AdamW), reached after warm-up
     weight_decay: float = checked(0.01, ge=0)      # AdamW, on >= 2-D weights only (nanoGPT)
     betas: tuple[float, float] = (0.9, 0.98)       # wav2vec 2.0 / BEST-RQ; Whisper fine-tuning uses (0.9, 0.999)
     fused: bool = True                             # fused AdamW kernel where torch has one (one pass over the weights)
@@ -69,9 +69,9 @@ class LoopConfig:
     max_steps: int | None = checked(1000, ge=1)    # updates (a cap when max_epochs or budget_seconds is set)
     max_epochs: int | None = checked(None, ge=1)   # passes over the sampler, turned into steps up front
     budget_seconds: float | None = checked(None, gt=0)  # stop on time instead (the same CPU time for every method)
-    seed: int = 0
-    log_every: int = checked(10, ge=1)
-    ckpt_every: int = checked(100, ge=1)
+    seed: int = 0  # seeds the batch order, the loader and the torch/numpy/random generators
+    log_every: int = checked(10, ge=1)  # steps between records of the JSONL log and the trackers
+    ckpt_every: int = checked(100, ge=1)  # steps between checkpoints to last/ (also at each evaluation and the end)
     keep_every: int = checked(0, ge=0)             # also keep every N-th step's checkpoint as keep/step-N (0: none),
     #                                                e.g. to fork a run (fork_from) or to compare stages
     keep_last: bool = True                         # keep last/ (weights + AdamW moments) once the run has finished

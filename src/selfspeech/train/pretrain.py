@@ -33,16 +33,16 @@ from selfspeech.train.sampler import BucketBatchSampler, GroupResampledBatchSamp
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    objective: Literal["wav2vec2", "bestrq", "birq"] = "bestrq"
+    objective: Literal["wav2vec2", "bestrq", "birq"] = "bestrq"  # the self-supervised task; sets the front-end
     # given as a mapping of EncoderConfig keys ("preset": tiny|small|medium|base); the front-end
     # defaults to the objective's (wave for wav2vec2, mel otherwise)
     encoder: EncoderConfig = sub_config(dict)
     task: Wav2Vec2Config | BestRQConfig = sub_config(dict)  # the objective's config (TASKS), as a mapping
-    loop: LoopConfig = field(default_factory=LoopConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)  # optimiser, schedule, budget, checkpoints, device
     max_batch_seconds: float = checked(60.0, gt=0)  # dynamic batches: padded audio seconds per batch
     crop_seconds: float | None = checked(8.0, gt=0)  # random crop of longer utterances
     group_field: str | None = None                  # XLSR multi-group sampling
-    group_alpha: float = checked(0.5, ge=0, le=1)
+    group_alpha: float = checked(0.5, ge=0, le=1)  # group p ~ n^alpha: 1 natural shares, 0 uniform over groups
 
     def __post_init__(self):
         typed_fields(self)

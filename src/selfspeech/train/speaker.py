@@ -47,27 +47,27 @@ METHODS = ("simclr", "dino")
 
 @dataclass(frozen=True)
 class SpeakerSSLConfig:
-    method: Literal["simclr", "dino"] = "simclr"
+    method: Literal["simclr", "dino"] = "simclr"  # simclr: NT-Xent on two views; dino: self-distillation
     ecapa: ECAPAConfig = sub_config(lambda: {"preset": "small"})  # as a mapping: ECAPAConfig keys or a preset
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)  # None: no augmentation
     ssps: SSPSConfig | None = None    # None: standard positives only
     segment_seconds: float = checked(2.0, gt=0)  # SimCLR views and DINO global crops (sslsv: 2 s)
     local_seconds: float = checked(1.0, gt=0)    # DINO local crops
     n_local: int = checked(4, ge=0)   # DINO: 2 global + 4 local crops
-    batch_size: int = checked(64, ge=2)
+    batch_size: int = checked(64, ge=2)  # utterances per batch, each cut into its views or crops
     temperature: float = checked(0.03, gt=0)     # NT-Xent (sslsv's speaker SimCLR)
     # SimCLR head (hidden, output); None: NT-Xent on the embedding itself, as sslsv's SSPS configs
     # (``enable_projector: false``) train it, so the pseudo-positives pull on the verifier's embedding
     projector: tuple[int, ...] | None = checked((512, 256), ge=1)
     dino_out: int = checked(1024, ge=1)  # prototypes; DINO uses 65536 for ImageNet, scaled to ~100 speakers x 10
-    dino_hidden: int = checked(512, ge=1)
-    dino_bottleneck: int = checked(128, ge=1)
-    t_student: float = checked(0.1, gt=0)
-    t_teacher: float = checked(0.04, gt=0)
+    dino_hidden: int = checked(512, ge=1)  # hidden width of the DINO head's MLP
+    dino_bottleneck: int = checked(128, ge=1)  # L2-normalised bottleneck before the prototypes
+    t_student: float = checked(0.1, gt=0)  # DINO student's softmax temperature
+    t_teacher: float = checked(0.04, gt=0)  # DINO teacher's temperature (lower: sharper targets)
     momentum: float = checked(0.996, ge=0, le=1)  # teacher EMA, cosine to 1 over training
-    center_momentum: float = checked(0.9, ge=0, le=1)
+    center_momentum: float = checked(0.9, ge=0, le=1)  # EMA of the teacher-output centre (prevents collapse)
     rir_pool: str | None = None       # cache file for simulated room impulse responses (.npz)
-    loop: LoopConfig = field(default_factory=LoopConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)  # optimiser, schedule, budget, checkpoints, device
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -70,16 +70,16 @@ class FinetuneConfig(LoopConfig):
     keep_last: bool = False                       # a finished student keeps best/ only (later stages read it)
     batch_size: int | None = checked(8, ge=1)     # items per batch, and/or ...
     max_batch_seconds: float | None = checked(None, gt=0)  # ... padded seconds per batch (B * longest)
-    eval_batch_size: int = checked(16, ge=1)
-    max_new_tokens: int = checked(128, ge=1)
-    normalizer: str = "whisper_english"
+    eval_batch_size: int = checked(16, ge=1)  # utterances per batch of the dev set's greedy decoding
+    max_new_tokens: int = checked(128, ge=1)  # most tokens decoded per dev utterance
+    normalizer: str = "whisper_english"  # of labels and dev WER alike: whisper_english, basic or none
     language: str = "en"             # prefix language of multilingual models; *.en models take en only
     task: str = "transcribe"         # prefix task of multilingual models: transcribe, or translate (into English)
     trim_input: bool = True          # False: 30-s padded features, the stock encoder path
-    freeze_encoder: bool = False
-    min_duration: float = checked(0.1, ge=0)
+    freeze_encoder: bool = False  # train the decoder only (the encoder's weights stay as loaded)
+    min_duration: float = checked(0.1, ge=0)  # seconds; shorter utterances are skipped
     max_duration: float = checked(30.0, gt=0, le=30.0)  # longer utterances are skipped (Whisper sees 30 s at most)
-    num_buckets: int = checked(10, ge=1)
+    num_buckets: int = checked(10, ge=1)  # duration buckets batches are cut from (less padding)
     cache_features: bool = True      # log-mels in RAM: 80 x 100 x 4 B = 32 kB per second of audio
     # a LoRA student (models.lora): only the adapters train, best/ is an adapter folder; None: full fine-tuning
     lora: LoraConfig | None = None
