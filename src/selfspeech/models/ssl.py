@@ -48,7 +48,7 @@ class EncoderConfig:
     # False = wav2vec 2.0 large / transformers' "stable layer norm" encoder, which has none there:
     # only that layout exports exactly to Wav2Vec2ForCTC (selfspeech.train.hf_export)
     pos_norm: bool = True
-    # Options added later default to None (= off, what older configs and run folders mean).
+    # These default to None (off): what a config without them means, so such configs and run folders load as they are.
     # wave front-end: conv biases, and the norm of its convs: off = one group norm (a group per
     # channel) on the first conv (wav2vec 2.0 base); conv_layer_norm = a LayerNorm over the channels
     # after every conv (wav2vec 2.0 large / XLSR, Baevski et al. 2020 sec. 4.2, with conv biases;
