@@ -212,7 +212,8 @@ def wav2vec2_parity(out_dir: str | Path, layout: str = "large", seed: int = 0) -
     jitter_norms(ours, seed)
     export_task_hf(ours, out / "ours")
     x, lengths = tiny_waves(seed)
-    exported = compare_with_hf(ours, Wav2Vec2ForPreTraining.from_pretrained(out / "ours", local_files_only=True),
+    exported = compare_with_hf(ours, Wav2Vec2ForPreTraining.from_pretrained(out / "ours", local_files_only=True,
+                                                            use_safetensors=True),
                                x, lengths, seed)
     hf = hf_born(out / "hf", layout, seed + 1)
     imported = compare_with_hf(task_from_hf(out / "hf", TINY_TASK)[0], hf, x, lengths, seed + 1)
