@@ -51,6 +51,12 @@ def _lf(d, cond):
     return _coverage(d["conditions"][cond], d["wer_utterances"])
 
 
+def _lf_adapt(d):
+    a = d["adapt"]
+    return (f"pseudo-label student {pct(a['wer']['pseudo_ft'])} -> Pseudo2Real {pct(a['wer']['p2r'])} "
+            f"({rel(a['p2r_relative_reduction'])})")
+
+
 def _vad(d):
     g = d["grid_on_adults"][d["chosen"]]
     return (f"threshold {g['threshold']}, pad {g['pad_seconds']} s: adults' speech coverage "
@@ -110,9 +116,9 @@ AREAS: list[tuple[str, str, str, tuple[str, ...], list[Row]]] = [
         ("long_form", "Children's recordings with noise at 10 dB SNR", lambda d: _lf(d, "noise_10db")),
         ("long_form_vad", "Segmenter setting chosen on the adults' recordings (rule in the file)", _vad),
         ("long_form_vad", "Children's recordings with that setting", _vad_children),
-        ("long_form_previous_defaults", "Pseudo2Real on segmented recordings without transcripts or speakers (earlier segmenter defaults)",
-         lambda d: f"pseudo-label student {pct(d['adapt']['wer']['pseudo_ft'])} -> Pseudo2Real "
-                   f"{pct(d['adapt']['wer']['p2r'])} ({rel(d['adapt']['p2r_relative_reduction'])})"),
+        ("long_form", "Pseudo2Real on segmented recordings without transcripts or speakers, eval speakers "
+                      "scored per recording", _lf_adapt),
+        ("long_form_previous_defaults", "The same with the earlier segmenter defaults", _lf_adapt),
     ]),
     ("teacher", "Teacher pseudo-labelling", "pseudo2real.md", ("teacher_",), [
         ("teacher_labelling", "whisper-base on {teachers[whisper-base][label_stats][total]} speechocean762 utterances", lambda d: _teacher(d, "whisper-base")),
