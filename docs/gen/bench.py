@@ -89,6 +89,18 @@ def _branch(d, base, diff_key):
             f"{ci(dd['ci95'], unit=' points')}); cross-condition {rel(r['cross'])}")
 
 
+def _lora(d):
+    w, r = d["wer"], d["headline_rank"]
+    return (f"rank {r}: {pct(w[f'pseudo_ft_lora_r{r}'])} -> {pct(w[f'p2r_lora_r{r}'])}; full fine-tuning: "
+            f"{pct(w['pseudo_ft_full'])} -> {pct(w['p2r_full'])}; every rank: " + ", ".join(
+                f"{k.removeprefix('p2r_lora_r')}: {pct(v)}" for k, v in w.items() if k.startswith("p2r_lora_r")))
+
+
+def _lora_size(d):
+    return ", ".join(f"{k.replace('_', ' ')}: {v['size_ratio']:.3f} of the dense size, {pct(v['rel_error'])} "
+                     f"reconstruction error" for k, v in d["lowrank_tau"].items())
+
+
 def _seeds(d):
     c = d["conditions"]["clean"]
     return (f"mean clean EER over training seeds {d['train_seeds']}: {pct(c['mean_base'])} -> {pct(c['mean_ssps'])} "
@@ -108,6 +120,9 @@ AREAS: list[tuple[str, str, str, tuple[str, ...], list[Row]]] = [
          lambda d: f"lambda {d['lambda']:g}, scope {d['tau_scope']}"),
         ("pseudo2real", "Pseudo2Real-SC (mel-statistics clusters) / random-cluster control",
          lambda d: f"{pct(d['wer']['p2r_sc'])} / {pct(d['wer']['p2r_sc_random'])}"),
+        ("pseudo2real_lora", "LoRA students (rank {headline_rank}; full fine-tuning beside): pseudo-label student "
+                             "-> Pseudo2Real", _lora),
+        ("pseudo2real_lora", "Low-rank tau of the LoRA students: size against the same tau stored dense", _lora_size),
         ("pseudo2real_sc_ecapa", "Pseudo2Real-SC with self-supervised ECAPA clusters / random-cluster control",
          lambda d: f"{pct(d['wer']['p2r_sc'])} / {pct(d['wer']['p2r_sc_random'])} (Pseudo2Real {pct(d['wer']['p2r'])})"),
     ]),
