@@ -32,12 +32,9 @@ def split_summary(scores: dict) -> dict:
                        if f"{x}_vs_{b}" in paired}}
 
 
-def _pooled(runs: dict[int, dict], system: str) -> tuple[list[dict], list[dict]]:
-    refs, hyps = [], []
-    for seed, run in runs.items():
-        refs += [{**r, "id": f"s{seed}:{r['id']}"} for r in read_manifest(run["eval_manifest"])]
-        hyps += [{**h, "id": f"s{seed}:{h['id']}"} for h in read_jsonl(run["hyps"][system])]
-    return refs, hyps
+def _pooled(runs: dict[int, dict], system: str) -> list[dict]:
+    """The system's hypotheses of every split, ids prefixed by the split."""
+    return [{**h, "id": f"s{seed}:{h['id']}"} for seed, run in runs.items() for h in read_jsonl(run["hyps"][system])]
 
 
 def pooled(runs: dict[int, dict], normalizer: str, n_resamples: int = 1000) -> dict:
@@ -45,16 +42,15 @@ def pooled(runs: dict[int, dict], normalizer: str, n_resamples: int = 1000) -> d
 
     ``runs``: seed -> {"eval_manifest": path, "hyps": {system: path}}; systems decoded in every split only.
     """
-    systems = set.intersection(*(set(r["hyps"]) for r in runs.values()))
-    wer, rel = {}, {}
-    for name in sorted(systems):
-        refs, h = _pooled(runs, name)
-        wer[name] = build_results(refs, h, normalizer=normalizer, n_resamples=n_resamples)["system"]["groups"][0]["wer"]
-    for x in (k for k in LABEL_FREE if k in systems):
-        for b in (k for k in BASELINES if k in systems):
-            refs, hb = _pooled(runs, b)
-            _, hx = _pooled(runs, x)
-            t = build_results(refs, hb, compare=hx, normalizer=normalizer, n_resamples=n_resamples)
+    systems = sorted(set.intersection(*(set(r["hyps"]) for r in runs.values())))
+    refs = [{**r, "id": f"s{seed}:{r['id']}"} for seed, run in runs.items() for r in read_manifest(run["eval_manifest"])]
+    hyps = {name: _pooled(runs, name) for name in systems}  # each file read once
+    wer = {name: build_results(refs, h, normalizer=normalizer, n_resamples=n_resamples)["system"]["groups"][0]["wer"]
+           for name, h in hyps.items()}
+    rel = {}
+    for x in (k for k in LABEL_FREE if k in hyps):
+        for b in (k for k in BASELINES if k in hyps):
+            t = build_results(refs, hyps[b], compare=hyps[x], normalizer=normalizer, n_resamples=n_resamples)
             rel[f"{x}_vs_{b}"] = t["compare"]["paired"][0]["rel_ci"]
     cands = [k for k in LABEL_FREE if k in wer]
     best = min(cands, key=lambda k: wer[k]) if cands else None

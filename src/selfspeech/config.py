@@ -290,6 +290,12 @@ def from_mapping(cls, mapping: Mapping | None, where: str = ""):
     return _build(cls, mapping, where, "")
 
 
+def omit_defaults(mapping: dict, defaults: Mapping[str, Any]) -> dict:
+    """``mapping`` without the keys whose value is the given default. Used for cache keys: an option added
+    at a default that computes what a config without it computed leaves the key as it was."""
+    return {k: v for k, v in mapping.items() if not (k in defaults and v == defaults[k])}
+
+
 def typed_fields(obj: Any) -> None:
     """Call in ``__post_init__``: a sub-config passed as a mapping (``CTCConfig(loop={"max_steps": 2})``)
     becomes its dataclass, checked like a file's; the config then holds typed values only."""

@@ -24,13 +24,12 @@ leaves untouched. Every candidate and its sim WER is in ``choice["groups"]``.
 """
 from __future__ import annotations
 
-import shutil
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from selfspeech.adapt.stages import Stage, StageRunner
-from selfspeech.adapt.student import Output, Student, _decode, decode_stage, finetune_stage, produce
+from selfspeech.adapt.student import Output, Student, decode_built, decode_stage, finetune_stage, produce
 from selfspeech.arith.groups import GROUPS, SHORT, apply_groups_to_dir, group_names, scope_lambdas
 from selfspeech.arith.lowrank import load_any
 
@@ -119,10 +118,7 @@ def grouped_decode_stage(st: Student, name: str, base: Output, tau: Output, lamb
 
 
 def _decode_grouped(st: Student, base: str, tau: str, lambdas: dict, manifest: str, d: Path) -> str:
-    try:  # a kill leaves the model behind: the rerun replaces it, and deletes it once decoded
-        return _decode(st, _grouped(base, tau, lambdas, d), manifest, None, d)
-    finally:
-        shutil.rmtree(d / "model", ignore_errors=True)
+    return decode_built(st, partial(_grouped, base, tau, lambdas), manifest, d)
 
 
 # ----------------------------------------------------------------------------- the pipeline's search

@@ -35,6 +35,7 @@ from selfspeech.adapt.recipe import Recipe, RecipeError, check_recipe  # noqa: F
 from selfspeech.adapt.stages import MARKER, Stage, StageRunner, folder_bytes
 from selfspeech.adapt.student import (Output, Student, corrected_decode_stage, corrected_model_stage, decode_stage,
                                       finetune_stage, produce, tau_stage)
+from selfspeech.config import omit_defaults
 from selfspeech.data.atomic import write_json
 from selfspeech.data.manifest import read_manifest
 from selfspeech.eval.report import build_results, read_jsonl
@@ -114,32 +115,18 @@ def run_stages(recipe: Recipe, S: StageRunner, progress: bool = True) -> dict:
 def _data_key(recipe: Recipe) -> dict:
     """The data section that keys the data stage; the two-manifest keys and the target-speaker rule are
     left out at their defaults (data stages cached before those keys existed stay valid)."""
-    d = recipe.to_dict()["data"]
-    for k, default in (("source_manifest", None), ("target_manifest", None), ("target_speakers", "auto")):
-        if d.get(k) == default:
-            d.pop(k)
-    return d
+    return omit_defaults(recipe.to_dict()["data"],
+                         {"source_manifest": None, "target_manifest": None, "target_speakers": "auto"})
 
 
 def _label_key(recipe: Recipe) -> dict:
-    """What keys the label stage: the teacher section and the compute type it resolves to. int8 on a CPU,
-    what label stages were made with before the type keyed them, is left out (those stay valid)."""
-    key = {"teacher": _teacher_key(recipe), "compute_type": teacher_compute_type(recipe)}
-    if key["compute_type"] == "cpu:int8":
-        key.pop("compute_type")
-        if key["teacher"].get("compute_type") == "auto":
-            key["teacher"].pop("compute_type")
-    return key
-
-
-def _teacher_key(recipe: Recipe) -> dict:
-    """The teacher section that keys the label stage; English transcription, the default, is left out
-    (label stages cached without a language or task stay valid)."""
-    t = recipe.to_dict()["teacher"]
-    for k, default in (("language", "en"), ("task", "transcribe")):
-        if t.get(k) == default:
-            t.pop(k)
-    return t
+    """What keys the label stage: the teacher section and the compute type it resolves to. English
+    transcription, and int8 on a CPU, which label stages were made with before these keyed them, are left
+    out (those stay valid)."""
+    cpu_int8 = teacher_compute_type(recipe) == "cpu:int8"
+    teacher = omit_defaults(recipe.to_dict()["teacher"],
+                            {"language": "en", "task": "transcribe", **({"compute_type": "auto"} if cpu_int8 else {})})
+    return {"teacher": teacher} if cpu_int8 else {"teacher": teacher, "compute_type": teacher_compute_type(recipe)}
 
 
 def teacher_compute_type(recipe: Recipe) -> str:

@@ -19,7 +19,7 @@ import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from selfspeech.adapt.recipe import Recipe
 from selfspeech.adapt.stages import Stage, StageRunner
@@ -101,12 +101,15 @@ def corrected_decode_stage(st: Student, name: str, base: Output, tau: Output, la
 
 
 def _decode_corrected(st: Student, base: str, tau: str, lam: float, scope: str, manifest: str, d: Path) -> str:
-    model = d / "model"  # a kill leaves it behind: the rerun replaces it, and deletes it once decoded
-    try:
-        _corrected(base, tau, lam, scope, d)
-        return _decode(st, str(model), manifest, None, d)
+    return decode_built(st, partial(_corrected, base, tau, lam, scope), manifest, d)
+
+
+def decode_built(st: Student, build: Callable[[Path], str], manifest: str, d: Path) -> str:
+    """Hypotheses of the model ``build(d)`` writes into ``d/model``, which is deleted once decoded."""
+    try:  # a kill leaves the model behind: the rerun replaces it, and deletes it once decoded
+        return _decode(st, build(d), manifest, None, d)
     finally:
-        shutil.rmtree(model, ignore_errors=True)
+        shutil.rmtree(d / "model", ignore_errors=True)
 
 
 def _decode(st: Student, model_dir: str, manifest: str, trim: bool | None, d: Path) -> str:

@@ -39,7 +39,7 @@ from selfspeech.data.manifest import read_manifest
 from selfspeech.models.whisper import (MAX_FRAMES, encode, greedy_decode, load_processor, log_mel,  # noqa: F401
                                        pad_features)
 from selfspeech.text.normalize import NORMALIZERS, get_normalizer
-from selfspeech.config import checked, from_mapping, invalid, to_mapping, typed_fields
+from selfspeech.config import checked, from_mapping, invalid, omit_defaults, to_mapping, typed_fields
 from selfspeech.models.lora import LoraConfig, is_adapter_dir, load_adapter_weights, trainable_parameters
 from selfspeech.models.lora import wrap as wrap_lora
 from selfspeech.objectives.seq2seq import WhisperSeq2Seq
@@ -98,17 +98,11 @@ class FinetuneConfig(LoopConfig):
             raise invalid("task", self.task, "not a Whisper task", "choose transcribe or translate")
 
     def to_dict(self) -> dict:
-        d = to_mapping(self)
-        if d.get("task") == "transcribe":  # the default task: the mapping (and stage caches) of configs without one
-            d.pop("task")
-        if d.get("lora") is None:  # full fine-tuning: the mapping (and so stage caches) of configs without lora
-            d.pop("lora", None)
-        # the accelerator options at values that compute what a config without them computed: left out, so
-        # stage caches made before they existed stay valid (device, workers, compile never key a cache)
-        for k, default in (("precision", "auto"), ("grad_accum", 1), ("grad_checkpointing", False)):
-            if d.get(k) == default:
-                d.pop(k)
-        return d
+        # transcription, full fine-tuning and the accelerator options at their defaults compute what a config
+        # without them computed: left out, so the mapping (and stage caches) of such configs stay as they were
+        # (device, workers and compile never key a cache)
+        return omit_defaults(to_mapping(self), {"task": "transcribe", "lora": None, "precision": "auto",
+                                                "grad_accum": 1, "grad_checkpointing": False})
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "finetune config") -> "FinetuneConfig":
