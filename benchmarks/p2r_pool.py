@@ -8,7 +8,10 @@ paired bootstrap over speakers as a single run.
 """
 from __future__ import annotations
 
-from selfspeech.data.manifest import read_manifest
+import json
+import shutil
+from pathlib import Path
+
 from selfspeech.eval.report import build_results, read_jsonl
 
 LABEL_FREE = ("p2r", "p2r_sc", "p2r_union", "p2r_mixed")  # corrections that never read a target transcript
@@ -43,7 +46,8 @@ def pooled(runs: dict[int, dict], normalizer: str, n_resamples: int = 1000) -> d
     ``runs``: seed -> {"eval_manifest": path, "hyps": {system: path}}; systems decoded in every split only.
     """
     systems = sorted(set.intersection(*(set(r["hyps"]) for r in runs.values())))
-    refs = [{**r, "id": f"s{seed}:{r['id']}"} for seed, run in runs.items() for r in read_manifest(run["eval_manifest"])]
+    refs = [{**r, "id": f"s{seed}:{r['id']}"} for seed, run in runs.items()
+            for r in read_jsonl(run["eval_manifest"], required=("id", "text"))]
     hyps = {name: _pooled(runs, name) for name in systems}  # each file read once
     wer = {name: build_results(refs, h, normalizer=normalizer, n_resamples=n_resamples)["system"]["groups"][0]["wer"]
            for name, h in hyps.items()}
@@ -64,3 +68,34 @@ def pooled(runs: dict[int, dict], normalizer: str, n_resamples: int = 1000) -> d
             "chosen_by": "lowest pooled eval WER among the label-free systems (a summary of what was measured, "
                          "not a recipe choice: the recipe's default is chosen on the source speakers)"}
     return out
+
+
+def save_split(folder: Path, seed: int, run: dict, summary: dict) -> dict:
+    """Keep one split's eval references (id, speaker, text) and every system's hypotheses under ``folder``/split<seed>.
+
+    Pooling reads these, so splits measured by separate runs (or on another day) pool with each other.
+    Returns the run entry :func:`pooled` reads, pointing at the kept files.
+    """
+    d = folder / f"split{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    refs = [{k: r[k] for k in ("id", "speaker", "text") if k in r}
+            for r in read_jsonl(run["eval_manifest"], required=("id", "text"))]
+    (d / "target_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in refs))
+    for name, path in run["hyps"].items():
+        shutil.copyfile(path, d / f"{name}.jsonl")
+    tmp = d / "split.json.tmp"
+    tmp.write_text(json.dumps({**summary, "systems": sorted(run["hyps"])}, indent=2) + "\n")
+    tmp.replace(d / "split.json")  # written last: a split folder without it is incomplete
+    return load_split(d)
+
+
+def load_split(d: Path) -> dict:
+    info = json.loads((d / "split.json").read_text())
+    return {"eval_manifest": str(d / "target_eval.jsonl"), "summary": info,
+            "hyps": {name: str(d / f"{name}.jsonl") for name in info["systems"]}}
+
+
+def load_splits(folder: Path) -> dict[int, dict]:
+    """Every complete split kept under ``folder``: seed -> the run entry :func:`pooled` reads."""
+    return {int(d.name.removeprefix("split")): load_split(d)
+            for d in sorted(folder.glob("split*")) if (d / "split.json").is_file()}

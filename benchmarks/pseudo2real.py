@@ -6,12 +6,16 @@ scores every system on the target-eval speakers with 95% CIs (bootstrap over
 speakers) and paired bootstraps, and writes ``benchmarks/results/pseudo2real.json``.
 
 With ``--seeds 0 1 2`` the recipe runs once per speaker split (``data.seed``;
-split 0 in ``--out``, split n in ``--out``_seed<n>), and the result adds each
-split's figures (``splits``) and the figures pooled over the union of their
-eval speakers (``pooled``, with ``best_label_free``; benchmarks/p2r_pool.py).
-The top-level keys stay those of the first split.
+split 0 in ``--out``, split n in ``--out``_seed<n>). Each split's eval
+references and hypotheses are kept in ``benchmarks/results/pseudo2real_splits/``,
+and the result adds every kept split's figures (``splits``) and the figures
+pooled over the union of their eval speakers (``pooled``, with
+``best_label_free``; benchmarks/p2r_pool.py), so splits run separately (two
+processes side by side, or another day) pool together; ``--pool-only`` just
+re-pools. The top-level keys are those of split 0, kept from the existing
+result when split 0 is not rerun.
 
-Usage: python benchmarks/pseudo2real.py [--recipe R.yaml] [--out runs/p2r_so762] [--seeds 0 1 2 [--lean-splits]]
+Usage: python benchmarks/pseudo2real.py [--recipe R.yaml] [--out runs/p2r_so762] [--seeds 0 1 2 [--lean-splits]] [--pool-only]
        [--systems p2r_union p2r_mixed ...]   (added to the recipe's systems)
        [--extractor DIR --result-name pseudo2real_sc_ecapa]   (SC with a trained speaker encoder;
        only the SC stages are recomputed)
@@ -19,12 +23,13 @@ Usage: python benchmarks/pseudo2real.py [--recipe R.yaml] [--out runs/p2r_so762]
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write_result  # noqa: E402
-from p2r_pool import pooled, split_summary  # noqa: E402
+from common import RESULTS, ROOT, write_result  # noqa: E402
+from p2r_pool import load_splits, pooled, save_split, split_summary  # noqa: E402
 
 from selfspeech.adapt.pseudo2real import run_pseudo2real  # noqa: E402
 from selfspeech.adapt.recipe import load_recipe  # noqa: E402
@@ -32,6 +37,7 @@ from selfspeech.adapt.recipe import load_recipe  # noqa: E402
 KEYS = ("teacher", "zero_shot", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random", "source_real_ft",
         "source_real_plus_target_pseudo", "oracle", "p2r_union", "pseudo_ft_mixed", "p2r_mixed")
 LEAN_SKIP = ("zero_shot", "p2r_sc", "p2r_sc_random")
+SPLITS = RESULTS / "pseudo2real_splits"
 
 
 def main() -> None:
@@ -48,8 +54,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="speaker splits (data.seed), one run each")
     ap.add_argument("--systems", nargs="+", default=[], help="systems added to the recipe's")
     ap.add_argument("--lean-splits", action="store_true",
-                    help="splits after the first skip what the pooled figures do not read (zero-shot, SC, "
+                    help="splits other than split 0 skip what the pooled figures do not read (zero-shot, SC, "
                          "the oracle lambda sweep): hours less on a CPU")
+    ap.add_argument("--pool-only", action="store_true",
+                    help="run nothing: rebuild `splits` and `pooled` from the kept splits")
     args = ap.parse_args()
     import dataclasses
 
@@ -61,19 +69,45 @@ def main() -> None:
         recipe = dataclasses.replace(recipe, clusters=dataclasses.replace(recipe.clusters, extractor=args.extractor))
     recipe = dataclasses.replace(recipe, systems=tuple(dict.fromkeys((*recipe.systems, *args.systems))))
     runs = {}
-    for i, seed in enumerate(args.seeds):
+    for seed in ([] if args.pool_only else args.seeds):
         r = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, seed=seed))
-        if i and args.lean_splits:
+        if seed != 0 and args.lean_splits:
             r = dataclasses.replace(r, systems=tuple(x for x in r.systems if x not in LEAN_SKIP),
                                     lam=dataclasses.replace(r.lam, oracle_sweep=False))
-        out = args.out if i == 0 else args.out.with_name(f"{args.out.name}_seed{seed}")
+        out = args.out if seed == 0 else args.out.with_name(f"{args.out.name}_seed{seed}")
         runs[seed] = run_pseudo2real(r, out)  # scores every system and writes out/report.md
         runs[seed]["eval_manifest"] = str(Path(out) / "data" / "target_eval.jsonl")
-    result = runs[args.seeds[0]]
+        save_split(SPLITS, seed, runs[seed], split_record(runs[seed]))
+    previous = RESULTS / f"{args.result_name}.json"
+    before = json.loads(previous.read_text()) if previous.is_file() else {}
+    top = first_split(runs[0], recipe, args) if 0 in runs else {
+        k: v for k, v in before.items() if k not in ("splits", "pooled", "command", "date", "commit", "machine",
+                                                     "versions")}
+    kept = load_splits(SPLITS)
+    # a split measured before its hypotheses were kept keeps its figures but cannot pool
+    splits = {**{s: {**v, "hypotheses_kept": False} for s, v in before.get("splits", {}).items()
+                 if int(s) not in kept},
+              **{str(s): {**k["summary"], "hypotheses_kept": True} for s, k in kept.items()}}
+    write_result(args.result_name, {
+        **top,
+        "splits": dict(sorted(splits.items(), key=lambda kv: int(kv[0]))),
+        "pooled": pooled(kept, recipe.normalizer) if kept else {},
+    })
+
+
+def split_record(r: dict) -> dict:
+    """One split's figures: WERs, oracle gap closed, paired tests, chosen lambdas, stage times, the command."""
+    return {**split_summary(r["scores"]), "lambda": r["lambda"]["lambda"],
+            "lambda_variants": {k: v["lambda"] for k, v in r["lambda"].get("variants", {}).items()},
+            "stage_seconds": r["times"], "command": " ".join(["python", *sys.argv])}
+
+
+def first_split(result: dict, recipe, args) -> dict:
+    """The top-level keys: split 0's full figures (every system, curves, clusters, label statistics)."""
     report = Path(result["report"])
     s, p = result["scores"]["systems"], result["scores"]["paired"]
     rr = p.get("p2r_vs_pseudo_ft", {})
-    write_result(args.result_name, {
+    return {
         "wer": {k: s[k]["wer"] if k in s else None for k in KEYS},
         "wer_ci95": {k: s[k]["wer_ci95"] if k in s else None for k in KEYS},
         "relative_reduction": rr.get("rel_reduction"),
@@ -96,11 +130,7 @@ def main() -> None:
         "recipe": str(args.recipe.relative_to(ROOT)) if args.recipe.is_relative_to(ROOT) else str(args.recipe),
         "report": str(report.relative_to(ROOT)) if report.is_relative_to(ROOT) else str(report),
         "lambda_variants": result["lambda"].get("variants", {}),
-        "splits": {seed: {**split_summary(r["scores"]), "lambda": r["lambda"]["lambda"],
-                          "lambda_variants": {k: v["lambda"] for k, v in r["lambda"].get("variants", {}).items()},
-                          "stage_seconds": r["times"]} for seed, r in runs.items()},
-        "pooled": pooled(runs, recipe.normalizer),
-    })
+    }
 
 
 if __name__ == "__main__":
