@@ -14,7 +14,7 @@ from pathlib import Path
 
 from selfspeech.eval.report import build_results, read_jsonl
 
-LABEL_FREE = ("p2r", "p2r_sc", "p2r_union", "p2r_mixed")  # corrections that never read a target transcript
+LABEL_FREE = ("p2r", "p2r_sc", "p2r_sc_error", "p2r_union", "p2r_mixed")  # corrections that never read a target transcript
 BASELINES = ("source_real_plus_target_pseudo", "pseudo_ft")
 
 

@@ -35,7 +35,7 @@ from selfspeech.adapt.pseudo2real import run_pseudo2real  # noqa: E402
 from selfspeech.adapt.recipe import load_recipe  # noqa: E402
 
 KEYS = ("teacher", "zero_shot", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random", "source_real_ft",
-        "source_real_plus_target_pseudo", "oracle", "p2r_union", "pseudo_ft_mixed", "p2r_mixed")
+        "source_real_plus_target_pseudo", "oracle", "p2r_union", "pseudo_ft_mixed", "p2r_mixed", "p2r_sc_error")
 LEAN_SKIP = ("zero_shot", "p2r_sc", "p2r_sc_random")
 SPLITS = RESULTS / "pseudo2real_splits"
 

@@ -1,5 +1,6 @@
 """The Pseudo2Real pipeline: stage cache, recipe checks, and one end-to-end run on tiny random models."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -205,6 +206,45 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_whisper_dir, monkeypatch):
     assert res3["cached"]["ft_target_pseudo"] and res3["cached"]["sc_embed"]
     _assert_disk_kept_small(tmp_path / "run", res3)
     _finer_grid_and_rebuild(tmp_path, spec)
+
+
+def test_sc_error_clusters_tiny(tmp_path, tiny_whisper_dir, monkeypatch):
+    """p2r_sc_error: source speakers grouped by measured teacher WER, target speakers by predicted WER."""
+    import selfspeech.label.teacher as teacher_mod
+    from selfspeech.adapt.pseudo2real import run_pseudo2real
+
+    monkeypatch.setattr(teacher_mod, "load_teacher", lambda *a, **k: WordTeacher())
+    spec = {
+        "name": "tiny-error",
+        "data": {"manifest": str(_corpus(tmp_path)), "source_parts": {"train": 4, "dev": 2, "sim": 2},
+                 "target_parts": {"adapt": 3, "eval": 3}, "dev_fraction": 0.34},
+        "teacher": {"name": str(tiny_whisper_dir), "drop_flagged": False},
+        "student": {"init": str(tiny_whisper_dir), "max_new_tokens": 6,
+                    "finetune": {"max_steps": 2, "eval_every": 2, "batch_size": 4, "max_new_tokens": 6}},
+        "lambda": {"grid": [0.0, 1.0], "oracle_sweep": False},
+        "clusters": {"k": 2, "min_size": 2},
+        "systems": ["pseudo_ft", "p2r", "p2r_sc_error"],
+    }
+    res = run_pseudo2real(recipe_from_dict(spec, root=tmp_path), tmp_path / "run", log=lambda m: None,
+                          progress=False)
+    assert set(res["hyps"]) == {"teacher", "pseudo_ft", "p2r", "p2r_sc_error"}
+    assert not any(k.startswith(("sc_embed", "sc_clusters")) for k in res["times"])  # no voice clustering
+    evals = [json.loads(line)["id"] for line in open(res["hyps"]["p2r_sc_error"])]
+    assert sorted(evals) == sorted(i["id"] for i in read_manifest(tmp_path / "run" / "data" / "target_eval.jsonl"))
+    e = res["clusters"]["teacher_error"]
+    assert e["k"] == 2 and e["source_sizes"] == {0: 2, 1: 2}  # 4 source-train speakers, min_size 2 each
+    assert e["source_teacher_wer"][0] <= e["source_teacher_wer"][1]  # group 0: the teacher's easier speakers
+    tgt = {i["speaker"] for p in ("target_adapt", "target_eval")
+           for i in read_manifest(tmp_path / "run" / "data" / f"{p}.jsonl")}
+    assert tgt <= set(e["assignment"]) and sum(e["target_sizes"].values()) == len(tgt)
+    # a tau only for the clusters that hold target-eval speakers
+    decoded = {e["assignment"][i["speaker"]] for i in read_manifest(tmp_path / "run" / "data" / "target_eval.jsonl")}
+    taus = {int(m.group(1)) for k in res["times"] if (m := re.fullmatch(r"sc_error_c(\d+)_tau", k))}
+    assert taus == decoded
+    assert "Teacher-error clusters: k = 2" in (tmp_path / "run" / "report.md").read_text()
+    res2 = run_pseudo2real(recipe_from_dict(spec, root=tmp_path), tmp_path / "run", log=lambda m: None,
+                           progress=False)
+    assert all(res2["cached"].values()) and res2["hyps"] == res["hyps"]
 
 
 def _assert_disk_kept_small(run, res):

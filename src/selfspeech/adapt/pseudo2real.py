@@ -5,6 +5,7 @@
     theta_tp = FT(theta0, target pseudo)
     p2r      = theta_tp + lambda * tau         (eq. 4)
     p2r_sc   = theta_tp + lambda * tau_c(u)    (sec. 3.3: tau per speaker cluster)
+    p2r_sc_error                               (the same, clusters by the teacher's error rate, adapt.sc)
     p2r_groups = theta_tp + sum_g lambda_g * tau_g  (one lambda per module group, adapt.lambda_groups)
 
 lambda is chosen without target transcripts (``LambdaSpec.rule``): the
@@ -99,11 +100,11 @@ def run_stages(recipe: Recipe, S: StageRunner, progress: bool = True) -> dict:
     hyps = {"teacher": ps["teacher_eval"]["path"]} if labelled else {}  # unlabelled: the teacher is the reference
     hyps.update(decode_systems(S, st, parts, ps, theta_sr, theta_tp, tau, choice, labelled))
     clusters: dict = {}
-    if recipe.clusters.enabled and {"p2r_sc", "p2r_sc_random"} & set(recipe.systems):
+    if recipe.clusters.enabled and {"p2r_sc", "p2r_sc_random", "p2r_sc_error"} & set(recipe.systems):
         from selfspeech.adapt.sc import run_sc
 
         sc_hyps, clusters = run_sc(S, st, parts, ps, theta_tp, choice["lambda"], choice["scope"],
-                                   "target_eval" if labelled else "target_adapt")
+                                   "target_eval" if labelled else "target_adapt", lab["labels"])
         hyps.update(sc_hyps)
     return {"hyps": hyps, "lambda": choice, "clusters": clusters, "times": S.times, "cached": S.cached,
             "target_labelled": labelled, "target_speakers": info["target_speakers"],

@@ -27,7 +27,7 @@ Group = Literal[tuple(GROUPS)]
 Normalizer = Literal[NORMALIZERS]
 System = Literal["teacher", "zero_shot", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random", "source_real_ft",
                  "source_real_plus_target_pseudo", "oracle", "p2r_union", "pseudo_ft_mixed", "p2r_mixed",
-                 "p2r_iter", "p2r_groups"]
+                 "p2r_iter", "p2r_groups", "p2r_sc_error"]
 SOURCE_PARTS, TARGET_PARTS = ("train", "dev", "sim"), ("adapt", "eval")
 
 
@@ -141,7 +141,9 @@ class ClusterSpec:
     extractor: str = checked("melstats", nonempty=True)  # or a speaker-model checkpoint directory
     min_size: int = checked(3, ge=1)   # clusters with fewer source speakers are merged
     random_control: bool = True  # also run p2r_sc_random: clusters of the same sizes, members drawn at random
-    enabled: bool = True  # false: no Pseudo2Real-SC (p2r_sc, p2r_sc_random), even when systems lists them
+    # false: no Pseudo2Real-SC (p2r_sc, p2r_sc_random, p2r_sc_error), even when systems lists them;
+    # p2r_sc_error clusters speakers by the teacher's error rate (k and min_size apply, the extractor does not)
+    enabled: bool = True
 
 
 @dataclass(frozen=True)

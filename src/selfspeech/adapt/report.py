@@ -12,6 +12,7 @@ from selfspeech.eval.report import build_results, read_jsonl
 LABELS = {
     "teacher": "teacher", "zero_shot": "student zero-shot", "pseudo_ft": "student FT on target pseudo (baseline)",
     "p2r": "Pseudo2Real", "p2r_sc": "Pseudo2Real-SC", "p2r_sc_random": "Pseudo2Real-SC, random clusters",
+    "p2r_sc_error": "Pseudo2Real-SC, clusters by the teacher's error rate",
     "source_real_ft": "student FT on source real", "source_real_plus_target_pseudo": "source real + target pseudo",
     "oracle": "oracle: FT on target real (measurement only)",
     "p2r_union": "Pseudo2Real on source real + target pseudo",
@@ -26,7 +27,8 @@ PAIRS = (("pseudo_ft", "p2r"), ("pseudo_ft", "p2r_sc"), ("p2r", "p2r_sc"), ("p2r
          ("pseudo_ft", "p2r_union"), ("source_real_plus_target_pseudo", "p2r_union"),
          ("pseudo_ft", "p2r_groups"), ("p2r", "p2r_groups"),
          ("pseudo_ft_mixed", "p2r_mixed"), ("pseudo_ft", "p2r_mixed"), ("source_real_plus_target_pseudo", "p2r_mixed"),
-         ("pseudo_ft", "p2r_iter"), ("source_real_plus_target_pseudo", "p2r_iter"), ("p2r", "p2r_iter"))
+         ("pseudo_ft", "p2r_iter"), ("source_real_plus_target_pseudo", "p2r_iter"), ("p2r", "p2r_iter"),
+         ("pseudo_ft", "p2r_sc_error"), ("p2r", "p2r_sc_error"), ("source_real_plus_target_pseudo", "p2r_sc_error"))
 
 
 def score_systems(eval_manifest: str, hyps: dict[str, str], normalizer: str, seed: int = 0,
@@ -193,10 +195,17 @@ def write_report(out: Path, result: dict, scores: dict, title: str) -> Path:
     lines += ["", "## Data", "", "```", json.dumps(result["parts"], indent=1), "```", "",
               f"Teacher labelling: {json.dumps(result['label_stats'])}", "",
               f"Pseudo-labels kept for training: {json.dumps(result['pseudo_counts'])}", ""]
-    if result.get("clusters"):
-        c = result["clusters"]
+    c = result.get("clusters") or {}
+    if c.get("k") is not None:
         lines += [f"Speaker clusters: k = {c.get('k')}, source members {c.get('source_sizes')}, "
                   f"target members {c.get('target_sizes')}, merged {c.get('merged')}.", ""]
+    if c.get("teacher_error"):  # p2r_sc_error (selfspeech.cluster.errors)
+        e = c["teacher_error"]
+        rho = "n/a" if e.get("heldout_spearman") is None else f"{e['heldout_spearman']:.2f}"
+        lines += [f"Teacher-error clusters: k = {e['k']}, source members {e['source_sizes']} (measured teacher "
+                  f"WER {_rates(e['source_teacher_wer'])}), target members {e['target_sizes']} (predicted "
+                  f"teacher WER {_rates(e['target_predicted_wer'])}); rank correlation of predicted and measured "
+                  f"teacher WER on {e['heldout_speakers']} held-out source speakers: {rho}.", ""]
     disk = result.get("disk") or {"stages": {}}
     lines += ["## Stages", "", "| stage | seconds | cached | MB on disk |",
               "| --- | --- | --- | --- |"]
@@ -205,3 +214,7 @@ def write_report(out: Path, result: dict, scores: dict, title: str) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _rates(by_cluster: dict) -> str:
+    return ", ".join(f"{k}: {_pct(v)}%" for k, v in by_cluster.items())
