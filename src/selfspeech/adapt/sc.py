@@ -90,7 +90,7 @@ def _run_voice(S: StageRunner, st: Student, parts: dict, ps: dict, items: dict, 
     return hyps, info
 
 
-def _teacher_wer(items: list[dict], labels: dict, normalizer: str) -> dict[str, float]:
+def teacher_wer(items: list[dict], labels: dict, normalizer: str) -> dict[str, float]:
     """speaker -> the teacher's WER against the real transcripts (a failed label counts as empty)."""
     from selfspeech.eval.wer import ErrorCounts, count_errors_batch
     from selfspeech.text.normalize import get_normalizer
@@ -107,7 +107,16 @@ def _teacher_wer(items: list[dict], labels: dict, normalizer: str) -> dict[str, 
 
 def _error_cluster(items: dict, held: dict, labels_path: str, k: int, min_size: int, normalizer: str,
                    d: Path) -> dict:
-    """Source-train speakers cut into k groups of measured teacher WER; target speakers placed by predicted WER."""
+    return error_clusters(items, held, labels_path, k, min_size, normalizer)
+
+
+def error_clusters(items: dict, held: dict, labels_path: str, k: int, min_size: int, normalizer: str) -> dict:
+    """Source-train speakers ranked into k groups of measured teacher WER; target speakers placed by predicted WER.
+
+    ``items``: part name -> utterances, for source_train, target_adapt and target_eval; ``held``: the source
+    parts the WER model is checked on (never fitted on). Target transcripts are not read. Returns the
+    assignment (``error``: speaker -> cluster), the cuts, sizes, mean WERs, and the held-out rank correlation.
+    """
     import numpy as np
 
     from selfspeech.cluster import errors as E
@@ -115,7 +124,7 @@ def _error_cluster(items: dict, held: dict, labels_path: str, k: int, min_size: 
     labels = {r["id"]: r for r in read_jsonl(labels_path)}
 
     def xy(its: list[dict]) -> tuple[list[str], np.ndarray, np.ndarray]:
-        feats, wer = E.speaker_features(its, labels), _teacher_wer(its, labels, normalizer)
+        feats, wer = E.speaker_features(its, labels), teacher_wer(its, labels, normalizer)
         keys = sorted(set(feats) & set(wer))
         return keys, np.stack([feats[s] for s in keys]), np.array([wer[s] for s in keys])
 
@@ -141,7 +150,7 @@ def _error_cluster(items: dict, held: dict, labels_path: str, k: int, min_size: 
                                      for c in range(k) if any(groups[s] == c for s in tgt)},
             "heldout_spearman": E.heldout_spearman(model, hx, hy) if len(hy) else None,
             "heldout_speakers": int(len(hy)), "target_without_labels": sum(s not in tf for s in tgt),
-            "coefficients": dict(zip(E.FEATURES, model.coef.tolist()))}
+            "coefficients": dict(zip(E.FEATURES, model.coef.tolist())), "target_predicted": pred}
 
 
 def _embed(extractor: str, items: list[dict], progress: bool, device: str, d: Path) -> str:
