@@ -16,6 +16,32 @@ from selfspeech.eval.report import build_results, read_jsonl
 
 LABEL_FREE = ("p2r", "p2r_sc", "p2r_sc_error", "p2r_union", "p2r_mixed")  # corrections that never read a target transcript
 BASELINES = ("source_real_plus_target_pseudo", "pseudo_ft")
+# corrected systems with their own rehearsal on the held-out source speakers: the curve each rule read
+REHEARSED = {"p2r": "curve_source_sim", "p2r_union": "curve_source_sim_union", "p2r_mixed": "curve_source_sim_mixed"}
+AUTO = "p2r_auto"  # per split, the rehearsed system with the lowest held-out source WER
+
+
+def rehearsal_wers(lam: dict) -> dict[str, float]:
+    """Each rehearsed system's WER on the held-out source speakers at the (lambda, scope) its rule chose.
+
+    ``lam``: a run's lambda choice (``run_pseudo2real(...)["lambda"]``, variants under ``variants``).
+    """
+    out = {}
+    for system, prefix in REHEARSED.items():
+        info = lam if system == "p2r" else lam.get("variants", {}).get(system)
+        if not info or info.get("lambda") is None:
+            continue
+        scope = info.get("scope", "all")
+        curve = info.get(prefix if scope == "all" else f"{prefix}_{scope}")
+        if curve:
+            out[system] = float({float(k): v for k, v in curve.items()}[float(info["lambda"])])
+    return out
+
+
+def rehearsal_choice(lam: dict) -> str | None:
+    """The label-free choice among the corrected systems: the lowest WER in its own source rehearsal."""
+    w = rehearsal_wers(lam)
+    return min(w, key=w.get) if w else None
 
 
 def gap_closed(wer: dict, system: str) -> float | None:
@@ -49,10 +75,15 @@ def pooled(runs: dict[int, dict], normalizer: str, n_resamples: int = 1000) -> d
     refs = [{**r, "id": f"s{seed}:{r['id']}"} for seed, run in runs.items()
             for r in read_jsonl(run["eval_manifest"], required=("id", "text"))]
     hyps = {name: _pooled(runs, name) for name in systems}  # each file read once
+    choice = {seed: (run.get("summary") or {}).get("rehearsal_choice") for seed, run in runs.items()}
+    if all(c in run["hyps"] for c, run in zip(choice.values(), runs.values())):
+        # the label-free system choice: each split contributes the system its source rehearsal picked
+        hyps[AUTO] = [{**h, "id": f"s{seed}:{h['id']}"} for seed, run in runs.items()
+                      for h in read_jsonl(run["hyps"][choice[seed]])]
     wer = {name: build_results(refs, h, normalizer=normalizer, n_resamples=n_resamples)["system"]["groups"][0]["wer"]
            for name, h in hyps.items()}
     rel = {}
-    for x in (k for k in LABEL_FREE if k in hyps):
+    for x in (k for k in (*LABEL_FREE, AUTO) if k in hyps):
         for b in (k for k in BASELINES if k in hyps):
             t = build_results(refs, hyps[b], compare=hyps[x], normalizer=normalizer, n_resamples=n_resamples)
             rel[f"{x}_vs_{b}"] = t["compare"]["paired"][0]["rel_ci"]
@@ -67,6 +98,14 @@ def pooled(runs: dict[int, dict], normalizer: str, n_resamples: int = 1000) -> d
             "vs_pseudo_ft_ci95": rel.get(f"{best}_vs_pseudo_ft"),
             "chosen_by": "lowest pooled eval WER among the label-free systems (a summary of what was measured, "
                          "not a recipe choice: the recipe's default is chosen on the source speakers)"}
+    if AUTO in wer:
+        out["label_free_choice"] = {
+            "rule": "per split, the corrected system (p2r, p2r_union, p2r_mixed) with the lowest WER on the held-out "
+                    "source speakers at the lambda its own rehearsal chose; no target transcript read",
+            "per_split": {str(s): c for s, c in choice.items()}, "wer": wer[AUTO],
+            "oracle_gap_closed": gap_closed(wer, AUTO),
+            "vs_source_real_plus_target_pseudo_ci95": rel.get(f"{AUTO}_vs_source_real_plus_target_pseudo"),
+            "vs_pseudo_ft_ci95": rel.get(f"{AUTO}_vs_pseudo_ft")}
     return out
 
 

@@ -29,10 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, write_result  # noqa: E402
-from p2r_pool import load_splits, pooled, save_split, split_summary  # noqa: E402
+from p2r_pool import load_splits, pooled, rehearsal_choice, rehearsal_wers, save_split, split_summary  # noqa: E402
 
 from selfspeech.adapt.pseudo2real import run_pseudo2real  # noqa: E402
 from selfspeech.adapt.recipe import load_recipe  # noqa: E402
+from selfspeech.data.versions import cpu_model  # noqa: E402
 
 KEYS = ("teacher", "zero_shot", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random", "source_real_ft",
         "source_real_plus_target_pseudo", "oracle", "p2r_union", "pseudo_ft_mixed", "p2r_mixed", "p2r_sc_error")
@@ -99,7 +100,8 @@ def split_record(r: dict) -> dict:
     """One split's figures: WERs, oracle gap closed, paired tests, chosen lambdas, stage times, the command."""
     return {**split_summary(r["scores"]), "lambda": r["lambda"]["lambda"],
             "lambda_variants": {k: v["lambda"] for k, v in r["lambda"].get("variants", {}).items()},
-            "stage_seconds": r["times"], "command": " ".join(["python", *sys.argv])}
+            "rehearsal_wer": rehearsal_wers(r["lambda"]), "rehearsal_choice": rehearsal_choice(r["lambda"]),
+            "stage_seconds": r["times"], "command": " ".join(["python", *sys.argv]), "cpu": cpu_model()}
 
 
 def first_split(result: dict, recipe, args) -> dict:
