@@ -15,7 +15,14 @@ processes side by side, or another day) pool together; ``--pool-only`` just
 re-pools. The top-level keys are those of split 0, kept from the existing
 result when split 0 is not rerun.
 
+With ``--ft-seeds 0 1 2`` split 0 also runs once per fine-tuning seed
+(``student.finetune.seed``; the recipe's seed in ``--out``, seed n in
+``--out``_ft<n>), and the result adds ``ft_seed_spread``: per system, the WER of
+each seed, their mean and standard deviation. ``--tau-seeds 1 2`` sets
+``student.tau_seeds`` (tau averaged over those extra fine-tuning seeds) for every run.
+
 Usage: python benchmarks/pseudo2real.py [--recipe R.yaml] [--out runs/p2r_so762] [--seeds 0 1 2 [--lean-splits]] [--pool-only]
+       [--ft-seeds 0 1 2] [--tau-seeds 1 2]
        [--systems p2r_union p2r_mixed ...]   (added to the recipe's systems)
        [--extractor DIR --result-name pseudo2real_sc_ecapa]   (SC with a trained speaker encoder;
        only the SC stages are recomputed)
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -54,9 +62,15 @@ def main() -> None:
     ap.add_argument("--result-name", default="pseudo2real")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="speaker splits (data.seed), one run each")
     ap.add_argument("--systems", nargs="+", default=[], help="systems added to the recipe's")
+    ap.add_argument("--ft-seeds", type=int, nargs="+", default=[],
+                    help="fine-tuning seeds (student.finetune.seed) split 0 runs with, one run each: "
+                         "the result's ft_seed_spread")
+    ap.add_argument("--tau-seeds", type=int, nargs="+", default=None,
+                    help="student.tau_seeds of every run: tau averaged over these extra fine-tuning seeds")
     ap.add_argument("--lean-splits", action="store_true",
-                    help="splits other than split 0 skip what the pooled figures do not read (zero-shot, SC, "
-                         "the oracle lambda sweep): hours less on a CPU")
+                    help="splits other than split 0 (and fine-tuning seeds other than the recipe's) skip what "
+                         "the pooled figures do not read (zero-shot, SC, the oracle lambda sweep): hours less on "
+                         "a CPU")
     ap.add_argument("--pool-only", action="store_true",
                     help="run nothing: rebuild `splits` and `pooled` from the kept splits")
     args = ap.parse_args()
@@ -69,6 +83,13 @@ def main() -> None:
     if args.extractor:
         recipe = dataclasses.replace(recipe, clusters=dataclasses.replace(recipe.clusters, extractor=args.extractor))
     recipe = dataclasses.replace(recipe, systems=tuple(dict.fromkeys((*recipe.systems, *args.systems))))
+    if args.tau_seeds is not None:
+        recipe = dataclasses.replace(recipe, student=dataclasses.replace(recipe.student,
+                                                                         tau_seeds=tuple(args.tau_seeds)))
+    base_ft = recipe.student.finetune.seed
+    # each run's tau uses its own fine-tuning seed and the tau seeds: refused now, not after hours of runs
+    if clash := sorted(set(args.ft_seeds) & set(recipe.student.tau_seeds)):
+        ap.error(f"--ft-seeds {clash} are also tau seeds ({list(recipe.student.tau_seeds)}); give disjoint seeds")
     runs = {}
     for seed in ([] if args.pool_only else args.seeds):
         r = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, seed=seed))
@@ -79,21 +100,49 @@ def main() -> None:
         runs[seed] = run_pseudo2real(r, out)  # scores every system and writes out/report.md
         runs[seed]["eval_manifest"] = str(Path(out) / "data" / "target_eval.jsonl")
         save_split(SPLITS, seed, runs[seed], split_record(runs[seed]))
+    ft_runs = {}
+    for ft_seed in ([] if args.pool_only else args.ft_seeds):  # split 0 with another fine-tuning seed
+        if ft_seed == base_ft and 0 in runs:
+            ft_runs[ft_seed] = runs[0]
+            continue
+        ft = dataclasses.replace(recipe.student.finetune, seed=ft_seed)
+        r = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, seed=0),
+                                student=dataclasses.replace(recipe.student, finetune=ft))
+        if ft_seed != base_ft and args.lean_splits:
+            r = dataclasses.replace(r, systems=tuple(x for x in r.systems if x not in LEAN_SKIP),
+                                    lam=dataclasses.replace(r.lam, oracle_sweep=False))
+        out = args.out if ft_seed == base_ft else args.out.with_name(f"{args.out.name}_ft{ft_seed}")
+        ft_runs[ft_seed] = run_pseudo2real(r, out)
     previous = RESULTS / f"{args.result_name}.json"
     before = json.loads(previous.read_text()) if previous.is_file() else {}
     top = first_split(runs[0], recipe, args) if 0 in runs else {
-        k: v for k, v in before.items() if k not in ("splits", "pooled", "command", "date", "commit", "machine",
-                                                     "versions")}
+        k: v for k, v in before.items() if k not in ("splits", "pooled", "ft_seed_spread", "command", "date",
+                                                     "commit", "machine", "versions")}
     kept = load_splits(SPLITS)
     # a split measured before its hypotheses were kept keeps its figures but cannot pool
     splits = {**{s: {**v, "hypotheses_kept": False} for s, v in before.get("splits", {}).items()
                  if int(s) not in kept},
               **{str(s): {**k["summary"], "hypotheses_kept": True} for s, k in kept.items()}}
+    spread = ft_seed_spread(ft_runs, recipe.student.tau_seeds) if ft_runs else before.get("ft_seed_spread")
     write_result(args.result_name, {
         **top,
         "splits": dict(sorted(splits.items(), key=lambda kv: int(kv[0]))),
         "pooled": pooled(kept, recipe.normalizer) if kept else {},
+        **({"ft_seed_spread": spread} if spread else {}),
     })
+
+
+def ft_seed_spread(ft_runs: dict, tau_seeds: tuple[int, ...]) -> dict:
+    """Split 0 per fine-tuning seed: each system's WER per seed, their mean and (sample) standard deviation;
+    systems that some seed's run lacks are left out."""
+    seeds = sorted(ft_runs)
+    systems = [k for k in KEYS if all(k in ft_runs[s]["scores"]["systems"] for s in seeds)]
+    out = {}
+    for k in systems:
+        wers = [ft_runs[s]["scores"]["systems"][k]["wer"] for s in seeds]
+        out[k] = {"wer": dict(zip(map(str, seeds), wers)), "mean": statistics.fmean(wers),
+                  "std": statistics.stdev(wers) if len(wers) > 1 else None}
+    return {"data_seed": 0, "ft_seeds": seeds, "tau_seeds": list(tau_seeds), "systems": out}
 
 
 def split_record(r: dict) -> dict:

@@ -380,3 +380,55 @@ def test_target_speakers_and_labels_are_checked_up_front(tmp_path):
     write_manifest(tmp_path / "nolabel.jsonl", [{**i, "text": ""} for i in items if i["age_group"] == "adult"])
     with pytest.raises(RecipeError, match="source_manifest: 16 source utterance.*without a transcript"):
         P.load_domains(recipe_from_dict({"data": {**data, "source_manifest": "nolabel.jsonl"}}, root=tmp_path))
+
+
+def test_tau_seeds_are_checked():
+    for seeds, msg in (([0], r"student\.tau_seeds: \[0\] is naming student\.finetune\.seed \(0\)"),
+                       ([1, 1], r"student\.tau_seeds: \[1, 1\] is naming a seed twice"),
+                       (["a"], r"student\.tau_seeds")):
+        with pytest.raises(RecipeError, match=msg):
+            recipe_from_dict({"student": {"tau_seeds": seeds}})
+    r = recipe_from_dict({"student": {"tau_seeds": [0, 2], "finetune": {"seed": 1}}})
+    assert r.student.tau_seeds == (0, 2)
+
+
+def test_tau_averaged_over_fine_tuning_seeds(tmp_path, tiny_whisper_dir, monkeypatch):
+    """tau_seeds: one more source-real and source-pseudo student per seed, and tau is the mean of the seeds' taus."""
+    import torch
+    from safetensors.torch import load_file
+
+    import selfspeech.label.teacher as teacher_mod
+    from selfspeech.adapt.pseudo2real import run_pseudo2real
+
+    monkeypatch.setattr(teacher_mod, "load_teacher", lambda *a, **k: WordTeacher())
+    spec = {
+        "name": "tau_seeds",
+        "data": {"manifest": str(_corpus(tmp_path)), "source_parts": {"train": 4, "dev": 2, "sim": 2},
+                 "target_parts": {"adapt": 3, "eval": 3}, "dev_fraction": 0.34},
+        "teacher": {"name": str(tiny_whisper_dir), "drop_flagged": False},
+        "student": {"init": str(tiny_whisper_dir), "max_new_tokens": 6, "tau_seeds": [1],
+                    "finetune": {"max_steps": 2, "eval_every": 2, "batch_size": 2, "max_new_tokens": 6}},
+        "lambda": {"grid": [0.0, 1.0], "oracle_sweep": False},
+        "clusters": {"enabled": False},
+        "systems": ["pseudo_ft", "p2r"],
+    }
+    recipe = recipe_from_dict(spec, root=tmp_path)
+    run = tmp_path / "run"
+    res = run_pseudo2real(recipe, run, log=lambda m: None, progress=False)
+    marker = {n: json.loads((run / n / "STAGE.json").read_text())
+              for n in ("ft_source_real", "ft_source_real_s1", "ft_source_pseudo_s1", "tau_mean", "model_p2r")}
+    assert marker["ft_source_real"]["config"]["config"]["ft"]["seed"] == 0
+    for n in ("ft_source_real_s1", "ft_source_pseudo_s1"):  # the extra seed's students, freed once tau_s1 exists
+        assert marker[n]["config"]["config"]["ft"]["seed"] == 1 and marker[n]["freed"]
+        done = json.loads((run / n / "finished.json").read_text())  # what the training loop itself ran with
+        assert done["run_config"]["finetune"]["seed"] == done["state"]["sampler"]["seed"] == 1
+    assert set(marker["tau_mean"]["config"]["deps"]) == {"tau", "tau_s1"}
+    assert "tau_mean" in marker["model_p2r"]["config"]["deps"]  # the correction reads the mean
+    taus = [load_file(str(run / n / "tau.safetensors")) for n in ("tau", "tau_s1")]
+    mean = load_file(str(run / "tau_mean" / "tau.safetensors"))
+    assert set(mean) == set(taus[0]) == set(taus[1])
+    for name, t in mean.items():
+        torch.testing.assert_close(t, (taus[0][name] + taus[1][name]) / 2)
+    assert any(not torch.equal(taus[0][n], taus[1][n]) for n in mean)  # the seeds fine-tuned differently
+    res2 = run_pseudo2real(recipe, run, log=lambda m: None, progress=False)
+    assert all(res2["cached"].values()) and res2["hyps"] == res["hyps"]

@@ -1,7 +1,8 @@
 """The Pseudo2Real pipeline (Lin et al. 2025, arXiv 2510.08047) as cached stages.
 
     theta_sr = FT(theta0, source real)        theta_sp = FT(theta0, source pseudo)
-    tau      = theta_sr - theta_sp             (eq. 3: the teacher's systematic error)
+    tau      = theta_sr - theta_sp             (eq. 3: the teacher's systematic error; with
+                                                student.tau_seeds, the mean over fine-tuning seeds)
     theta_tp = FT(theta0, target pseudo)
     p2r      = theta_tp + lambda * tau         (eq. 4)
     p2r_sc   = theta_tp + lambda * tau_c(u)    (sec. 3.3: tau per speaker cluster)
@@ -19,11 +20,13 @@ Each line above is a declared stage (:mod:`selfspeech.adapt.student`) run by a
 config slice and its inputs, resumed in place after a kill. What stays on disk
 is what later stages read: a sweep decodes each ``theta + lambda * tau`` without
 keeping it, the fine-tunes that only feed a tau (theta_sp, and both models of
-every tau_c) are freed once it exists, and ``model_p2r`` stays for export.
+every tau_c and of every extra tau seed) are freed once it exists, and
+``model_p2r`` stays for export.
 ``run_pseudo2real`` then scores every system and writes ``report.md``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from functools import partial
@@ -35,7 +38,7 @@ from selfspeech.adapt import variants as V
 from selfspeech.adapt.recipe import Recipe, RecipeError, check_recipe  # noqa: F401 (re-exported)
 from selfspeech.adapt.stages import MARKER, Stage, StageRunner, folder_bytes
 from selfspeech.adapt.student import (Output, Student, corrected_decode_stage, corrected_model_stage, decode_stage,
-                                      finetune_stage, produce, tau_stage)
+                                      finetune_stage, mean_tau_stage, produce, tau_stage)
 from selfspeech.config import omit_defaults
 from selfspeech.data.atomic import write_json
 from selfspeech.data.manifest import read_manifest
@@ -95,7 +98,7 @@ def run_stages(recipe: Recipe, S: StageRunner, progress: bool = True) -> dict:
     theta_sp = produce(S, finetune_stage(st, "source_pseudo", ps["source_train"]["path"], ps["source_dev"]["path"]))
     theta_tp = produce(S, finetune_stage(st, "target_pseudo", ps["target_adapt_fit"]["path"],
                                          ps["target_adapt_stop"]["path"]))
-    tau = produce(S, tau_stage("tau", theta_sr, theta_sp, frees=(theta_sp.stage,)))  # theta_sp: read by tau only
+    tau = source_tau(S, st, parts, ps, theta_sr, theta_sp)
     choice = choose_lambda(S, st, parts, ps, tau)
     hyps = {"teacher": ps["teacher_eval"]["path"]} if labelled else {}  # unlabelled: the teacher is the reference
     hyps.update(decode_systems(S, st, parts, ps, theta_sr, theta_tp, tau, choice, labelled))
@@ -111,6 +114,26 @@ def run_stages(recipe: Recipe, S: StageRunner, progress: bool = True) -> dict:
             "label_stats": lab["stats"], "pseudo_counts": {k: {kk: vv for kk, vv in v.items() if kk != "path"}
                                                             for k, v in ps.items()},
             "parts": json.loads((S.root / "data" / "parts.json").read_text())}
+
+
+def source_tau(S: StageRunner, st: Student, parts: dict, ps: dict, theta_sr: Output, theta_sp: Output) -> Output:
+    """``tau`` = theta_sr - theta_sp; with ``student.tau_seeds``, ``tau_mean``: the mean of ``tau`` and of each
+    extra seed's ``tau_s<seed>`` (its own two fine-tunes, ``ft_source_real_s<seed>`` and
+    ``ft_source_pseudo_s<seed>``). ``tau`` keeps its stage and key, so a run adding seeds reuses it."""
+    tau = produce(S, tau_stage("tau", theta_sr, theta_sp, frees=(theta_sp.stage,)))  # theta_sp: read by tau only
+    seeds = st.recipe.student.tau_seeds
+    if not seeds:
+        return tau
+    taus = [tau]
+    for seed in seeds:
+        ss = dataclasses.replace(st, ft=dataclasses.replace(st.ft, seed=seed))
+        real = produce(S, finetune_stage(ss, f"source_real_s{seed}", ps["source_train_real"]["path"],
+                                         parts["source_dev"]))
+        pseudo = produce(S, finetune_stage(ss, f"source_pseudo_s{seed}", ps["source_train"]["path"],
+                                           ps["source_dev"]["path"]))
+        # both read by this tau only (theta_sr of the recipe's seed is the one decoded and exported)
+        taus.append(produce(S, tau_stage(f"tau_s{seed}", real, pseudo, frees=(real.stage, pseudo.stage))))
+    return produce(S, mean_tau_stage("tau_mean", tuple(taus), {"seeds": [st.ft.seed, *seeds]}))
 
 
 def _data_key(recipe: Recipe) -> dict:

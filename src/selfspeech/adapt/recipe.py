@@ -105,6 +105,22 @@ class StudentSpec:
     # systems p2r_mixed / pseudo_ft_mixed: fine-tunes that continue from the source "mixed" model run at
     # this times finetune.lr (the Pseudo2Real authors' scripts continue at lr / 10)
     continue_lr_scale: float = checked(0.1, gt=0, le=1)
+    # extra fine-tuning seeds of tau: each fine-tunes one more source-real and source-pseudo student
+    # (finetune.seed replaced), and tau is the mean over {finetune.seed, *tau_seeds} of their differences,
+    # which averages out fine-tuning noise. It is the tau of p2r, the lambda rehearsal, the oracle sweep,
+    # p2r_union, p2r_iter and p2r_groups; the cluster taus (p2r_sc) and tau_mixed (p2r_mixed) keep one seed.
+    # Each seed keeps its tau on disk (up to a student's size in fp32)
+    tau_seeds: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        seeds = self.tau_seeds
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise invalid("tau_seeds", seeds, "not a list of integers", "give integer seeds, e.g. [1, 2]")
+        if len(set(seeds)) != len(seeds):
+            raise invalid("tau_seeds", seeds, "naming a seed twice", "name each seed once")
+        if self.finetune.seed in seeds:
+            raise invalid("tau_seeds", seeds, f"naming student.finetune.seed ({self.finetune.seed}), which "
+                          "tau always uses", "list only the extra seeds")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ its :class:`~selfspeech.adapt.stages.StageRunner`:
 - :func:`finetune_stage`   theta = FT(theta0, manifest), early-stopped on a dev manifest;
 - :func:`tau_stage`        tau = theta_real - theta_pseudo (Lin et al. 2025, eq. 3); for LoRA students
   the difference of their merged deltas (:mod:`selfspeech.arith.adapters`);
+- :func:`mean_tau_stage`   the mean of several taus (one per fine-tuning seed: less fine-tuning noise);
 - :func:`corrected_model_stage`  theta + lambda * tau written as a model folder (eq. 4; exported by users);
 - :func:`decode_stage`     greedy hypotheses of a model folder on a manifest;
 - :func:`corrected_decode_stage` hypotheses of theta + lambda * tau without keeping that model:
@@ -73,6 +74,19 @@ def tau_stage(name: str, real: Output, pseudo: Output, frees: tuple[str, ...] = 
 
 def _tau(real: str, pseudo: str, d: Path) -> str:
     return str(diff_dirs(real, pseudo).save(d / "tau.safetensors"))
+
+
+def mean_tau_stage(name: str, taus: tuple[Output, ...], config: dict) -> Stage:
+    """``name``: the mean of the task vectors ``taus`` as ``tau.safetensors`` (they stay: a rerun with other
+    seeds reads them again)."""
+    return Stage(name, partial(_mean_tau, tuple(t.path for t in taus)), config, tuple(t.stage for t in taus))
+
+
+def _mean_tau(paths: tuple[str, ...], d: Path) -> str:
+    total = load_any(paths[0])
+    for p in paths[1:]:  # one tau in memory besides the sum
+        total = total + load_any(p)
+    return str((total * (1.0 / len(paths))).save(d / "tau.safetensors"))
 
 
 def corrected_model_stage(name: str, base: Output, tau: Output, lam: float, scope: str) -> Stage:
