@@ -120,7 +120,9 @@ def main() -> None:
                                                      "commit", "machine", "versions")}
     kept = load_splits(SPLITS)
     # a split measured before its hypotheses were kept keeps its figures but cannot pool
-    splits = {**{s: {**v, "hypotheses_kept": False} for s, v in before.get("splits", {}).items()
+    # (the command and CPU of the file that measured it stay with it)
+    carried = {"command": before.get("command"), "cpu": (before.get("machine") or {}).get("processor")}
+    splits = {**{s: {**carried, **v, "hypotheses_kept": False} for s, v in before.get("splits", {}).items()
                  if int(s) not in kept},
               **{str(s): {**k["summary"], "hypotheses_kept": True} for s, k in kept.items()}}
     spread = ft_seed_spread(ft_runs, recipe.student.tau_seeds) if ft_runs else before.get("ft_seed_spread")

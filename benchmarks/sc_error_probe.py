@@ -73,7 +73,7 @@ def main() -> None:
         m = r["measurement_only"]
         print(f"{name}: held-out source rho {r['heldout_source_spearman']}, target rho {m['target_spearman']:.2f}, "
               f"target teacher WER by cluster {m['target_teacher_wer_by_cluster']}, sizes {r['target_sizes']}")
-    write_result("sc_error_probe", {"runs": res})
+    write_result("pseudo2real_sc_error_probe", {"runs": res})
 
 
 if __name__ == "__main__":
