@@ -7,6 +7,15 @@ and gradients twice from the same weights and inputs: fp32 on the CPU (the refer
 bf16 autocast on the device. The losses must be finite, computed in fp32, and within
 ``RTOL``/``ATOL`` of the reference.
 
+Contrastive losses (SimCLR's NT-Xent) divide cosine similarities by a temperature tau, so a
+similarity drift of delta moves the loss by up to 2 delta / tau (the positive's logit and the
+log-sum-exp, which is 1-Lipschitz in the max norm, each move by at most delta / tau). Their cases
+therefore check two things: the similarity matrix the loss sees agrees with fp32 within
+``COS_TOL`` (the encoder's half-precision accuracy), and the loss within ``ATOL + RTOL |ref|`` plus
+that bound from the measured drift (the loss itself adds nothing in fp32). A flat loss tolerance
+would hold or fail by the draw of the inputs: on tiny random encoders at tau = 0.1 the loss moved by
+up to 0.3 nats over 12 input draws, nearly all from the convolutions' bf16 rounding.
+
 The ``cuda`` tests need a GPU (skipped without one); the CPU test runs the same cases under
 the CPU's bf16 autocast, so CI exercises the mixed-precision path of every objective.
 """
@@ -24,6 +33,7 @@ from test_ssl import _cfg
 
 from selfspeech.accel import to_device
 from selfspeech.models.ctc import CTCModel
+from selfspeech.objectives import speaker_ssl
 from selfspeech.objectives.ctc import CTCTask
 from selfspeech.objectives.seq2seq import WhisperSeq2Seq
 from selfspeech.objectives.speaker_ssl import SpeakerSSLTask
@@ -35,6 +45,9 @@ CPU = torch.device("cpu")
 # bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 0.2% per product); on tiny models at
 # initialisation the losses moved by under 0.5% on the CPU; 3% + 0.02 nats leaves room for GPU kernels
 RTOL, ATOL = 3e-2, 2e-2
+# cosine similarities of bf16 embeddings from a tiny random ECAPA (training-mode batch norm over 8 crops of
+# noise) drifted by up to 0.05 over 30 input draws on the CPU; twice that leaves room for GPU kernels
+COS_TOL = 0.1
 
 
 def on_cuda(test):
@@ -50,6 +63,7 @@ class Case:
     batch: Callable[[], dict]
     step: int = 0
     eval_mode: bool = False   # compare in eval mode: training draws noise from the device's own RNG
+    temperature: float | None = None   # NT-Xent's tau: the loss tolerance follows the similarity drift
 
 
 def _mel_batch(B: int = 2, T: int = 200, n_mels: int = 80) -> dict:
@@ -119,7 +133,7 @@ def _speaker_case(method: str, ssps: bool = False) -> Case:
             task.fill_ref.fill_(True)
         return task, task.loss
 
-    return Case(make, lambda: _views_batch(method, ssps))
+    return Case(make, lambda: _views_batch(method, ssps), temperature=cfg.temperature if method == "simclr" else None)
 
 
 def _whisper_case(model_dir) -> Case:
@@ -146,27 +160,57 @@ CASES = {"ctc": lambda: _ctc_case(), "ctc-frozen": lambda: _ctc_case(freeze_step
          "dino-ssps": lambda: _speaker_case("dino", ssps=True)}
 
 
-def run_case(case: Case, device: torch.device, dtype: torch.dtype | None) -> tuple[torch.Tensor, dict, list]:
+def run_case(case: Case, device: torch.device, dtype: torch.dtype | None,
+             seen: list | None = None) -> tuple[torch.Tensor, dict, list]:
     """Loss (detached, on the CPU), record and CPU gradients of one step of ``case`` on ``device``,
-    under ``dtype`` autocast (None: fp32), moved as the training loop moves module and batch."""
+    under ``dtype`` autocast (None: fp32), moved as the training loop moves module and batch.
+
+    ``seen``: gets the (2B, 2B) cosine-similarity matrix each NT-Xent call compared (CPU, fp32)."""
     module, loss_fn = case.make()
     module.to(device).train(not case.eval_mode)
     batch = to_device(case.batch(), device)
     torch.manual_seed(0)  # the CTC masks and the wav2vec 2.0 Gumbel noise draw from the global RNG
     ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    with ctx:
+    with ctx, _recording_similarities(seen):
         loss, rec = loss_fn(batch, case.step)
     loss.backward()
     grads = [p.grad.detach().float().cpu() for p in module.parameters() if p.grad is not None]
     return loss.detach().cpu(), rec, grads
 
 
+@contextlib.contextmanager
+def _recording_similarities(seen: list | None):
+    """Wrap the speaker-SSL task's ``nt_xent`` to append the cosine similarities of its inputs to ``seen``."""
+    if seen is None:
+        yield
+        return
+    real = speaker_ssl.nt_xent
+
+    def recording(z1, z2, temperature):
+        z = torch.nn.functional.normalize(torch.cat([z1, z2]).detach().float(), dim=-1)
+        seen.append((z @ z.T).cpu())
+        return real(z1, z2, temperature)
+
+    speaker_ssl.nt_xent = recording
+    try:
+        yield
+    finally:
+        speaker_ssl.nt_xent = real
+
+
 def check_close(case: Case, device: torch.device) -> None:
-    ref, ref_rec, ref_grads = run_case(case, CPU, None)
-    got, rec, grads = run_case(case, device, torch.bfloat16)
+    ref_sims, sims = ([], []) if case.temperature else (None, None)
+    ref, ref_rec, ref_grads = run_case(case, CPU, None, ref_sims)
+    got, rec, grads = run_case(case, device, torch.bfloat16, sims)
     assert got.dtype == torch.float32, f"the loss is {got.dtype}: computed in half precision"
     assert math.isfinite(float(got)) and math.isfinite(float(ref))
-    assert abs(float(got) - float(ref)) <= ATOL + RTOL * abs(float(ref)), (float(got), float(ref))
+    tol = ATOL + RTOL * abs(float(ref))
+    if case.temperature:
+        assert len(sims) == len(ref_sims) == 1, "one NT-Xent call per step"
+        drift = float((sims[0] - ref_sims[0]).abs().max())
+        assert drift <= COS_TOL, f"bf16 moved a cosine similarity by {drift:.4f}"
+        tol += 2 * drift / case.temperature
+    assert abs(float(got) - float(ref)) <= tol, (float(got), float(ref), tol)
     assert len(grads) == len(ref_grads) and grads, "the same parameters get gradients"
     assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
     if "ssps_coverage" in ref_rec:  # pseudo-positives were drawn, the same ones on both sides

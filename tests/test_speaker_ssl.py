@@ -88,6 +88,12 @@ def test_ssps_queue_wraps_and_clusters_sample_from_the_right_cluster():
     z = torch.zeros(2, 3)
     out = q.apply(0, z, rows)
     assert torch.equal(out[0], q.pos[0, rows[0]]) and torch.equal(out[1], z[1])
+    # half-precision projections (autocast) keep the fp32 queue entry unrounded and their own values
+    q.pos[0, rows[0]] = 1 + 2.0 ** -12                                     # not representable in bf16
+    zh = torch.full((2, 3), 0.5, dtype=torch.bfloat16)
+    out = q.apply(0, zh, rows)
+    assert out.dtype == torch.float32 and torch.equal(out[0], q.pos[0, rows[0]])
+    assert torch.equal(out[1], zh[1].float()) and torch.equal(zh, torch.full((2, 3), 0.5, dtype=torch.bfloat16))
 
 
 def test_ssps_neighbour_clusters_exclude_own_cluster_when_m_positive():

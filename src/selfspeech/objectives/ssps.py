@@ -182,10 +182,14 @@ class SSPSQueues(nn.Module):
         return rows, stats
 
     def apply(self, view: int, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Replace the positives of the sampled anchors: (B, P) -> (B, P), queue entries carry no gradient."""
+        """Replace the positives of the sampled anchors: (B, P) -> (B, P), queue entries carry no gradient.
+
+        Under autocast ``z`` is half precision while the queue is fp32: the result takes the wider
+        type, so a pseudo-positive is not rounded again (the losses divide its cosine by a
+        temperature of a few hundredths)."""
         got = rows >= 0
         if not got.any():
             return z
-        out = z.clone()
-        out[got] = self.pos[view, rows[got]].to(z.dtype)
+        out = z.to(torch.promote_types(z.dtype, self.pos.dtype), copy=True)
+        out[got] = self.pos[view, rows[got]].to(out.dtype)
         return out
