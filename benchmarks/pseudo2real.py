@@ -22,7 +22,7 @@ each seed, their mean and standard deviation. ``--tau-seeds 1 2`` sets
 ``student.tau_seeds`` (tau averaged over those extra fine-tuning seeds) for every run.
 
 Usage: python benchmarks/pseudo2real.py [--recipe R.yaml] [--out runs/p2r_so762] [--seeds 0 1 2 [--lean-splits]] [--pool-only]
-       [--ft-seeds 0 1 2] [--tau-seeds 1 2]
+       [--ft-seeds 0 1 2] [--tau-seeds 1 2] [--set student.max_repeats=0 ...]
        [--systems p2r_union p2r_mixed ...]   (added to the recipe's systems)
        [--extractor DIR --result-name pseudo2real_sc_ecapa]   (SC with a trained speaker encoder;
        only the SC stages are recomputed)
@@ -71,6 +71,8 @@ def main() -> None:
                     help="splits other than split 0 (and fine-tuning seeds other than the recipe's) skip what "
                          "the pooled figures do not read (zero-shot, SC, the oracle lambda sweep): hours less on "
                          "a CPU")
+    ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="recipe overrides of every run, as `selfspeech adapt --set` (e.g. student.max_repeats=0)")
     ap.add_argument("--pool-only", action="store_true",
                     help="run nothing: rebuild `splits` and `pooled` from the kept splits")
     args = ap.parse_args()
@@ -79,7 +81,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.overrides)
     if args.extractor:
         recipe = dataclasses.replace(recipe, clusters=dataclasses.replace(recipe.clusters, extractor=args.extractor))
     recipe = dataclasses.replace(recipe, systems=tuple(dict.fromkeys((*recipe.systems, *args.systems))))

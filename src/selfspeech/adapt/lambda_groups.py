@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from selfspeech.adapt.stages import Stage, StageRunner
-from selfspeech.adapt.student import Output, Student, decode_built, decode_stage, finetune_stage, produce
+from selfspeech.adapt.student import (Output, Student, decode_built, decode_stage, decoding_key, finetune_stage,
+                                      produce)
 from selfspeech.arith.groups import GROUPS, SHORT, apply_groups_to_dir, group_names, scope_lambdas
 from selfspeech.arith.lowrank import load_any
 
@@ -114,7 +115,7 @@ def grouped_decode_stage(st: Student, name: str, base: Output, tau: Output, lamb
     """``decode_<name>``: hypotheses of theta_base + sum_g lambdas[g] * tau_g on ``manifest``; model not kept."""
     lams = {g: float(v) for g, v in lambdas.items()}
     return Stage(f"decode_{name}", partial(_decode_grouped, st, base.path, tau.path, lams, manifest),
-                 {"base": base.path, "lambdas": lams, "manifest": manifest}, (base.stage, tau.stage))
+                 {"base": base.path, "lambdas": lams, "manifest": manifest} | decoding_key(st), (base.stage, tau.stage))
 
 
 def _decode_grouped(st: Student, base: str, tau: str, lambdas: dict, manifest: str, d: Path) -> str:

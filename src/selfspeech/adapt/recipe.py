@@ -102,6 +102,9 @@ class StudentSpec:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     decode_batch_size: int = checked(16, ge=1)  # utterances per batch when a student decodes (greedy)
     max_new_tokens: int = checked(128, ge=1)  # most tokens a student decodes per utterance
+    # a decoding loop (an n-gram of up to 4 tokens repeated this many times in a row) ends the
+    # hypothesis with one copy kept (models.whisper.loop_cut); 0: decode to EOT or max_new_tokens
+    max_repeats: int = checked(4, ge=0)
     # systems p2r_mixed / pseudo_ft_mixed: fine-tunes that continue from the source "mixed" model run at
     # this times finetune.lr (the Pseudo2Real authors' scripts continue at lr / 10)
     continue_lr_scale: float = checked(0.1, gt=0, le=1)

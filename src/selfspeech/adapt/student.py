@@ -100,17 +100,23 @@ def _corrected(base: str, tau: str, lam: float, scope: str, d: Path) -> str:
     return str(apply_to_dir(base, load_any(tau).scope(scope), lam, d / "model"))
 
 
+def decoding_key(st: Student) -> dict:
+    """The decoding options a decode stage keys on: changing them re-decodes."""
+    r = st.recipe.student
+    return {"max_new_tokens": r.max_new_tokens, "max_repeats": r.max_repeats}
+
+
 def decode_stage(st: Student, name: str, model: Output, manifest: str, trim: bool | None = None) -> Stage:
     """``decode_<name>``: greedy hypotheses (``hyp.jsonl``) of the model folder ``model`` on ``manifest``."""
     return Stage(f"decode_{name}", partial(_decode, st, model.path, manifest, trim),
-                 {"model": model.path, "manifest": manifest, "trim": trim}, (model.stage,))
+                 {"model": model.path, "manifest": manifest, "trim": trim} | decoding_key(st), (model.stage,))
 
 
 def corrected_decode_stage(st: Student, name: str, base: Output, tau: Output, lam: float, scope: str,
                            manifest: str, inputs: tuple[str, ...] = ()) -> Stage:
     """``decode_<name>``: hypotheses of theta_base + lam * tau[scope] on ``manifest``; the model is not kept."""
     return Stage(f"decode_{name}", partial(_decode_corrected, st, base.path, tau.path, lam, scope, manifest),
-                 {"base": base.path, "lambda": lam, "manifest": manifest} | _scoped(scope),
+                 {"base": base.path, "lambda": lam, "manifest": manifest} | _scoped(scope) | decoding_key(st),
                  (base.stage, tau.stage, *inputs))
 
 
@@ -132,5 +138,5 @@ def _decode(st: Student, model_dir: str, manifest: str, trim: bool | None, d: Pa
 
     r = st.recipe.student
     return str(transcribe_whisper(model_dir, manifest, d / "hyp.jsonl", trim_input=trim,
-                                  batch_size=r.decode_batch_size, max_new_tokens=r.max_new_tokens,
+                                  batch_size=r.decode_batch_size, max_new_tokens=r.max_new_tokens, max_repeats=r.max_repeats,
                                   device=resolve_device(st.recipe.device)))

@@ -19,7 +19,8 @@ from selfspeech.audio.io import AudioError, load_item
 from selfspeech.data.audio_dataset import AudioDataset
 from selfspeech.data.manifest import read_manifest, write_manifest
 from selfspeech.models.ctc import load_ctc, transcribe_arrays
-from selfspeech.models.whisper import greedy_decode, load_for_inference, load_processor, log_mel, pad_features
+from selfspeech.models.whisper import (MAX_REPEATS, greedy_decode, load_for_inference, load_processor, log_mel,
+                                       pad_features)
 from selfspeech.train.sampler import BucketBatchSampler
 
 
@@ -66,13 +67,15 @@ def transcribe_ctc(model_dir: str | Path, manifest, out_jsonl, beam: int = 0,
 
 def transcribe_whisper(model_dir: str | Path, manifest: str | Path, out_jsonl: str | Path,
                        trim_input: bool | None = None, batch_size: int = 16, max_new_tokens: int = 128,
+                       max_repeats: int = MAX_REPEATS,
                        device: torch.device | str = "cpu") -> Path:
     """Greedy transcripts of every item of ``manifest`` by Whisper checkpoint ``model_dir`` -> JSONL ``{"id", "text"}``.
 
     ``trim_input=None`` uses the student's own setting from its ``finetune_config.json``;
     a directory without one (a zoo model) is decoded on 30-s padded input, the
     standard way. Text is Whisper's raw output (``selfspeech eval`` normalises);
-    audio beyond 30 s is not seen (Whisper's window).
+    audio beyond 30 s is not seen (Whisper's window). ``max_repeats``: a decoding loop ends the
+    hypothesis (:func:`selfspeech.models.whisper.loop_cut`); 0 decodes to EOT or ``max_new_tokens``.
     """
     from selfspeech.models.lora import config_folder
     from selfspeech.train.whisper_ft import CONFIG_NAME
@@ -94,6 +97,6 @@ def transcribe_whisper(model_dir: str | Path, manifest: str | Path, out_jsonl: s
     def decode_batch(feats: list[torch.Tensor]) -> list[str]:
         x = pad_features(feats, trim)[0]
         return [tok.decode(ids, skip_special_tokens=True).strip()
-                for ids in greedy_decode(model, x, tok.prefix_tokens, max_new_tokens)]
+                for ids in greedy_decode(model, x, tok.prefix_tokens, max_new_tokens, max_repeats)]
 
     return transcribe_items(items, load, decode_batch, order.batches(0), out_jsonl)

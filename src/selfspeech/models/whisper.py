@@ -112,14 +112,55 @@ def load_processor(model_dir: str | Path, language: str = "en", task: str = "tra
     return processor
 
 
+# Greedy decoding of a fine-tuned student can fall into a loop on one utterance ("very very very ..."
+# up to the token cap): one such hypothesis adds ~127 insertions, several WER points on a few hundred
+# short utterances. Whisper's own remedy (Radford et al. 2022, sec. 4.5: compression-ratio check and
+# temperature fallback) re-decodes with sampling; a greedy student instead stops at the loop.
+MAX_REPEATS = 4   # an n-gram repeated this many times in a row is a loop (speech rarely says a word 4x)
+MAX_LOOP_NGRAM = 4
+
+
+def loop_cut(ids: list[int], max_repeats: int = MAX_REPEATS, max_ngram: int = MAX_LOOP_NGRAM) -> int | None:
+    """Tokens to keep if ``ids`` ends in a decoding loop, else None.
+
+    A loop: the last n tokens (1 <= n <= ``max_ngram``, smallest n first) repeated ``max_repeats``
+    times in a row. One copy is kept: ``[a, b, b, b, b]`` -> 2 with ``max_repeats=4``. The rule
+    reads only the tokens emitted so far, so stopping when it first fires and cutting gives the
+    same hypothesis as applying it to the finished token list at the first position it fires.
+    ``max_repeats < 2``: never.
+    """
+    L = len(ids)
+    if max_repeats < 2:
+        return None
+    for n in range(1, max_ngram + 1):
+        if n * max_repeats > L:
+            break
+        gram = ids[L - n:]
+        if all(ids[L - (k + 1) * n: L - k * n] == gram for k in range(1, max_repeats)):
+            return L - (max_repeats - 1) * n
+    return None
+
+
+def cut_loops(ids: list[int], max_repeats: int = MAX_REPEATS, max_ngram: int = MAX_LOOP_NGRAM) -> list[int]:
+    """``ids`` up to where :func:`greedy_decode` would have stopped it: at the first loop, one copy kept."""
+    for t in range(1, len(ids) + 1):
+        cut = loop_cut(ids[:t], max_repeats, max_ngram)
+        if cut is not None:
+            return ids[:cut]
+    return list(ids)
+
+
 @torch.inference_mode()
-def greedy_decode(model, input_features: torch.Tensor, prefix: list[int], max_new_tokens: int = 128) -> list[list[int]]:
+def greedy_decode(model, input_features: torch.Tensor, prefix: list[int], max_new_tokens: int = 128,
+                  max_repeats: int = 0) -> list[list[int]]:
     """Greedy decoding with a KV cache: (B, n_mels, T) -> B token lists (prefix and EOT excluded).
 
     Runs on the model's device and dtype (the features are moved there); the
     token lists come back as plain Python lists. Suppresses
     ``generation_config.suppress_tokens`` at every step and
     ``begin_suppress_tokens`` at the first, as Whisper's decoder does.
+    ``max_repeats >= 2``: a row that ends in a loop (:func:`loop_cut`) stops there, one copy
+    of the repeated n-gram kept; 0 decodes to EOT or ``max_new_tokens``.
     """
     from transformers.modeling_outputs import BaseModelOutput
 
@@ -130,8 +171,10 @@ def greedy_decode(model, input_features: torch.Tensor, prefix: list[int], max_ne
     enc = BaseModelOutput(last_hidden_state=encode(model, x))
     suppress = torch.tensor(list(gc.suppress_tokens or []), dtype=torch.long, device=dev)
     begin = torch.tensor(list(gc.begin_suppress_tokens or []), dtype=torch.long, device=dev)
-    tokens, done = torch.empty(B, 0, dtype=torch.long, device=dev), torch.zeros(B, dtype=torch.bool, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
     step_in, cache = torch.tensor([prefix] * B, dtype=torch.long, device=dev), None
+    rows: list[list[int]] = [[] for _ in range(B)]
+    finished = [False] * B
     for t in range(max_new_tokens):
         out = model(encoder_outputs=enc, decoder_input_ids=step_in, past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1].float()
@@ -139,9 +182,23 @@ def greedy_decode(model, input_features: torch.Tensor, prefix: list[int], max_ne
         if t == 0:
             logits[:, begin] = -math.inf
         nxt = logits.argmax(-1).masked_fill(done, eot)
-        done |= nxt == eot
-        tokens = torch.cat([tokens, nxt[:, None]], 1)
-        if done.all():
+        looped = []
+        for b, tok in enumerate(nxt.tolist()):
+            if finished[b]:
+                continue
+            if tok == eot:
+                finished[b] = True
+                continue
+            rows[b].append(tok)
+            cut = loop_cut(rows[b], max_repeats) if max_repeats >= 2 else None
+            if cut is not None:
+                del rows[b][cut:]
+                finished[b] = True
+                looped.append(b)
+        if all(finished):
             break
+        done |= nxt == eot
+        if looped:
+            done[looped] = True
         step_in, cache = nxt[:, None], out.past_key_values
-    return [row[: row.index(eot)] if eot in row else row for row in tokens.tolist()]
+    return rows

@@ -72,6 +72,7 @@ class FinetuneConfig(LoopConfig):
     max_batch_seconds: float | None = checked(None, gt=0)  # ... padded seconds per batch (B * longest)
     eval_batch_size: int = checked(16, ge=1)  # utterances per batch of the dev set's greedy decoding
     max_new_tokens: int = checked(128, ge=1)  # most tokens decoded per dev utterance
+    max_repeats: int = checked(4, ge=0)       # an n-gram repeated this often in a row ends a dev hypothesis; 0: off
     normalizer: str = "whisper_english"  # of labels and dev WER alike: whisper_english, basic or none
     language: str = "en"             # prefix language of multilingual models; *.en models take en only
     task: str = "transcribe"         # prefix task of multilingual models: transcribe, or translate (into English)
@@ -214,7 +215,7 @@ def evaluate(model, collator: WhisperCollator, cfg: FinetuneConfig) -> tuple[flo
     sampler = BucketBatchSampler([it["duration"] for it in collator.items], cfg.eval_batch_size, shuffle=False)
     for idx in sampler.batches(0):
         x = collator(idx, with_labels=False)["input_features"]
-        for i, ids in zip(idx, greedy_decode(model, x, tok.prefix_tokens, cfg.max_new_tokens)):
+        for i, ids in zip(idx, greedy_decode(model, x, tok.prefix_tokens, cfg.max_new_tokens, cfg.max_repeats)):
             hyps[i] = norm(tok.decode(ids, skip_special_tokens=True))
     return jiwer.wer([it["text"] for it in collator.items], hyps), hyps  # corpus level, as eval/
 
