@@ -122,6 +122,13 @@ def _p2r_choice(d):
             f"[{plo * 100:.1f}, {phi * 100:.1f}]% (positive = better)")
 
 
+def _p2r_guard(d):
+    before, after = d["pooled_unguarded"]["wer"], d["pooled"]["wer"]
+    names = ("source_real_ft", "pseudo_ft_mixed", "p2r_mixed", "pseudo_ft", "p2r", "p2r_union",
+             "source_real_plus_target_pseudo")
+    return "; ".join(f"{k} {pct(before[k])} -> {pct(after[k])}" for k in names if k in after)
+
+
 def _lora(d):
     w, r = d["wer"], d["headline_rank"]
     return (f"rank {r}: {pct(w[f'pseudo_ft_lora_r{r}'])} -> {pct(w[f'p2r_lora_r{r}'])}; full fine-tuning: "
@@ -163,6 +170,8 @@ AREAS: list[tuple[str, str, str, tuple[str, ...], list[Row]]] = [
         ("pseudo2real", "Pseudo2Real-SC by the teacher's error rate (`p2r_sc_error`) per kept split, Pseudo2Real beside",
          lambda d: "; ".join(f"split {k}: {pct(s['wer']['p2r_sc_error'])} ({pct(s['wer']['p2r'])})"
                              for k, s in d["splits"].items() if "p2r_sc_error" in s["wer"])),
+        ("pseudo2real_loop_guard", "Students stopped at decoding loops (`student.max_repeats` {max_repeats}), pooled over the "
+                                   "kept splits: WER unguarded -> guarded", _p2r_guard),
         ("pseudo2real_sc_error_probe", "Teacher WER predicted from its confidence: rank correlation on held-out "
                                        "adults / on the children (measurement only), per split",
          lambda d: "; ".join(f"{k.removeprefix('p2r_so762_')}: {r['heldout_source_spearman']:.2f} / "
