@@ -14,7 +14,8 @@ from pathlib import Path
 
 from selfspeech.eval.report import build_results, read_jsonl
 
-LABEL_FREE = ("p2r", "p2r_sc", "p2r_sc_error", "p2r_union", "p2r_mixed")  # corrections that never read a target transcript
+# the corrections that never read a target transcript
+LABEL_FREE = ("p2r", "p2r_sc", "p2r_sc_error", "p2r_union", "p2r_mixed", "p2r_iter", "p2r_groups")
 BASELINES = ("source_real_plus_target_pseudo", "pseudo_ft")
 # corrected systems with their own rehearsal on the held-out source speakers: the curve each rule read
 REHEARSED = {"p2r": "curve_source_sim", "p2r_union": "curve_source_sim_union", "p2r_mixed": "curve_source_sim_mixed"}

@@ -25,7 +25,7 @@ LABELS = {
 PAIRS = (("pseudo_ft", "p2r"), ("pseudo_ft", "p2r_sc"), ("p2r", "p2r_sc"), ("p2r_sc_random", "p2r_sc"),
          ("teacher", "p2r"), ("source_real_ft", "p2r"), ("source_real_plus_target_pseudo", "p2r"),
          ("pseudo_ft", "p2r_union"), ("source_real_plus_target_pseudo", "p2r_union"),
-         ("pseudo_ft", "p2r_groups"), ("p2r", "p2r_groups"),
+         ("pseudo_ft", "p2r_groups"), ("p2r", "p2r_groups"), ("source_real_plus_target_pseudo", "p2r_groups"),
          ("pseudo_ft_mixed", "p2r_mixed"), ("pseudo_ft", "p2r_mixed"), ("source_real_plus_target_pseudo", "p2r_mixed"),
          ("pseudo_ft", "p2r_iter"), ("source_real_plus_target_pseudo", "p2r_iter"), ("p2r", "p2r_iter"),
          ("pseudo_ft", "p2r_sc_error"), ("p2r", "p2r_sc_error"), ("source_real_plus_target_pseudo", "p2r_sc_error"))
