@@ -7,7 +7,7 @@ speakers) and paired bootstraps, and writes ``benchmarks/results/pseudo2real.jso
 
 With ``--seeds 0 1 2`` the recipe runs once per speaker split (``data.seed``;
 split 0 in ``--out``, split n in ``--out``_seed<n>). Each split's eval
-references and hypotheses are kept in ``benchmarks/results/pseudo2real_splits/``,
+references and hypotheses are kept in ``benchmarks/results/<result name>_splits/``,
 and the result adds every kept split's figures (``splits``) and the figures
 pooled over the union of their eval speakers (``pooled``, with
 ``best_label_free``; benchmarks/p2r_pool.py), so splits run separately (two
@@ -46,7 +46,6 @@ from selfspeech.data.versions import cpu_model  # noqa: E402
 KEYS = ("teacher", "zero_shot", "pseudo_ft", "p2r", "p2r_sc", "p2r_sc_random", "source_real_ft",
         "source_real_plus_target_pseudo", "oracle", "p2r_union", "pseudo_ft_mixed", "p2r_mixed", "p2r_sc_error")
 LEAN_SKIP = ("zero_shot", "p2r_sc", "p2r_sc_random")
-SPLITS = RESULTS / "pseudo2real_splits"
 
 
 def main() -> None:
@@ -59,7 +58,8 @@ def main() -> None:
     ap.add_argument("--extractor", default=None,
                     help="speaker extractor for Pseudo2Real-SC (melstats or a `selfspeech sv train` folder); "
                          "default: the recipe's")
-    ap.add_argument("--result-name", default="pseudo2real")
+    ap.add_argument("--result-name", default="pseudo2real",
+                    help="benchmarks/results/<name>.json; the splits are kept in <name>_splits/")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="speaker splits (data.seed), one run each")
     ap.add_argument("--systems", nargs="+", default=[], help="systems added to the recipe's")
     ap.add_argument("--ft-seeds", type=int, nargs="+", default=[],
@@ -92,6 +92,7 @@ def main() -> None:
     # each run's tau uses its own fine-tuning seed and the tau seeds: refused now, not after hours of runs
     if clash := sorted(set(args.ft_seeds) & set(recipe.student.tau_seeds)):
         ap.error(f"--ft-seeds {clash} are also tau seeds ({list(recipe.student.tau_seeds)}); give disjoint seeds")
+    splits_dir = RESULTS / f"{args.result_name}_splits"  # pseudo2real_splits for the default result
     runs = {}
     for seed in ([] if args.pool_only else args.seeds):
         r = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, seed=seed))
@@ -101,7 +102,7 @@ def main() -> None:
         out = args.out if seed == 0 else args.out.with_name(f"{args.out.name}_seed{seed}")
         runs[seed] = run_pseudo2real(r, out)  # scores every system and writes out/report.md
         runs[seed]["eval_manifest"] = str(Path(out) / "data" / "target_eval.jsonl")
-        save_split(SPLITS, seed, runs[seed], split_record(runs[seed]))
+        save_split(splits_dir, seed, runs[seed], split_record(runs[seed]))
     ft_runs = {}
     for ft_seed in ([] if args.pool_only else args.ft_seeds):  # split 0 with another fine-tuning seed
         if ft_seed == base_ft and 0 in runs:
@@ -120,7 +121,7 @@ def main() -> None:
     top = first_split(runs[0], recipe, args) if 0 in runs else {
         k: v for k, v in before.items() if k not in ("splits", "pooled", "ft_seed_spread", "command", "date",
                                                      "commit", "machine", "versions")}
-    kept = load_splits(SPLITS)
+    kept = load_splits(splits_dir)
     # a split measured before its hypotheses were kept keeps its figures but cannot pool
     # (the command and CPU of the file that measured it stay with it)
     carried = {"command": before.get("command"), "cpu": (before.get("machine") or {}).get("processor")}
