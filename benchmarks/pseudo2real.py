@@ -121,6 +121,9 @@ def main() -> None:
     top = first_split(runs[0], recipe, args) if 0 in runs else {
         k: v for k, v in before.items() if k not in ("splits", "pooled", "ft_seed_spread", "command", "date",
                                                      "commit", "machine", "versions")}
+    if 0 not in runs and before and "split0_provenance" not in top:
+        # the top-level figures stay split 0's: so do the command, date and machine that measured them
+        top["split0_provenance"] = {k: before.get(k) for k in ("command", "date", "commit", "machine")}
     kept = load_splits(splits_dir)
     # a split measured before its hypotheses were kept keeps its figures but cannot pool
     # (the command and CPU of the file that measured it stay with it)

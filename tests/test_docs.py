@@ -90,6 +90,26 @@ def test_benchmarks_page_regenerates_from_the_result_files(tmp_path, monkeypatch
         bench.load.cache_clear()
 
 
+def test_rows_of_split_0_cite_the_run_that_measured_it(tmp_path, monkeypatch):
+    d = json.loads((bench.RESULTS / "pseudo2real.json").read_text())
+    d["command"], d["machine"] = "python benchmarks/pseudo2real.py --seeds 7", {"processor": "Later CPU"}
+    d["split0_provenance"] = {"command": "python benchmarks/pseudo2real.py --threads 1", "date": "2020-01-02",
+                              "machine": {"processor": "Split0 CPU", "cpu_count": 2}}
+    for name in bench.result_files():
+        shutil.copyfile(bench.RESULTS / f"{name}.json", tmp_path / f"{name}.json")
+    (tmp_path / "pseudo2real.json").write_text(json.dumps(d))
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    bench.load.cache_clear()
+    try:
+        rows = [r for r in bench.area_table("pseudo2real").splitlines() if "pseudo2real.py" in r]
+        split0 = [r for r in rows if "held-out children (speechocean762" in r]
+        assert split0 and all("--threads 1`" in r and "Split0 CPU" in r and "2020-01-02" in r for r in split0)
+        pooled = [r for r in rows if "pooled speaker splits" in r]   # written by the latest run
+        assert pooled and all("--seeds 7`" in r and "Later CPU" in r for r in pooled)
+    finally:
+        bench.load.cache_clear()
+
+
 def test_guides_embed_tables_and_unknown_areas_are_refused():
     assert "| figure | value |" in bench.embed("x\n{{ benchmarks: parity }}\ny")
     with pytest.raises(ValueError, match="no-such-area"):

@@ -153,15 +153,17 @@ Row = tuple[str, str, Callable[[dict], str]]  # (result file, what the figure is
 AREAS: list[tuple[str, str, str, tuple[str, ...], list[Row]]] = [
     # (anchor, title, guide page, result-file prefixes of the area, headline rows)
     ("pseudo2real", "Pseudo2Real", "pseudo2real.md", ("pseudo2real",), [
-        ("pseudo2real", "WER on {data[target_eval][speakers]} held-out children (speechocean762, adults as source)", _p2r),
+        ("pseudo2real", "WER on {data[target_eval][speakers]} held-out children (speechocean762, adults as source)",
+         _p2r, "split0"),
         ("pseudo2real", "Pseudo2Real against the pseudo-label student, relative WER change [95% CI]",
-         lambda d: f"{rel(d['relative_reduction'])} {ci([-x for x in d['relative_reduction_ci95'][::-1]], unit='%')}"),
+         lambda d: f"{rel(d['relative_reduction'])} {ci([-x for x in d['relative_reduction_ci95'][::-1]], unit='%')}",
+         "split0"),
         ("pseudo2real", "lambda and tau's scope, chosen on held-out adults (no target label read)",
-         lambda d: f"lambda {d['lambda']:g}, scope {d['tau_scope']}"),
+         lambda d: f"lambda {d['lambda']:g}, scope {d['tau_scope']}", "split0"),
         ("pseudo2real", "Pseudo2Real-SC (mel-statistics clusters) / random-cluster control",
-         lambda d: f"{pct(d['wer']['p2r_sc'])} / {pct(d['wer']['p2r_sc_random'])}"),
+         lambda d: f"{pct(d['wer']['p2r_sc'])} / {pct(d['wer']['p2r_sc_random'])}", "split0"),
         ("pseudo2real", "Against the one-student baseline with the same labels (source real + target pseudo) and "
-                        "the public code's protocol", _p2r_variants),
+                        "the public code's protocol", _p2r_variants, "split0"),
         ("pseudo2real", "WER per speaker split (`data.seed`: other adults and children in every role)", _p2r_splits),
         ("pseudo2real", "Best label-free system over the {pooled[best_label_free][splits]} pooled speaker splits "
                         "(the lowest pooled WER, a summary): share of the oracle gap closed", _p2r_best),
@@ -306,9 +308,12 @@ def area_table(anchor: str) -> str:
         raise ValueError(f"benchmarks area {anchor!r} does not exist; choose one of {', '.join(areas)}")
     _, _, _, _, rows = areas[anchor]
     out = ["| figure | value | command | hardware | date |", "| --- | --- | --- | --- | --- |"]
-    for name, what, get in rows:
+    for name, what, get, *source in rows:
         d = load(name)
-        out.append(f"| {what.format_map(d)} | {figure(name, get)} | {_cmd(d)} | {hardware(d)} | {d.get('date', '?')[:10]} |")
+        # a row of figures another run measured (split 0 of pseudo2real) cites that run's command and machine
+        prov = {**d, **(d.get(f"{source[0]}_provenance") or {})} if source else d
+        out.append(f"| {what.format_map(d)} | {figure(name, get)} | {_cmd(prov)} | {hardware(prov)} | "
+                   f"{prov.get('date', '?')[:10]} |")
     return "\n".join(out)
 
 
