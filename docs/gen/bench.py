@@ -129,6 +129,17 @@ def _p2r_guard(d):
     return "; ".join(f"{k} {pct(before[k])} -> {pct(after[k])}" for k in names if k in after)
 
 
+def _tau_seeds(d):
+    """Split by split: Pseudo2Real and p2r_union with tau averaged over seeds, the one-seed run beside."""
+    one = load("pseudo2real")["splits"]
+    parts = []
+    for k, sp in d["splits"].items():
+        w, w1 = sp["wer"], one[k]["wer"]
+        parts.append(f"split {k}: Pseudo2Real {pct(w['p2r'])} ({pct(w1['p2r'])}), p2r_union {pct(w['p2r_union'])} "
+                     f"({pct(w1['p2r_union'])}); source real + target pseudo {pct(w['source_real_plus_target_pseudo'])}")
+    return "; ".join(parts)
+
+
 def _lora(d):
     w, r = d["wer"], d["headline_rank"]
     return (f"rank {r}: {pct(w[f'pseudo_ft_lora_r{r}'])} -> {pct(w[f'p2r_lora_r{r}'])}; full fine-tuning: "
@@ -172,6 +183,10 @@ AREAS: list[tuple[str, str, str, tuple[str, ...], list[Row]]] = [
         ("pseudo2real", "Pseudo2Real-SC by the teacher's error rate (`p2r_sc_error`) per kept split, Pseudo2Real beside",
          lambda d: "; ".join(f"split {k}: {pct(s['wer']['p2r_sc_error'])} ({pct(s['wer']['p2r'])})"
                              for k, s in d["splits"].items() if "p2r_sc_error" in s["wer"])),
+        ("pseudo2real_tau_seeds", "tau averaged over the recipe's fine-tuning seed and `student.tau_seeds` [1] "
+                                  "(one seed in brackets)", _tau_seeds),
+        ("pseudo2real_tau_seeds12", "tau averaged over the recipe's fine-tuning seed and `student.tau_seeds` [1, 2] "
+                                    "(one seed in brackets)", _tau_seeds),
         ("pseudo2real_loop_guard", "Students stopped at decoding loops (`student.max_repeats` {max_repeats}), pooled over the "
                                    "kept splits: WER unguarded -> guarded", _p2r_guard),
         ("pseudo2real_sc_error_probe", "Teacher WER predicted from its confidence: rank correlation on held-out "
