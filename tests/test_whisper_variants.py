@@ -103,7 +103,7 @@ def test_student_decodes_in_its_own_language_and_task(toys, tmp_path, monkeypatc
     (student / CONFIG_NAME).write_text(json.dumps({"language": "de", "task": "translate"}))
     seen = []
 
-    def fake_decode(model, x, prefix, max_new_tokens):
+    def fake_decode(model, x, prefix, max_new_tokens, max_repeats=0):
         seen.append(list(prefix))
         return [[] for _ in range(x.shape[0])]
 
