@@ -187,6 +187,10 @@ AREAS: list[tuple[str, str, str, tuple[str, ...], list[Row]]] = [
                                   "(one seed in brackets)", _tau_seeds),
         ("pseudo2real_tau_seeds12", "tau averaged over the recipe's fine-tuning seed and `student.tau_seeds` [1, 2] "
                                     "(one seed in brackets)", _tau_seeds),
+        ("pseudo2real_iter_sim", "Iterative Pseudo2Real with the rounds chosen on the held-out adults "
+                                 "(`iterative.stop: source_sim`), per split",
+         lambda d: "; ".join(f"split {k}: {pct(s['wer']['p2r_iter'])} (Pseudo2Real {pct(s['wer']['p2r'])})"
+                             for k, s in d["splits"].items())),
         ("pseudo2real_loop_guard", "Students stopped at decoding loops (`student.max_repeats` {max_repeats}), pooled over the "
                                    "kept splits: WER unguarded -> guarded", _p2r_guard),
         ("pseudo2real_sc_error_probe", "Teacher WER predicted from its confidence: rank correlation on held-out "
