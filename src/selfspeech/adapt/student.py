@@ -138,5 +138,5 @@ def _decode(st: Student, model_dir: str, manifest: str, trim: bool | None, d: Pa
 
     r = st.recipe.student
     return str(transcribe_whisper(model_dir, manifest, d / "hyp.jsonl", trim_input=trim,
-                                  batch_size=r.decode_batch_size, max_new_tokens=r.max_new_tokens, max_repeats=r.max_repeats,
-                                  device=resolve_device(st.recipe.device)))
+                                  batch_size=r.decode_batch_size, max_new_tokens=r.max_new_tokens,
+                                  max_repeats=r.max_repeats, device=resolve_device(st.recipe.device)))

@@ -171,34 +171,26 @@ def greedy_decode(model, input_features: torch.Tensor, prefix: list[int], max_ne
     enc = BaseModelOutput(last_hidden_state=encode(model, x))
     suppress = torch.tensor(list(gc.suppress_tokens or []), dtype=torch.long, device=dev)
     begin = torch.tensor(list(gc.begin_suppress_tokens or []), dtype=torch.long, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
     step_in, cache = torch.tensor([prefix] * B, dtype=torch.long, device=dev), None
     rows: list[list[int]] = [[] for _ in range(B)]
-    finished = [False] * B
+    finished = [False] * B   # at EOT, or stopped at a loop: later steps feed EOT
     for t in range(max_new_tokens):
         out = model(encoder_outputs=enc, decoder_input_ids=step_in, past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1].float()
         logits[:, suppress] = -math.inf
         if t == 0:
             logits[:, begin] = -math.inf
-        nxt = logits.argmax(-1).masked_fill(done, eot)
-        looped = []
+        nxt = logits.argmax(-1).masked_fill(torch.tensor(finished, device=dev), eot)
         for b, tok in enumerate(nxt.tolist()):
-            if finished[b]:
-                continue
-            if tok == eot:
+            if finished[b] or tok == eot:
                 finished[b] = True
                 continue
             rows[b].append(tok)
-            cut = loop_cut(rows[b], max_repeats) if max_repeats >= 2 else None
+            cut = loop_cut(rows[b], max_repeats)
             if cut is not None:
                 del rows[b][cut:]
                 finished[b] = True
-                looped.append(b)
         if all(finished):
             break
-        done |= nxt == eot
-        if looped:
-            done[looped] = True
         step_in, cache = nxt[:, None], out.past_key_values
     return rows
